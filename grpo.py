@@ -1,0 +1,1185 @@
+r"""GRPO (Group Relative Policy Optimization) in one annotated file.
+
+GRPO comes from the DeepSeekMath paper. It is PPO without a critic: for every prompt q we sample a *group*
+of G completions o_1..o_G from the current policy, score each with one or more reward functions, and use
+how much better each completion did than its own group as the advantage:
+
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)
+
+The policy π_θ then climbs the clipped surrogate objective of PPO, with an optional KL penalty that keeps
+it near a frozen reference model π_ref:
+
+    J(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/G Σ_i 1/|o_i| Σ_t ( min( r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i )
+                                                         - β D_KL[π_θ || π_ref] ) ]
+    r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
+
+The group mean replaces PPO's learned value function: a completion is good if it beats its siblings.
+
+Shape letters (used in code, comments, shapes.md and the notebooks):
+    B  unique prompts in one generation batch         G  num_generations, completions per prompt
+    S  steps_per_generation (micro-batches per generation batch)     μ  num_iterations (passes per batch)
+    N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
+    C  completion length (right padded)               V  vocabulary size      F  number of reward functions
+Every function that takes or returns tensors says their shapes with jaxtyping, for example
+`Float[Tensor, "BG C"]`. jaxtyping can evaluate an expression such as `B*G` only once B and G are bound
+by another argument of the same call, so a flat row axis gets the one-word name `BG` (read "B times G"),
+and the grouped view is written `B G`. The checks run under the tests and with `--check_shapes`
+(or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation and cost nothing.
+
+What this file leaves out, on purpose: vLLM or any generation server (we call `model.generate` with the
+KV cache, which is slower but shows every step), DeepSpeed/FSDP, Liger kernels, and TRL's callback
+system. The loop is written out in full below; there is no `transformers.Trainer` underneath.
+
+Run it:
+    python grpo.py                                     # tiny model built in code, CPU, about a minute
+    python grpo.py --help                              # every knob
+    python grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name openai/gsm8k \
+        --dataset_config main --reward_funcs accuracy format --bf16     # a real model on a GPU
+"""
+
+import copy
+import functools
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sized
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from beartype import beartype
+from einops import rearrange
+from jaxtyping import Bool, Float, Int, jaxtyped
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_scheduler,
+)
+
+# Shape checks are switched on by the tests, by `--check_shapes` and by GRPO_CHECK_SHAPES=1. When off, a
+# checked function is one extra Python call; when on, jaxtyping+beartype verify every annotated argument
+# and return value, and a mismatch names the function, the argument, and the expected and actual shapes.
+CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"
+
+
+def shape_checked(fn):
+    checked = jaxtyped(typechecker=beartype)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return checked(*args, **kwargs) if CHECK_SHAPES else fn(*args, **kwargs)
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Configuration. Names and meanings follow TRL's GRPOConfig wherever TRL has the knob.
+
+
+def knob(default, help):
+    """A dataclass field whose help text `python grpo.py --help` prints."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+@dataclass
+class GRPOConfig:
+    # model and data
+    model_name_or_path: Optional[str] = knob(None, "Policy to train: a hub name or local path. Unset: the embedded tiny demo.")
+    dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
+    dataset_config: Optional[str] = knob(None, "Hub dataset configuration name (for example `main` for openai/gsm8k).")
+    dataset_train_split: str = knob("train", "Split to train on.")
+    output_dir: str = knob("grpo_output", "Where metrics.jsonl, checkpoints and the final model go.")
+    # the group and the batch arithmetic (REFERENCE.md): N = per_device_train_batch_size, B*G = N*S
+    num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.")
+    per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.")
+    steps_per_generation: Optional[int] = knob(None, "S: micro-batches cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps.")
+    num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions and makes the ratio differ from 1.")
+    gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.")
+    # generation
+    max_prompt_length: Optional[int] = knob(512, "Prompts longer than this many tokens lose their start (left truncation).")
+    max_completion_length: int = knob(256, "Most tokens generated per completion. A completion that reaches it without EOS is truncated.")
+    temperature: float = knob(1.0, "Sampling temperature; the training log-probs are divided by the same value.")
+    top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.")
+    top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.")
+    min_p: Optional[float] = knob(None, "Drop tokens less likely than min_p times the most likely one.")
+    repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.")
+    # optimisation
+    learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
+    lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
+    warmup_ratio: float = knob(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
+    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
+    max_steps: int = knob(-1, "Optimizer steps to run; -1 means num_train_epochs passes over the dataset.")
+    num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
+    # the loss
+    beta: float = knob(0.0, "β: weight of the KL penalty to the reference model. 0 loads no reference model.")
+    epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.")
+    epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.")
+    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (generation-batch tokens).")
+    scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
+    importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
+    mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
+    # rewards
+    reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
+    reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
+    reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
+    # everything else
+    disable_dropout: bool = knob(True, "Turn dropout off: with dropout on, the same tokens get different log-probs in each pass and the ratio is noise.")
+    seed: int = knob(42, "Seed for the sampler, the initial weights of the demo, and generation.")
+    bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32).")
+    logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.")
+    log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging.")
+    num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
+    save_steps: int = knob(500, "Save a checkpoint every this many optimizer steps (0: only the final model).")
+    eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
+    check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (slower; the tests always do).")
+
+    def __post_init__(self):
+        S = self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        G, N = self.num_generations, self.per_device_train_batch_size
+        for name in ("per_device_train_batch_size", "steps_per_generation", "num_iterations",
+                     "gradient_accumulation_steps", "max_completion_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if G < 2:
+            raise ValueError(
+                f"num_generations must be at least 2, got {G}: advantages compare a completion with the others "
+                f"of its group, and a group of one has nothing to compare with (its advantage is always 0).")
+        if (N * S) % G != 0:
+            fits = [g for g in range(2, N * S + 1) if (N * S) % g == 0]
+            raise ValueError(
+                f"The generation batch per_device_train_batch_size × steps_per_generation = {N} × {S} = {N * S} "
+                f"completions must hold whole groups of num_generations = {G}, but {N * S} is not divisible by "
+                f"{G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} "
+                f"(for example per_device_train_batch_size={G * math.ceil(N / G)}).")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature}: GRPO needs G *different* completions per "
+                f"prompt, and greedy decoding makes all G identical, so every advantage would be 0.")
+        for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
+                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
+                                     ("importance_sampling_level", self.importance_sampling_level,
+                                      IMPORTANCE_SAMPLING_LEVELS)):
+            if value not in allowed:
+                raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+        if self.reward_weights is not None and self.reward_funcs:
+            n_funcs = len(self.reward_funcs) + (self.reward_model_name_or_path is not None)
+            if len(self.reward_weights) != n_funcs:
+                raise ValueError(
+                    f"reward_weights has {len(self.reward_weights)} values but there are {n_funcs} reward "
+                    f"functions ({', '.join(self.reward_funcs + [self.reward_model_name_or_path or ''][:n_funcs - len(self.reward_funcs)])}): "
+                    f"give one weight per function.")
+
+    @property
+    def generation_batch_size(self) -> int:
+        """B*G: completions generated at once on this process = N × S."""
+        return self.per_device_train_batch_size * self.steps_per_generation
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. RepeatSampler: which dataset rows each step sees.
+#
+# A generation batch holds B prompts, each repeated G times in adjacent rows, so that a group never straddles
+# two batches (or, under torchrun, two processes). The same B*G indices are then yielded μ*S times in a row:
+# one copy for every micro-step that will train on that generation batch. The trainer generates on the first
+# copy and serves the rest from its buffer, so the number of micro-steps in an epoch is len(sampler) / (B*G).
+
+
+class RepeatSampler(torch.utils.data.Sampler):
+    """Yield each index `mini_repeat_count` times in a row, and each chunk of `batch_size` indices
+    `repeat_count` times in a row.
+
+    Example: 7 items, mini_repeat_count=2, batch_size=3, repeat_count=2, shuffle=False:
+        [0,0,1,1,2,2, 0,0,1,1,2,2, 3,3,4,4,5,5, 3,3,4,4,5,5]   (item 6 is dropped: its chunk is incomplete)
+    """
+
+    def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1,
+                 shuffle: bool = True, seed: Optional[int] = None):
+        self.data_source = data_source
+        self.mini_repeat_count = mini_repeat_count
+        self.batch_size = batch_size
+        self.repeat_count = repeat_count
+        self.shuffle = shuffle
+        self.num_samples = len(data_source)
+        # One generator for the sampler's whole life: each epoch continues its stream, so each epoch gets a new
+        # permutation, and a fixed seed gives the same sequence of permutations on every process.
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            indexes = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        else:
+            indexes = list(range(self.num_samples))
+        chunks = [indexes[i:i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
+        for chunk in chunks:
+            if len(chunk) < self.batch_size:
+                continue  # an incomplete last chunk would make a generation batch of the wrong size
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    for _ in range(self.mini_repeat_count):
+                        yield index
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Prompts. A prompt is either a string ("standard") or a list of {"role", "content"} messages
+# ("conversational"), which the tokenizer's chat template turns into text ending with the assistant's turn.
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+
+
+def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if not is_conversational(prompt):
+        raise ValueError(f"A prompt must be a string or a list of {{'role', 'content'}} messages; got {prompt!r:.200}.")
+    if tokenizer.chat_template is None:
+        raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
+                         "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        tqdm.write(f"[grpo] {message}")
+
+
+@shape_checked
+def tokenize_prompts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_prompt_length: Optional[int]
+                     ) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"]]:
+    """Left-pad the prompts so that every completion starts at the same column P, and keep at most
+    `max_prompt_length` tokens of each, cutting from the left: the end of a prompt (the question, the
+    assistant header) is what the completion follows from."""
+    tokenizer.padding_side = "left"
+    # The chat template (or the user) already wrote any special tokens the model needs.
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    if max_prompt_length is not None and prompt_ids.size(1) > max_prompt_length:
+        too_long = int((prompt_mask.sum(1) > max_prompt_length).sum())
+        warn_once("truncate", f"{too_long} of {len(texts)} prompts are longer than max_prompt_length="
+                              f"{max_prompt_length} tokens; their start is cut off (said once).")
+        # With left padding every prompt ends in the last column, so keeping the last columns truncates each
+        # prompt from the left.
+        prompt_ids, prompt_mask = prompt_ids[:, -max_prompt_length:], prompt_mask[:, -max_prompt_length:]
+    return prompt_ids, prompt_mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Generation and the completion mask.
+
+
+@shape_checked
+def completion_mask_from_eos(completion_ids: Int[Tensor, "BG C"], eos_token_ids: list[int]
+                             ) -> tuple[Int[Tensor, "BG C"], Bool[Tensor, "BG"]]:
+    """1 up to and including the first EOS, 0 after it; a row with no EOS is all ones and *truncated*.
+
+    The mask is built from positions, never from `completion_ids != pad_token_id`: many tokenizers use the EOS
+    token as padding, and that test would also mask out the EOS the model must learn to emit.
+
+    Example (EOS = 1, C = 4): [[5, 1, 1, 1], [1, 7, 7, 1], [5, 6, 7, 8]] -> mask [[1,1,0,0], [1,0,0,0],
+    [1,1,1,1]], truncated [False, False, True].
+    """
+    C = completion_ids.size(1)
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), C)  # argmax returns the first maximum
+    positions = torch.arange(C, device=completion_ids.device)
+    completion_mask = (positions[None, :] <= first_eos[:, None]).long()
+    return completion_mask, ~has_eos
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns) with
+# one entry per completion (B*G), where `columns` are the dataset's other columns, and returns one float per
+# completion, or None where it does not apply. Built-in functions, selectable by name from the command line:
+
+
+def completion_text(completion: Union[str, list[dict]]) -> str:
+    """The text of a completion, whether a string or [{"role": "assistant", "content": text}]."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def length(completions, **kwargs) -> list[float]:
+    """The seed's example: best at 20 characters, one point lost per character away from 20."""
+    return [-abs(20 - len(completion_text(c))) for c in completions]
+
+
+def diversity(completions, **kwargs) -> list[float]:
+    """The seed's example: number of distinct whitespace-separated words."""
+    return [float(len(set(completion_text(c).split()))) for c in completions]
+
+
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def _last_number(text: str) -> Optional[float]:
+    """The last number in `text` (GSM8K answers end with `#### 42`), commas removed."""
+    numbers = NUMBER.findall(text)
+    try:
+        return float(numbers[-1].replace(",", "").rstrip(".")) if numbers else None
+    except ValueError:
+        return None
+
+
+def accuracy(completions, answer=None, **kwargs) -> list[Optional[float]]:
+    """1 when the completion's last number equals the dataset's `answer` column (its number after `####` for
+    GSM8K), else 0; None (not applicable) for rows without an answer."""
+    if answer is None:
+        raise ValueError("The accuracy reward needs an `answer` column in the dataset.")
+    rewards = []
+    for completion, gold in zip(completions, answer):
+        gold_number = _last_number(str(gold))
+        if gold_number is None:
+            rewards.append(None)
+        else:
+            guess = _last_number(completion_text(completion))
+            rewards.append(float(guess is not None and abs(guess - gold_number) < 1e-6))
+    return rewards
+
+
+FINAL_ANSWER = re.compile(r"####\s*-?\d[\d,]*\.?\d*\s*$")
+
+
+def format(completions, **kwargs) -> list[float]:  # noqa: A001 (the name users type on the command line)
+    """1 when the completion ends with a final answer line in GSM8K's own style, `#### <number>`."""
+    return [float(bool(FINAL_ANSWER.search(completion_text(c).strip()))) for c in completions]
+
+
+def letters(prompts, completions, **kwargs) -> list[float]:
+    """The demo task's reward: the prompt ends with a letter and `=`, and the answer should be that letter
+    five times (`c=` -> `ccccc`). Each of the first five characters scores +1 if it is the letter and -1 if
+    it is anything else or missing; each character beyond five costs 1. So `ccccc` scores 5, the empty
+    completion -5, and always answering `ddddd` whatever the prompt scores -5 on most prompts."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        target = prompt_text_of(prompt).rstrip("=")[-1]
+        text = completion_text(completion)
+        hits = text[:5].count(target)
+        rewards.append(float(hits - (5 - hits) - max(len(text) - 5, 0)))
+    return rewards
+
+
+def prompt_text_of(prompt: Union[str, list[dict]]) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+BUILTIN_REWARDS: dict[str, Callable] = {f.__name__: f for f in (length, diversity, accuracy, format, letters)}
+
+
+@shape_checked
+def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        prompts: list, completions: list) -> Float[Tensor, "BG"]:
+    """Score prompt+completion with a sequence classifier (num_labels=1): reward = logits[:, 0]."""
+    if is_conversational(prompts[0]):
+        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if tokenizer.chat_template
+                 else "".join(m["content"] for m in p + c) for p, c in zip(prompts, completions)]
+    else:
+        texts = [p + c for p, c in zip(prompts, completions)]
+    tokenizer.padding_side = "right"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(reward_model.device)
+    with torch.no_grad():
+        return reward_model(**enc).logits[:, 0].float()
+
+
+def reward_name(reward_func: Union[Callable, PreTrainedModel]) -> str:
+    """The metric name: a function's __name__, or the last part of a reward model's path."""
+    if isinstance(reward_func, PreTrainedModel):
+        return reward_func.config._name_or_path.rstrip("/").split("/")[-1]
+    return reward_func.__name__
+
+
+@shape_checked
+def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Float[Tensor, "F"]
+                     ) -> Float[Tensor, "BG"]:
+    """r = Σ_f w_f r_f over the functions that apply (None was turned into NaN and is skipped). A row where no
+    function applies stays NaN, and its advantage ends as 0: it teaches nothing."""
+    rewards = torch.nansum(rewards_per_func * reward_weights, dim=1)
+    return rewards.masked_fill(rewards_per_func.isnan().all(dim=1), float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Group-relative advantages: the one idea GRPO adds to PPO.
+
+
+def _nanstd(x: Tensor, dim=None, keepdim=False) -> Tensor:
+    """Unbiased (Bessel-corrected, like Tensor.std) standard deviation that ignores NaN."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~x.isnan()).sum(dim=dim, keepdim=keepdim) if dim is not None else (~x.isnan()).sum()
+    squares = torch.nansum((x - mean) ** 2, dim=dim, keepdim=keepdim) if dim is not None else torch.nansum((x - mean) ** 2)
+    return (squares / (count - 1)).sqrt()
+
+
+@shape_checked
+def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_rewards: str = "group"
+                     ) -> Float[Tensor, "BG"]:
+    """A_i = (r_i - mean(group)) / (std + 1e-4), where the std is the group's ("group"), the whole batch's
+    ("batch"), or no division at all ("none", Dr. GRPO).
+
+    Example, G = 3: rewards [1, 2, 3, 5, 5, 5] -> groups [[1,2,3], [5,5,5]], means [2, 5], stds [1, 0]
+    -> advantages [-0.9999, 0, 0.9999, 0, 0, 0]. The second group's rewards are all equal: its advantages are
+    0 and it teaches nothing (frac_reward_zero_std counts such groups).
+    """
+    grouped = rearrange(rewards, "(b g) -> b g", g=num_generations)
+    centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
+    if scale_rewards == "group":
+        centred = centred / (_nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        centred = centred / (_nanstd(rewards) + 1e-4)
+    # A completion no reward applied to (NaN) gets advantage 0; so does every row of a group whose std is NaN.
+    return torch.nan_to_num(rearrange(centred, "b g -> (b g)"), nan=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Per-token log-probabilities of the completion tokens.
+
+
+@shape_checked
+def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N C"]) -> Float[Tensor, "N C"]:
+    """log_softmax(logits)[..., index] without building the (N, C, V) log_softmax tensor beside the logits.
+
+    log p(x) = logit_x - logsumexp(logits). At V = 151,936 a float32 (8, 1024, V) tensor is 5 GB, so we gather
+    the one logit we need and compute logsumexp one row at a time. In bfloat16 logsumexp loses too much
+    precision, so there we take log_softmax one row at a time instead (at most one (C, V) row exists extra).
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+        logsumexp = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return selected - logsumexp
+    return torch.stack([row.float().log_softmax(dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+                        for row, idx in zip(logits, index)])
+
+
+@shape_checked
+def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
+    """H = logsumexp(l) - Σ softmax(l)·l per position, one row at a time (a diagnostic: no gradient)."""
+    with torch.no_grad():
+        return torch.stack([torch.logsumexp(row.float(), -1) - (row.float().softmax(-1) * row.float()).sum(-1)
+                            for row in logits])
+
+
+@shape_checked
+def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
+                        completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
+                        temperature: float, with_entropy: bool = False
+                        ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+    """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    # Positions count real tokens only, as generate() counted them, so left padding does not shift a
+    # model with absolute positions.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    C = completion_ids.size(1)
+    kwargs = {"logits_to_keep": C + 1} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False, **kwargs).logits
+    # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
+    # that end one before the sequence does. Sampling divided the logits by the temperature, so we must too,
+    # or the log-probs we train on are not those of the policy that sampled.
+    logits = logits[:, -(C + 1):-1, :] / temperature  # (N, C, V)
+    per_token_logps = selective_log_softmax(logits, completion_ids)
+    return per_token_logps, entropy_from_logits(logits) if with_entropy else None
+
+
+@functools.cache
+def _accepts_cached(forward, name: str) -> bool:
+    return name in inspect.signature(forward).parameters
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    return _accepts_cached(type(model).forward, name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
+
+
+@shape_checked
+def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[Tensor, "N C"],
+              ref_per_token_logps: Optional[Float[Tensor, "N C"]], advantages: Float[Tensor, "N"],
+              completion_mask: Int[Tensor, "N C"], *, beta: float = 0.0, epsilon_low: float = 0.2,
+              epsilon_high: float = 0.2, loss_type: str = "dapo", importance_sampling_level: str = "token",
+              max_completion_length: Optional[int] = None, gradient_accumulation_steps: int = 1,
+              num_items_in_batch: Optional[float] = None, world_size: int = 1,
+              ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL)."""
+    mask = completion_mask.float()
+    # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
+    log_ratio = per_token_logps - old_per_token_logps
+    if importance_sampling_level == "sequence":
+        # GSPO: log s_i = (1/|o_i|) Σ_t log r_{i,t}, one ratio for the whole completion, applied to each token
+        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+        log_ratio = log_ratio.expand_as(per_token_logps)
+    # r_{i,t}: exactly 1 in value when θ = θ_old, yet its gradient is ∇log π_θ. That is why the logged loss is
+    # about 0 on the first pass over a batch while the model still learns: the loss is A·r averaged, and A
+    # averages to 0 within each group.
+    ratio = torch.exp(log_ratio)
+    # clip(r, 1-ε_low, 1+ε_high)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    A = advantages.unsqueeze(1)  # (N, 1): one advantage for every token of a completion
+    # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
+    # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
+    per_token_loss = -torch.min(ratio * A, clipped_ratio * A)
+    metrics = {}
+    if beta != 0.0:
+        # D_KL ≈ exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased, always >= 0)
+        ref_minus_logp = ref_per_token_logps - per_token_logps
+        per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
+        # L_{i,t} += β·D_KL
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = _masked_mean(per_token_kl, mask).detach()
+
+    if loss_type == "grpo":
+        # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the seed's original. A long completion's tokens each weigh less, so
+        # long wrong answers are punished less per token than short ones (the length bias Dr. GRPO names).
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = loss / gradient_accumulation_steps
+    elif loss_type == "bnpo":
+        # Σ_{i,t} L_{i,t} / (tokens in this micro-batch)
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / gradient_accumulation_steps
+    elif loss_type == "dr_grpo":
+        # Σ_{i,t} L_{i,t} / (N · max_completion_length): a constant, so no length bias
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_completion_length) / gradient_accumulation_steps
+    elif loss_type == "dapo":
+        # Σ_{i,t} L_{i,t} / (tokens in the whole generation batch, over all processes / world size).
+        # Summed over the S micro-steps that share the batch this is the exact token mean; the division by
+        # the world size undoes DDP's averaging of gradients. No GA division: the token count already covers it.
+        loss = (per_token_loss * mask).sum() / (num_items_in_batch / world_size)
+    else:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
+
+    # How often clipping took effect, counted where it removes the gradient: below 1-ε_low for A<0,
+    # above 1+ε_high for A>0. Near 0 when μ=1; rising values mean the policy moves fast between passes.
+    is_low_clipped = (ratio < 1 - epsilon_low) & (A < 0)
+    is_high_clipped = (ratio > 1 + epsilon_high) & (A > 0)
+    metrics["clip_ratio/low_mean"] = _masked_mean(is_low_clipped.float(), mask)
+    metrics["clip_ratio/high_mean"] = _masked_mean(is_high_clipped.float(), mask)
+    metrics["clip_ratio/region_mean"] = _masked_mean((is_low_clipped | is_high_clipped).float(), mask)
+    return loss, metrics
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. The trainer: generation batch -> rewards -> advantages -> S micro-batches × μ passes -> optimizer steps.
+
+
+@dataclass
+class GenerationBatch:
+    """Everything the loss needs about B*G completions, kept on the device while μ·S micro-steps use it."""
+    prompt_ids: Int[Tensor, "BG P"]
+    prompt_mask: Int[Tensor, "BG P"]
+    completion_ids: Int[Tensor, "BG C"]
+    completion_mask: Int[Tensor, "BG C"]
+    advantages: Float[Tensor, "BG"]
+    old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
+    ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
+    num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
+
+    def rows(self, start: int, stop: int) -> "GenerationBatch":
+        return replace(self, **{f.name: getattr(self, f.name)[start:stop] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+    def split(self, num_parts: int) -> list["GenerationBatch"]:
+        """Cut the B*G rows into S micro-batches of N rows each."""
+        n = self.prompt_ids.size(0) // num_parts
+        return [self.rows(i * n, (i + 1) * n) for i in range(num_parts)]
+
+
+RewardFunc = Union[Callable, PreTrainedModel, str]
+
+
+class GRPOTrainer:
+    """Train `model` with GRPO on the prompts of `train_dataset`, scored by `reward_funcs`.
+
+    model: a hub name, a local path, or a PreTrainedModel. reward_funcs: a callable, a built-in reward's name,
+    a reward model (PreTrainedModel or path), or a list of these. reward_weights may be given here (as in the
+    seed's example) or in `args`.
+    """
+
+    def __init__(self, model: Union[str, PreTrainedModel], reward_funcs: Union[RewardFunc, list[RewardFunc]],
+                 args: Optional[GRPOConfig] = None, train_dataset=None, eval_dataset=None,
+                 processing_class: Optional[PreTrainedTokenizerBase] = None,
+                 reward_processing_classes=None, optimizers=(None, None), peft_config=None,
+                 reward_weights: Optional[list[float]] = None):
+        self.args = args = args or GRPOConfig()
+        if train_dataset is None:
+            raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
+        if "prompt" not in train_dataset.column_names:
+            raise ValueError(f"The train dataset has no `prompt` column; its columns are {train_dataset.column_names}. "
+                             f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.world_size = 1  # one process; torchrun support is documented as future work in README
+        _seed_everything(args.seed)
+
+        # The policy, its tokenizer, and (β ≠ 0) a frozen copy of the starting policy as the reference.
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if args.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        self.tokenizer = processing_class or AutoTokenizer.from_pretrained(model.config._name_or_path)
+        _ensure_pad_token(self.tokenizer)
+        self.ref_model = None
+        if peft_config is not None:
+            from peft import get_peft_model  # optional dependency: pip install -e ".[peft]"
+            model = get_peft_model(model, peft_config)
+        elif args.beta != 0.0:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+        self.model = model.to(self.device)
+        self.model.train()
+        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
+        self.generation_config = GenerationConfig(
+            do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_ids)
+
+        # Reward functions: callables as given, built-in names looked up, anything else loaded as a reward model.
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if args.reward_model_name_or_path and args.reward_model_name_or_path not in reward_funcs:
+            reward_funcs.append(args.reward_model_name_or_path)
+        if not reward_funcs:
+            raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
+        self.reward_funcs = [_load_reward_func(f, self.device) for f in reward_funcs]
+        if not isinstance(reward_processing_classes, (list, tuple)):
+            reward_processing_classes = [reward_processing_classes] * len(self.reward_funcs)
+        self.reward_tokenizers = []
+        for func, tok in zip(self.reward_funcs, reward_processing_classes):
+            if isinstance(func, PreTrainedModel):
+                tok = tok or AutoTokenizer.from_pretrained(func.config._name_or_path)
+                _ensure_pad_token(tok)
+                func.config.pad_token_id = tok.pad_token_id
+            self.reward_tokenizers.append(tok)
+        self.reward_names = [reward_name(f) for f in self.reward_funcs]
+        weights = reward_weights if reward_weights is not None else args.reward_weights
+        if weights is None:
+            weights = [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"Got {len(weights)} reward_weights for {len(self.reward_funcs)} reward functions "
+                             f"({', '.join(self.reward_names)}): give one weight per function.")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+
+        # Batch arithmetic (REFERENCE.md): N completions per micro-batch, S micro-batches per generation batch,
+        # so B*G = N*S completions and B = N*S/G prompts are generated at once.
+        self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
+        self.B = args.generation_batch_size // self.G
+        if len(train_dataset) < self.B:
+            raise ValueError(f"The train dataset has {len(train_dataset)} prompts, fewer than the {self.B} prompts of "
+                             f"one generation batch (per_device_train_batch_size × steps_per_generation / "
+                             f"num_generations); lower the batch size or add prompts.")
+        self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B,
+                                     repeat_count=self.mu * self.S, shuffle=True, seed=args.seed)
+        micro_steps_per_epoch = len(self.sampler) // args.generation_batch_size
+        self.max_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(
+            args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
+        # Old log-probs are needed only when an optimizer step can happen between generating a batch and
+        # training on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact.
+        self.needs_old_logps = args.gradient_accumulation_steps % (self.S * self.mu) != 0
+
+        optimizer, scheduler = optimizers
+        self.optimizer = optimizer or torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate)
+        self.scheduler = scheduler or get_scheduler(
+            args.lr_scheduler_type, self.optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * self.max_steps),
+            num_training_steps=self.max_steps)
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+        self.num_tokens = 0
+        self.global_step = 0
+        self.history: list[dict] = []  # every logged row, also appended to output_dir/metrics.jsonl
+        self._logged_samples: list[tuple[str, str, float]] = []
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    # -- generation and scoring ---------------------------------------------------------------------------
+
+    def generate_and_score(self, rows: list[dict], mode: str = "train") -> GenerationBatch:
+        """Generate one completion per row (the rows already repeat each prompt G times), score them, and turn
+        the scores into advantages."""
+        args = self.args
+        prompts = [row["prompt"] for row in rows]
+        prompt_texts = [prompt_to_text(p, self.tokenizer) for p in prompts]
+        prompt_ids, prompt_mask = tokenize_prompts(prompt_texts, self.tokenizer, args.max_prompt_length)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+
+        # Sample with the KV cache. generate() returns prompt and completion together; after the first EOS
+        # each row is padded, and generation stops once every row has ended, so C <= max_completion_length.
+        with torch.no_grad(), self.autocast():
+            sequences = _unwrap(self.model).generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                                     generation_config=self.generation_config)
+        completion_ids = sequences[:, prompt_ids.size(1):]  # (B*G, C)
+        completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
+        completion_lengths = completion_mask.sum(1)
+        if args.mask_truncated_completions:
+            # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
+
+        # Decode only the tokens that count (up to and including EOS); special tokens are dropped from the text.
+        completions_text = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                            for ids, n in zip(completion_ids, completion_lengths.tolist())]
+        if is_conversational(prompts[0]):
+            completions = [[{"role": "assistant", "content": text}] for text in completions_text]
+        else:
+            completions = completions_text
+
+        rewards_per_func = self.compute_rewards(rows, prompts, completions, completion_ids, completion_lengths)
+        rewards = weighted_rewards(rewards_per_func, self.reward_weights)
+        advantages = group_advantages(rewards, self.G, args.scale_rewards)
+
+        # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
+        # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
+        old_per_token_logps = ref_per_token_logps = None
+        if mode == "train":
+            batch_args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+            if self.needs_old_logps:
+                old_per_token_logps = self._logps_no_grad(self.model, *batch_args)
+            if args.beta != 0.0:
+                ref_per_token_logps = self._reference_logps(*batch_args)
+
+        self._record_generation_metrics(mode, prompts, completions_text, rewards, rewards_per_func,
+                                        completion_lengths, is_truncated, prompt_mask, completion_mask)
+        return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
+                               old_per_token_logps, ref_per_token_logps,
+                               num_items_in_batch=float(completion_mask.sum()) * self.world_size)
+
+    @shape_checked
+    def compute_rewards(self, rows: list[dict], prompts: list, completions: list, completion_ids: Int[Tensor, "BG C"],
+                        completion_lengths: Int[Tensor, "BG"]) -> Float[Tensor, "BG F"]:
+        """One column per reward function; None (does not apply) becomes NaN."""
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
+        rewards_per_func = torch.zeros(len(rows), len(self.reward_funcs), device=self.device)
+        for f, (func, tok, name) in enumerate(zip(self.reward_funcs, self.reward_tokenizers, self.reward_names)):
+            if isinstance(func, PreTrainedModel):
+                rewards_per_func[:, f] = reward_model_scores(func, tok, prompts, completions)
+                continue
+            try:
+                values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
+            except Exception as e:
+                raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
+                                   f"(first prompt of the batch: {prompts[0]!r:.200})") from e
+            if not isinstance(values, (list, tuple)) or len(values) != len(rows):
+                got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+                raise ValueError(f"Reward function {name!r} must return a list of {len(rows)} floats (one per "
+                                 f"completion), got {got}.")
+            for i, v in enumerate(values):
+                if v is not None and not isinstance(v, (int, float)):
+                    raise ValueError(f"Reward function {name!r} returned {v!r} for completion {i}; "
+                                     f"rewards must be numbers, or None where the function does not apply.")
+            rewards_per_func[:, f] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+        if rewards_per_func.isinf().any():
+            raise ValueError(f"A reward is infinite: {rewards_per_func.isinf().any(0).tolist()} per function "
+                             f"{self.reward_names}. Rewards must be finite numbers.")
+        return rewards_per_func
+
+    def _logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
+        N = self.args.per_device_train_batch_size
+        with torch.no_grad(), self.autocast():
+            return torch.cat([get_per_token_logps(model, prompt_ids[i:i + N], prompt_mask[i:i + N],
+                                                  completion_ids[i:i + N], completion_mask[i:i + N],
+                                                  self.args.temperature)[0]
+                              for i in range(0, prompt_ids.size(0), N)]).float()
+
+    def _reference_logps(self, *batch_args) -> Tensor:
+        if self.ref_model is not None:
+            return self._logps_no_grad(self.ref_model, *batch_args)
+        # With LoRA the reference is the same network with the adapter switched off: no second copy in memory.
+        with _unwrap(self.model).disable_adapter():
+            return self._logps_no_grad(self.model, *batch_args)
+
+    # -- one micro-step -------------------------------------------------------------------------------------
+
+    def compute_loss(self, batch: GenerationBatch) -> Tensor:
+        per_token_logps, entropies = get_per_token_logps(
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+            self.args.temperature, with_entropy=True)
+        per_token_logps = per_token_logps.float()
+        old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
+        args = self.args
+        loss, metrics = grpo_loss(
+            per_token_logps, old, batch.ref_per_token_logps, batch.advantages, batch.completion_mask,
+            beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
+            importance_sampling_level=args.importance_sampling_level,
+            max_completion_length=args.max_completion_length,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size)
+        metrics["entropy"] = _masked_mean(entropies, batch.completion_mask.float())
+        for name, value in metrics.items():
+            self.metrics[name].append(float(value))
+        return loss
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def train(self) -> list[dict]:
+        """Run max_steps optimizer steps; returns the logged metric rows."""
+        args = self.args
+        os.makedirs(args.output_dir, exist_ok=True)
+        generation_batch_size = args.generation_batch_size
+        progress = tqdm(total=self.max_steps, desc="GRPO", dynamic_ncols=True, disable=not _is_interactive())
+        micro_step, step_loss, step_start = 0, 0.0, time.perf_counter()
+        buffer: list[GenerationBatch] = []
+        while self.global_step < self.max_steps:
+            stream = iter(self.sampler)  # a new permutation each epoch
+            for indices in iter(lambda: [i for _, i in zip(range(generation_batch_size), stream)], []):
+                # Every (μ·S)-th micro-step starts a new generation batch; the S·μ - 1 identical copies of these
+                # indices that the sampler yields next are served from the buffer.
+                if micro_step % (self.S * self.mu) == 0:
+                    buffer = self.generate_and_score([self.train_dataset[i] for i in indices]).split(self.S)
+                micro_batch = buffer[micro_step % self.S]
+                with self.autocast():
+                    loss = self.compute_loss(micro_batch)
+                loss.backward()
+                step_loss += loss.item()
+                micro_step += 1
+                if micro_step % args.gradient_accumulation_steps != 0:
+                    continue
+
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                self.metrics["loss"].append(step_loss)
+                self.metrics["grad_norm"].append(float(grad_norm))
+                self.metrics["step_time"].append(time.perf_counter() - step_start)
+                step_loss, step_start = 0.0, time.perf_counter()
+                progress.update(1)
+                progress.set_postfix(reward=f"{self.metrics['reward'][-1]:.3f}" if self.metrics["reward"] else "")
+
+                if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
+                    row = self.log()
+                    if self.eval_dataset is not None and self.global_step % args.eval_steps == 0:
+                        row.update(self.evaluate())
+                        self._write_row(row)
+                if args.save_steps > 0 and self.global_step % args.save_steps == 0:
+                    self.save(os.path.join(args.output_dir, f"checkpoint-{self.global_step}"))
+                if self.global_step >= self.max_steps:
+                    break
+        progress.close()
+        self.save(args.output_dir)
+        return self.history
+
+    # -- metrics, evaluation, saving --------------------------------------------------------------------------
+
+    def _record_generation_metrics(self, mode, prompts, completions_text, rewards, rewards_per_func,
+                                   completion_lengths, is_truncated, prompt_mask, completion_mask):
+        prefix = "" if mode == "train" else "eval_"
+        m = self.metrics
+        if mode == "train":
+            self.num_tokens += int(prompt_mask.sum() + completion_mask.sum())
+            m["num_tokens"].append(self.num_tokens)
+            lengths = completion_lengths.float()
+            m["completions/mean_length"].append(float(lengths.mean()))
+            m["completions/min_length"].append(float(lengths.min()))
+            m["completions/max_length"].append(float(lengths.max()))
+            m["completions/clipped_ratio"].append(float(is_truncated.float().mean()))
+            terminated = lengths[~is_truncated]
+            m["completions/mean_terminated_length"].append(float(terminated.mean()) if len(terminated) else 0.0)
+        for f, name in enumerate(self.reward_names):
+            m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, f])))
+            m[f"{prefix}rewards/{name}/std"].append(float(_nanstd(rewards_per_func[:, f])))
+        grouped = rearrange(rewards, "(b g) -> b g", g=self.G)
+        group_std = _nanstd(grouped, dim=1)
+        m[f"{prefix}reward"].append(float(torch.nanmean(rewards)))
+        m[f"{prefix}reward_std"].append(float(torch.nanmean(group_std)))
+        # Groups whose G rewards are all equal give every member advantage 0: no learning signal at all.
+        m[f"{prefix}frac_reward_zero_std"].append(float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()))
+        if mode == "train":
+            self._logged_samples = list(zip(prompts, completions_text, rewards.tolist()))
+
+    def log(self) -> dict:
+        """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
+        row = {"step": self.global_step}
+        for name, values in self.metrics.items():
+            if not name.startswith("eval_") and values:
+                row[name] = values[-1] if name == "num_tokens" else sum(values) / len(values)
+        self.metrics = defaultdict(list)
+        self._write_row(row)
+        shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
+                                     "completions/mean_length", "grad_norm") if k in row}
+        tqdm.write(f"step {self.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        if self.args.log_completions:
+            for prompt, completion, reward in self._logged_samples[:self.args.num_completions_to_print]:
+                tqdm.write(f"    {prompt_text_of(prompt)!r:>24} -> {completion!r:<40} reward {reward:+.3f}")
+        return row
+
+    def _write_row(self, row: dict) -> None:
+        if self.history and self.history[-1]["step"] == row["step"]:
+            self.history[-1] = row
+        else:
+            self.history.append(row)
+        # Rewrite the whole file through a temporary one: metrics.jsonl is never half-written.
+        path = os.path.join(self.args.output_dir, "metrics.jsonl")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
+        os.replace(path + ".tmp", path)
+
+    def evaluate(self) -> dict:
+        """Generate G completions for every eval prompt and average their rewards."""
+        self.model.eval()
+        for start in range(0, len(self.eval_dataset), self.B):
+            chunk = [self.eval_dataset[i] for i in range(start, min(start + self.B, len(self.eval_dataset)))]
+            self.generate_and_score([row for row in chunk for _ in range(self.G)], mode="eval")
+        self.model.train()
+        result = {name: sum(v) / len(v) for name, v in self.metrics.items() if name.startswith("eval_") and v}
+        for name in list(self.metrics):
+            if name.startswith("eval_"):
+                del self.metrics[name]
+        tqdm.write(f"step {self.global_step:>5} | eval_reward {result['eval_reward']:.4g}")
+        return result
+
+    def save(self, directory: str) -> None:
+        """save_pretrained the model and tokenizer into a temporary folder, then move it into place, so that a
+        crash during the save never leaves a half-written model where a good one was."""
+        tmp = directory.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _unwrap(self.model).save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
+            for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+            os.rmdir(tmp)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(tmp, directory)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _is_interactive() -> bool:
+    return sys.stderr.isatty() or os.environ.get("GRPO_PROGRESS") == "1"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        warn_once(f"pad:{id(tokenizer)}", f"The tokenizer has no pad token; using its EOS token "
+                                          f"{tokenizer.eos_token!r} for padding (the completion mask does not "
+                                          f"depend on it).")
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion: the generation config's (chat models often list several), else the
+    tokenizer's."""
+    eos = getattr(_unwrap(model).generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token, so a "
+                         "completion could never end. Set tokenizer.eos_token.")
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable, PreTrainedModel]:
+    if isinstance(func, str):
+        if func in BUILTIN_REWARDS:
+            return BUILTIN_REWARDS[func]
+        if not os.path.exists(func) and "/" not in func:
+            raise ValueError(f"Unknown reward {func!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
+                             f"and not a local path or hub name of a reward model.")
+        func = AutoModelForSequenceClassification.from_pretrained(func, num_labels=1)
+    if isinstance(func, PreTrainedModel):
+        return func.eval().requires_grad_(False).to(device)
+    if not callable(func):
+        raise ValueError(f"A reward function must be a callable, a built-in name or a reward model; got {func!r}.")
+    return func
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. The embedded default task: a tiny Qwen2 with random weights learns, from rewards alone, to answer
+# "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back through
+# from_pretrained, so the same loading code runs as for a real model.
+
+DEMO_ALPHABET = "abcdefgh"
+DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
+
+
+def build_char_tokenizer(characters: str = DEMO_CHARACTERS):
+    """A real PreTrainedTokenizerFast with one token per character, plus <eos> and <unk>, and a minimal chat
+    template so conversational prompts work too.
+
+    <eos> doubles as the pad token, as in many real tokenizers (Qwen's base models do the same), so the demo
+    exercises the pad == eos case. <unk> is an ordinary token, not a special one: decoding skips special
+    tokens, and a token that vanishes from the text would let the policy shorten its text for free.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<eos>", "<unk>", *characters])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<eos>", eos_token="<eos>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> PreTrainedModel:
+    """A Qwen2-architecture causal LM with random weights, small enough to train on a CPU in seconds."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_demo_dataset(num_prompts: int = 256, seed: int = 0):
+    """Prompts such as "dh=": a few letters and `=`; the reward asks for the last letter five times."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    prompts = ["".join(rng.choice(DEMO_ALPHABET) for _ in range(rng.randint(1, 3))) + "=" for _ in range(num_prompts)]
+    return Dataset.from_dict({"prompt": prompts})
+
+
+def save_demo_model(directory: str, seed: int = 0) -> str:
+    """Write the tiny model and its tokenizer to `directory`, ready for from_pretrained."""
+    tokenizer = build_char_tokenizer()
+    build_tiny_model(tokenizer, seed).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# Settings the demo uses in place of the real-model defaults, unless given on the command line.
+DEMO_ARGS = dict(learning_rate=1e-3, num_generations=8, per_device_train_batch_size=64, max_steps=1000,
+                 max_completion_length=8, max_prompt_length=16, logging_steps=100, save_steps=0,
+                 reward_funcs=["letters"], warmup_ratio=0.05, lr_scheduler_type="constant_with_warmup")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 11. Command line.
+
+
+def load_prompt_dataset(args: GRPOConfig):
+    """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
+    from datasets import load_dataset
+
+    name = args.dataset_name
+    extension = os.path.splitext(name)[1].lstrip(".")
+    if extension in ("json", "jsonl", "csv", "parquet"):
+        if not os.path.isfile(name):
+            raise SystemExit(f"error: dataset file {name!r} does not exist.")
+        dataset = load_dataset("json" if extension == "jsonl" else extension, data_files=name, split="train")
+    else:
+        dataset = load_dataset(name, args.dataset_config, split=args.dataset_train_split)
+    if "prompt" not in dataset.column_names and "question" in dataset.column_names:
+        instruction = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
+        dataset = dataset.map(lambda row: {"prompt": [{"role": "system", "content": instruction},
+                                                      {"role": "user", "content": row["question"]}]})
+    return dataset
+
+
+def sample_completions(trainer: GRPOTrainer, prompts: list[str], num: int = 2) -> list[tuple[str, list[str]]]:
+    """A few sampled completions per prompt, to show what the policy writes."""
+    rows = [{"prompt": p} for p in prompts for _ in range(num)]
+    texts = [prompt_to_text(r["prompt"], trainer.tokenizer) for r in rows]
+    ids, mask = tokenize_prompts(texts, trainer.tokenizer, trainer.args.max_prompt_length)
+    with torch.no_grad():
+        out = _unwrap(trainer.model).generate(input_ids=ids.to(trainer.device), attention_mask=mask.to(trainer.device),
+                                              generation_config=trainer.generation_config)
+    decoded = trainer.tokenizer.batch_decode(out[:, ids.size(1):], skip_special_tokens=True)
+    return [(p, decoded[i * num:(i + 1) * num]) for i, p in enumerate(prompts)]
+
+
+def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
+    global CHECK_SHAPES
+    argv = sys.argv[1:] if argv is None else argv
+    (args,) = HfArgumentParser(GRPOConfig).parse_args_into_dataclasses(argv)
+    demo = args.model_name_or_path is None
+    if demo:
+        given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
+        overrides = {k: v for k, v in DEMO_ARGS.items() if k not in given}
+        args = GRPOConfig(**{**{f.name: getattr(args, f.name) for f in fields(args)}, **overrides,
+                             "steps_per_generation": None if "steps_per_generation" not in given else args.steps_per_generation})
+    CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
+
+    if demo:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        model_dir = save_demo_model(os.path.join(args.output_dir, "demo-base-model"), seed=args.seed)
+        dataset = build_demo_dataset(seed=args.seed)
+        model = model_dir
+    else:
+        if not os.path.exists(args.model_name_or_path) and args.model_name_or_path.count("/") != 1:
+            raise SystemExit(f"error: model {args.model_name_or_path!r} is neither a local folder nor a hub name.")
+        if args.dataset_name is None:
+            raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
+        dataset = load_prompt_dataset(args)
+        model = args.model_name_or_path
+    reward_funcs = args.reward_funcs or (["letters"] if demo else [])
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset)
+    print(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}, "
+          f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch, "
+          f"S={trainer.S}, μ={trainer.mu}, {trainer.max_steps} optimizer steps, rewards {trainer.reward_names}")
+
+    show = ["a=", "bc=", "hgf="] if demo else [dataset[0]["prompt"]]
+    before = sample_completions(trainer, show) if demo else None
+    start = time.perf_counter()
+    history = trainer.train()
+    elapsed = time.perf_counter() - start
+    rewards = [row["reward"] for row in history if "reward" in row]
+    print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Mean reward: first log {rewards[0]:.3f}, "
+          f"last log {rewards[-1]:.3f}. Metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}; "
+          f"model: {args.output_dir}")
+    if demo:
+        after = sample_completions(trainer, show)
+        print("\nCompletions before -> after training (the reward wants the last letter five times):")
+        for (prompt, old), (_, new) in zip(before, after):
+            print(f"  {prompt!r:>7}  before {old}  after {new}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
