@@ -55,7 +55,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from beartype import beartype
+from beartype import BeartypeConf, beartype
 from einops import rearrange
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
@@ -78,7 +78,8 @@ CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"
 
 
 def shape_checked(fn):
-    checked = jaxtyped(typechecker=beartype)(fn)
+    # is_pep484_tower: an int is accepted where a float is annotated (beta=0), as PEP 484 says.
+    checked = jaxtyped(typechecker=beartype(conf=BeartypeConf(is_pep484_tower=True)))(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -955,11 +956,13 @@ class GRPOTrainer:
         os.replace(path + ".tmp", path)
 
     def evaluate(self) -> dict:
-        """Generate G completions for every eval prompt and average their rewards."""
+        """Generate G completions for every eval prompt and average their rewards. Sampling here uses a fork of
+        the random state, so a run with evaluation trains exactly as the same run without it."""
         self.model.eval()
-        for start in range(0, len(self.eval_dataset), self.B):
-            chunk = [self.eval_dataset[i] for i in range(start, min(start + self.B, len(self.eval_dataset)))]
-            self.generate_and_score([row for row in chunk for _ in range(self.G)], mode="eval")
+        with _forked_rng(self.device):
+            for start in range(0, len(self.eval_dataset), self.B):
+                chunk = [self.eval_dataset[i] for i in range(start, min(start + self.B, len(self.eval_dataset)))]
+                self.generate_and_score([row for row in chunk for _ in range(self.G)], mode="eval")
         self.model.train()
         result = {name: sum(v) / len(v) for name, v in self.metrics.items() if name.startswith("eval_") and v}
         for name in list(self.metrics):
@@ -982,6 +985,11 @@ class GRPOTrainer:
         else:
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(tmp, directory)
+
+
+def _forked_rng(device: torch.device):
+    """Random draws inside this block leave the global random state as it was."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -1093,7 +1101,7 @@ def save_demo_model(directory: str, seed: int = 0) -> str:
 
 
 # Settings the demo uses in place of the real-model defaults, unless given on the command line.
-DEMO_ARGS = dict(learning_rate=1e-3, num_generations=8, per_device_train_batch_size=64, max_steps=1000,
+DEMO_ARGS = dict(learning_rate=1e-3, num_generations=16, per_device_train_batch_size=128, max_steps=1000,
                  max_completion_length=8, max_prompt_length=16, logging_steps=100, save_steps=0,
                  reward_funcs=["letters"], warmup_ratio=0.05, lr_scheduler_type="constant_with_warmup")
 
@@ -1126,7 +1134,7 @@ def sample_completions(trainer: GRPOTrainer, prompts: list[str], num: int = 2) -
     rows = [{"prompt": p} for p in prompts for _ in range(num)]
     texts = [prompt_to_text(r["prompt"], trainer.tokenizer) for r in rows]
     ids, mask = tokenize_prompts(texts, trainer.tokenizer, trainer.args.max_prompt_length)
-    with torch.no_grad():
+    with torch.no_grad(), _forked_rng(trainer.device):
         out = _unwrap(trainer.model).generate(input_ids=ids.to(trainer.device), attention_mask=mask.to(trainer.device),
                                               generation_config=trainer.generation_config)
     decoded = trainer.tokenizer.batch_decode(out[:, ids.size(1):], skip_special_tokens=True)
@@ -1150,6 +1158,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         hf_logging.disable_progress_bar()
         model_dir = save_demo_model(os.path.join(args.output_dir, "demo-base-model"), seed=args.seed)
         dataset = build_demo_dataset(seed=args.seed)
+        eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # held out: other prompts
         model = model_dir
     else:
         if not os.path.exists(args.model_name_or_path) and args.model_name_or_path.count("/") != 1:
@@ -1157,26 +1166,30 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         if args.dataset_name is None:
             raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
         dataset = load_prompt_dataset(args)
+        eval_dataset = None
         model = args.model_name_or_path
     reward_funcs = args.reward_funcs or (["letters"] if demo else [])
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+                          eval_dataset=eval_dataset)
     print(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}, "
           f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch, "
           f"S={trainer.S}, μ={trainer.mu}, {trainer.max_steps} optimizer steps, rewards {trainer.reward_names}")
 
-    show = ["a=", "bc=", "hgf="] if demo else [dataset[0]["prompt"]]
-    before = sample_completions(trainer, show) if demo else None
+    show = ["a=", "bc=", "hgf="]
+    if demo:
+        before = sample_completions(trainer, show)
+        eval_before = trainer.evaluate()["eval_reward"]
     start = time.perf_counter()
     history = trainer.train()
     elapsed = time.perf_counter() - start
-    rewards = [row["reward"] for row in history if "reward" in row]
-    print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Mean reward: first log {rewards[0]:.3f}, "
-          f"last log {rewards[-1]:.3f}. Metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}; "
-          f"model: {args.output_dir}")
+    print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Metrics: "
+          f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
     if demo:
-        after = sample_completions(trainer, show)
-        print("\nCompletions before -> after training (the reward wants the last letter five times):")
-        for (prompt, old), (_, new) in zip(before, after):
+        eval_after = [row["eval_reward"] for row in history if "eval_reward" in row][-1]
+        print(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
+              f"{eval_before:.2f} before training -> {eval_after:.2f} after (best possible: 5).")
+        print("Completions before -> after (the reward wants the prompt's last letter five times):")
+        for (prompt, old), (_, new) in zip(before, sample_completions(trainer, show)):
             print(f"  {prompt!r:>7}  before {old}  after {new}")
     return trainer
 

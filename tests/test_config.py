@@ -1,0 +1,71 @@
+"""Invalid configurations are refused at once, with the numbers that disagree and a way to fix them."""
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from grpo import GRPOConfig, GRPOTrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("kwargs,fragments", [
+    (dict(num_generations=1), ["num_generations must be at least 2, got 1"]),
+    (dict(per_device_train_batch_size=6, num_generations=4),
+     ["6 × 1 = 6", "not divisible by 4", "num_generations in [2, 3, 6]", "per_device_train_batch_size=8"]),
+    (dict(per_device_train_batch_size=3, gradient_accumulation_steps=3, num_generations=2),
+     ["3 × 3 = 9", "not divisible by 2"]),
+    (dict(per_device_train_batch_size=4, steps_per_generation=2, num_generations=3), ["4 × 2 = 8"]),
+    (dict(loss_type="ppo"), ["Unknown loss_type 'ppo'", "grpo, bnpo, dr_grpo, dapo"]),
+    (dict(scale_rewards="std"), ["Unknown scale_rewards 'std'", "group, batch, none"]),
+    (dict(importance_sampling_level="seq"), ["Unknown importance_sampling_level 'seq'"]),
+    (dict(temperature=0.0), ["temperature must be > 0", "all G identical"]),
+    (dict(reward_funcs=["length", "format"], reward_weights=[1.0]),
+     ["reward_weights has 1 values but there are 2 reward functions", "length, format"]),
+    (dict(per_device_train_batch_size=0), ["per_device_train_batch_size must be at least 1"]),
+])
+def test_invalid_config_is_refused_with_its_numbers(kwargs, fragments):
+    with pytest.raises(ValueError) as err:
+        GRPOConfig(**kwargs)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_defaults_follow_trl_and_fill_in_derived_values():
+    args = GRPOConfig(gradient_accumulation_steps=4, per_device_train_batch_size=2, num_generations=4)
+    assert args.steps_per_generation == 4  # defaults to gradient_accumulation_steps, as in TRL
+    assert args.generation_batch_size == 8
+    assert args.epsilon_high == args.epsilon == 0.2
+    assert (args.loss_type, args.scale_rewards, args.beta) == ("dapo", "group", 0.0)
+
+
+def test_trainer_refuses_weights_that_do_not_match_the_functions(tiny_model_dir):
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"prompt": ["a="] * 8})
+    args = GRPOConfig(output_dir="unused", per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ValueError, match=r"Got 3 reward_weights for 1 reward functions \(length\)"):
+        GRPOTrainer(tiny_model_dir, "length", args=args, train_dataset=data, reward_weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"Unknown reward 'lenght'.*length, diversity"):
+        GRPOTrainer(tiny_model_dir, "lenght", args=args, train_dataset=data)
+    with pytest.raises(ValueError, match=r"no `prompt` column; its columns are \['question'\]"):
+        GRPOTrainer(tiny_model_dir, "length", args=args, train_dataset=data.rename_column("prompt", "question"))
+
+
+def test_help_documents_every_knob():
+    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for f in fields(GRPOConfig):
+        assert f"--{f.name}" in out, f"--{f.name} missing from --help"
+    assert "completions sampled per prompt" in out  # the help text of num_generations
+
+
+def test_cli_refuses_a_missing_model_path_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--model_name_or_path", str(tmp_path / "nope"),
+                             "--dataset_name", "x.jsonl"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "is neither a local folder nor a hub name" in result.stderr
+    assert "Traceback" not in result.stderr

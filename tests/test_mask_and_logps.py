@@ -1,0 +1,77 @@
+"""The completion mask, selective log-softmax, and per-token log-probs against independent computations."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from grpo import completion_mask_from_eos, get_per_token_logps, selective_log_softmax, tokenize_prompts
+
+EOS = 1
+
+
+def test_mask_eos_in_the_middle_at_zero_and_absent():
+    ids = torch.tensor([[5, 6, EOS, 9, 9], [EOS, 7, 7, 7, 7], [5, 6, 7, 8, 9]])
+    mask, truncated = completion_mask_from_eos(ids, [EOS])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_mask_when_pad_equals_eos():
+    # generate() pads finished rows with pad_token_id; when pad == eos the row is "5 EOS EOS EOS".
+    # A mask built as ids != pad would drop the real EOS, which the model must learn to emit.
+    ids = torch.tensor([[5, EOS, EOS, EOS], [5, 6, 7, EOS]])
+    mask, truncated = completion_mask_from_eos(ids, [EOS])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False]
+
+
+def test_mask_with_several_eos_tokens():
+    ids = torch.tensor([[5, 3, 1, 0], [5, 6, 7, 1]])  # chat models often stop at either of two tokens
+    mask, _ = completion_mask_from_eos(ids, [1, 3])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_selective_log_softmax_equals_log_softmax_gather(dtype, tol):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 50) * 4).to(dtype)
+    index = torch.randint(0, 50, (3, 5))
+    expected = logits.float().log_softmax(-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    got = selective_log_softmax(logits, index)
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=0)
+
+
+def test_per_token_logps_equal_a_full_forward(model):
+    torch.manual_seed(1)
+    prompt_ids = torch.randint(2, 40, (4, 6))
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1], [0, 1, 1, 1, 1, 1]])
+    completion_ids = torch.randint(2, 40, (4, 5))
+    completion_mask = torch.ones(4, 5, dtype=torch.long)
+    got, entropy = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7,
+                                       with_entropy=True)
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logp = (logits[:, 5:10] / 0.7).log_softmax(-1)  # positions P-1 .. P+C-2 predict the C completion tokens
+    torch.testing.assert_close(got, logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), atol=1e-4, rtol=0)
+
+
+def test_per_token_logps_equal_the_sampling_distribution(model, tokenizer):
+    """The policy that sampled and the policy we train on agree: log-probs recomputed by a forward pass over
+    left-padded prompts equal the log-softmax of generate()'s own logits at the sampled tokens (so the
+    ratio π_θ/π_θ_old is exactly 1 before any update, temperature included)."""
+    prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf=", "bc="], tokenizer, None)
+    temperature = 0.8
+    torch.manual_seed(0)
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, return_dict_in_generate=True,
+                         output_logits=True, generation_config=GenerationConfig(
+                             do_sample=True, temperature=temperature, top_k=0, max_new_tokens=6,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    completion_ids = out.sequences[:, prompt_ids.size(1):]
+    mask, _ = completion_mask_from_eos(completion_ids, [tokenizer.eos_token_id])
+    sampled = torch.stack(out.logits, 1) / temperature  # (N, C, V): raw logits of each generation step
+    expected = sampled.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    got, _ = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperature)
+    torch.testing.assert_close(got * mask, expected * mask, atol=1e-4, rtol=0)
