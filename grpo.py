@@ -189,12 +189,11 @@ class GRPOConfig:
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
         if self.reward_weights is not None and self.reward_funcs:
-            n_funcs = len(self.reward_funcs) + (self.reward_model_name_or_path is not None)
-            if len(self.reward_weights) != n_funcs:
+            names = self.reward_funcs + ([self.reward_model_name_or_path] if self.reward_model_name_or_path else [])
+            if len(self.reward_weights) != len(names):
                 raise ValueError(
-                    f"reward_weights has {len(self.reward_weights)} values but there are {n_funcs} reward "
-                    f"functions ({', '.join(self.reward_funcs + [self.reward_model_name_or_path or ''][:n_funcs - len(self.reward_funcs)])}): "
-                    f"give one weight per function.")
+                    f"reward_weights has {len(self.reward_weights)} values but there are {len(names)} reward "
+                    f"functions ({', '.join(names)}): give one weight per function.")
 
     @property
     def generation_batch_size(self) -> int:
@@ -335,12 +334,16 @@ def completion_text(completion: Union[str, list[dict]]) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def length(completions, **kwargs) -> list[float]:
+def prompt_text_of(prompt: Union[str, list[dict]]) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def length_reward(completions, **kwargs) -> list[float]:
     """The seed's example: best at 20 characters, one point lost per character away from 20."""
     return [-abs(20 - len(completion_text(c))) for c in completions]
 
 
-def diversity(completions, **kwargs) -> list[float]:
+def diversity_reward(completions, **kwargs) -> list[float]:
     """The seed's example: number of distinct whitespace-separated words."""
     return [float(len(set(completion_text(c).split()))) for c in completions]
 
@@ -357,7 +360,7 @@ def _last_number(text: str) -> Optional[float]:
         return None
 
 
-def accuracy(completions, answer=None, **kwargs) -> list[Optional[float]]:
+def accuracy_reward(completions, answer=None, **kwargs) -> list[Optional[float]]:
     """1 when the completion's last number equals the dataset's `answer` column (its number after `####` for
     GSM8K), else 0; None (not applicable) for rows without an answer."""
     if answer is None:
@@ -376,12 +379,12 @@ def accuracy(completions, answer=None, **kwargs) -> list[Optional[float]]:
 FINAL_ANSWER = re.compile(r"####\s*-?\d[\d,]*\.?\d*\s*$")
 
 
-def format(completions, **kwargs) -> list[float]:  # noqa: A001 (the name users type on the command line)
+def format_reward(completions, **kwargs) -> list[float]:
     """1 when the completion ends with a final answer line in GSM8K's own style, `#### <number>`."""
     return [float(bool(FINAL_ANSWER.search(completion_text(c).strip()))) for c in completions]
 
 
-def letters(prompts, completions, **kwargs) -> list[float]:
+def letters_reward(prompts, completions, **kwargs) -> list[float]:
     """The demo task's reward: the prompt ends with a letter and `=`, and the answer should be that letter
     five times (`c=` -> `ccccc`). Each of the first five characters scores +1 if it is the letter and -1 if
     it is anything else or missing; each character beyond five costs 1. So `ccccc` scores 5, the empty
@@ -395,11 +398,10 @@ def letters(prompts, completions, **kwargs) -> list[float]:
     return rewards
 
 
-def prompt_text_of(prompt: Union[str, list[dict]]) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-BUILTIN_REWARDS: dict[str, Callable] = {f.__name__: f for f in (length, diversity, accuracy, format, letters)}
+# The names `--reward_funcs` takes. Metrics use the function's own name, as TRL does: rewards/accuracy_reward/mean.
+BUILTIN_REWARDS: dict[str, Callable] = {"length": length_reward, "diversity": diversity_reward,
+                                        "accuracy": accuracy_reward, "format": format_reward,
+                                        "letters": letters_reward}
 
 
 @shape_checked
@@ -437,12 +439,13 @@ def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Fl
 # 6. Group-relative advantages: the one idea GRPO adds to PPO.
 
 
-def _nanstd(x: Tensor, dim=None, keepdim=False) -> Tensor:
+def _nanstd(x: Tensor, dim: Optional[int] = None, keepdim: bool = False) -> Tensor:
     """Unbiased (Bessel-corrected, like Tensor.std) standard deviation that ignores NaN."""
+    if dim is None:
+        x, dim = x.flatten(), 0
     mean = torch.nanmean(x, dim=dim, keepdim=True)
-    count = (~x.isnan()).sum(dim=dim, keepdim=keepdim) if dim is not None else (~x.isnan()).sum()
-    squares = torch.nansum((x - mean) ** 2, dim=dim, keepdim=keepdim) if dim is not None else torch.nansum((x - mean) ** 2)
-    return (squares / (count - 1)).sqrt()
+    count = (~x.isnan()).sum(dim=dim, keepdim=keepdim)
+    return (torch.nansum((x - mean) ** 2, dim=dim, keepdim=keepdim) / (count - 1)).sqrt()
 
 
 @shape_checked
@@ -648,7 +651,7 @@ class GRPOTrainer:
                              f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.world_size = 1  # one process; torchrun support is documented as future work in README
+        self.world_size = 1  # one process for now: torchrun support is an open issue (see README)
         _seed_everything(args.seed)
 
         # The policy, its tokenizer, and (β ≠ 0) a frozen copy of the starting policy as the reference.
@@ -738,25 +741,14 @@ class GRPOTrainer:
         the scores into advantages."""
         args = self.args
         prompts = [row["prompt"] for row in rows]
-        prompt_texts = [prompt_to_text(p, self.tokenizer) for p in prompts]
-        prompt_ids, prompt_mask = tokenize_prompts(prompt_texts, self.tokenizer, args.max_prompt_length)
-        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-
-        # Sample with the KV cache. generate() returns prompt and completion together; after the first EOS
-        # each row is padded, and generation stops once every row has ended, so C <= max_completion_length.
-        with torch.no_grad(), self.autocast():
-            sequences = _unwrap(self.model).generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                                     generation_config=self.generation_config)
-        completion_ids = sequences[:, prompt_ids.size(1):]  # (B*G, C)
+        prompt_ids, prompt_mask, completion_ids = self.generate(prompts)
         completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
         completion_lengths = completion_mask.sum(1)
         if args.mask_truncated_completions:
             # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
 
-        # Decode only the tokens that count (up to and including EOS); special tokens are dropped from the text.
-        completions_text = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                            for ids, n in zip(completion_ids, completion_lengths.tolist())]
+        completions_text = self.decode(completion_ids, completion_lengths)
         if is_conversational(prompts[0]):
             completions = [[{"role": "assistant", "content": text}] for text in completions_text]
         else:
@@ -780,7 +772,25 @@ class GRPOTrainer:
                                         completion_lengths, is_truncated, prompt_mask, completion_mask)
         return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
                                old_per_token_logps, ref_per_token_logps,
-                               num_items_in_batch=float(completion_mask.sum()) * self.world_size)
+                               num_items_in_batch=float(completion_mask.sum()))
+
+    @shape_checked
+    def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"]]:
+        """Sample one completion per prompt, with the KV cache. generate() returns prompt and completion
+        together; after its first EOS a row is padded, and generation stops once every row has ended, so
+        C <= max_completion_length."""
+        texts = [prompt_to_text(p, self.tokenizer) for p in prompts]
+        prompt_ids, prompt_mask = tokenize_prompts(texts, self.tokenizer, self.args.max_prompt_length)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        with torch.no_grad(), self.autocast():
+            sequences = _unwrap(self.model).generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                                     generation_config=self.generation_config)
+        return prompt_ids, prompt_mask, sequences[:, prompt_ids.size(1):]
+
+    def decode(self, completion_ids: Tensor, completion_lengths: Tensor) -> list[str]:
+        """The text of the tokens that count (up to and including EOS), special tokens dropped."""
+        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                for ids, n in zip(completion_ids, completion_lengths.tolist())]
 
     @shape_checked
     def compute_rewards(self, rows: list[dict], prompts: list, completions: list, completion_ids: Int[Tensor, "BG C"],
@@ -859,9 +869,10 @@ class GRPOTrainer:
         micro_step, step_loss, step_start = 0, 0.0, time.perf_counter()
         buffer: list[GenerationBatch] = []
         while self.global_step < self.max_steps:
-            stream = iter(self.sampler)  # a new permutation each epoch
-            for indices in iter(lambda: [i for _, i in zip(range(generation_batch_size), stream)], []):
-                # Every (μ·S)-th micro-step starts a new generation batch; the S·μ - 1 identical copies of these
+            epoch = list(self.sampler)  # a new permutation each epoch
+            for start in range(0, len(epoch), generation_batch_size):
+                indices = epoch[start:start + generation_batch_size]
+                # Every (μ·S)-th micro-step starts a new generation batch; the μ·S - 1 identical copies of these
                 # indices that the sampler yields next are served from the buffer.
                 if micro_step % (self.S * self.mu) == 0:
                     buffer = self.generate_and_score([self.train_dataset[i] for i in indices]).split(self.S)
@@ -1130,27 +1141,28 @@ def load_prompt_dataset(args: GRPOConfig):
 
 
 def sample_completions(trainer: GRPOTrainer, prompts: list[str], num: int = 2) -> list[tuple[str, list[str]]]:
-    """A few sampled completions per prompt, to show what the policy writes."""
-    rows = [{"prompt": p} for p in prompts for _ in range(num)]
-    texts = [prompt_to_text(r["prompt"], trainer.tokenizer) for r in rows]
-    ids, mask = tokenize_prompts(texts, trainer.tokenizer, trainer.args.max_prompt_length)
-    with torch.no_grad(), _forked_rng(trainer.device):
-        out = _unwrap(trainer.model).generate(input_ids=ids.to(trainer.device), attention_mask=mask.to(trainer.device),
-                                              generation_config=trainer.generation_config)
-    decoded = trainer.tokenizer.batch_decode(out[:, ids.size(1):], skip_special_tokens=True)
-    return [(p, decoded[i * num:(i + 1) * num]) for i, p in enumerate(prompts)]
+    """A few sampled completions per prompt, to show what the policy writes (without touching the random
+    state that training uses)."""
+    with _forked_rng(trainer.device):
+        _, _, completion_ids = trainer.generate([p for p in prompts for _ in range(num)])
+    completion_mask, _ = completion_mask_from_eos(completion_ids, trainer.eos_token_ids)
+    texts = trainer.decode(completion_ids, completion_mask.sum(1))
+    return [(p, texts[i * num:(i + 1) * num]) for i, p in enumerate(prompts)]
 
 
 def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     global CHECK_SHAPES
     argv = sys.argv[1:] if argv is None else argv
-    (args,) = HfArgumentParser(GRPOConfig).parse_args_into_dataclasses(argv)
-    demo = args.model_name_or_path is None
-    if demo:
+    parser = HfArgumentParser(GRPOConfig)
+    values = vars(parser.parse_args(argv))
+    demo = values["model_name_or_path"] is None
+    if demo:  # the demo's settings, except those given on the command line
         given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-        overrides = {k: v for k, v in DEMO_ARGS.items() if k not in given}
-        args = GRPOConfig(**{**{f.name: getattr(args, f.name) for f in fields(args)}, **overrides,
-                             "steps_per_generation": None if "steps_per_generation" not in given else args.steps_per_generation})
+        values.update({k: v for k, v in DEMO_ARGS.items() if k not in given})
+    try:
+        args = GRPOConfig(**values)
+    except ValueError as e:
+        parser.error(str(e))  # one line and the usage, not a traceback
     CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
 
     if demo:
@@ -1168,7 +1180,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         dataset = load_prompt_dataset(args)
         eval_dataset = None
         model = args.model_name_or_path
-    reward_funcs = args.reward_funcs or (["letters"] if demo else [])
+    reward_funcs = args.reward_funcs
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                           eval_dataset=eval_dataset)
     print(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}, "

@@ -47,7 +47,7 @@ def test_a_few_steps_change_the_weights_and_log_trl_metrics(tmp_path, tiny_model
     assert not torch.equal(before, params(trainer.model))
     rows = read_metrics(args)
     assert rows == history and [r["step"] for r in rows] == [1, 2, 3]
-    for name in TRL_METRICS + ["rewards/letters/mean", "rewards/letters/std"]:
+    for name in TRL_METRICS + ["rewards/letters_reward/mean", "rewards/letters_reward/std"]:
         assert name in rows[0], name
     assert rows[-1]["num_tokens"] > rows[0]["num_tokens"]
     # μ = 1 and S = GA: the batch is used inside one optimizer step, so old = new and nothing is clipped.
@@ -121,7 +121,7 @@ def test_eval_dataset_logs_eval_reward(tmp_path, tiny_model_dir):
     trainer.train()
     rows = read_metrics(args)
     assert "eval_reward" not in rows[0] and "eval_reward" in rows[1]
-    for name in ("eval_rewards/letters/mean", "eval_rewards/length/mean"):
+    for name in ("eval_rewards/letters_reward/mean", "eval_rewards/length_reward/mean"):
         assert name in rows[1]
 
 
@@ -201,14 +201,14 @@ def test_reward_functions_get_the_other_columns_and_errors_name_the_function(tmp
 
 
 def test_builtin_rewards_by_hand():
-    assert grpo.length(["x" * 20, "x" * 25]) == [0, -5]
-    assert grpo.diversity(["a b a", ""]) == [2.0, 0.0]
-    assert grpo.accuracy(["so 3 + 4 = 7", "I think 8", "no idea"], answer=["... #### 7", "#### 1,000", "#### 2"]) \
+    assert grpo.length_reward(["x" * 20, "x" * 25]) == [0, -5]
+    assert grpo.diversity_reward(["a b a", ""]) == [2.0, 0.0]
+    assert grpo.accuracy_reward(["so 3 + 4 = 7", "I think 8", "no idea"], answer=["... #### 7", "#### 1,000", "#### 2"]) \
         == [1.0, 0.0, 0.0]
-    assert grpo.accuracy(["1,000"], answer=["#### 1,000"]) == [1.0]
-    assert grpo.format(["work...\n#### 42", "#### 42 because", [{"role": "assistant", "content": "#### -3.5"}]]) \
+    assert grpo.accuracy_reward(["1,000"], answer=["#### 1,000"]) == [1.0]
+    assert grpo.format_reward(["work...\n#### 42", "#### 42 because", [{"role": "assistant", "content": "#### -3.5"}]]) \
         == [1.0, 0.0, 1.0]
-    assert grpo.letters(["c=", "ab=", "c=", "c="], ["ccccc", "bbbbbbb", "", "ddddd"]) == [5.0, 3.0, -5.0, -5.0]
+    assert grpo.letters_reward(["c=", "ab=", "c=", "c="], ["ccccc", "bbbbbbb", "", "ddddd"]) == [5.0, 3.0, -5.0, -5.0]
 
 
 def test_cli_trains_a_gsm8k_style_local_file(tmp_path, tiny_model_dir):
@@ -219,8 +219,8 @@ def test_cli_trains_a_gsm8k_style_local_file(tmp_path, tiny_model_dir):
                          "--reward_funcs", "accuracy", "format", "--reward_weights", "1.0", "0.5",
                          "--num_generations", "4", "--per_device_train_batch_size", "8", "--max_steps", "2",
                          "--max_completion_length", "8", "--logging_steps", "1", "--output_dir", str(tmp_path / "o")])
-    assert trainer.global_step == 2 and trainer.reward_names == ["accuracy", "format"]
-    assert "rewards/accuracy/mean" in read_metrics(trainer.args)[-1]
+    assert trainer.global_step == 2 and trainer.reward_names == ["accuracy_reward", "format_reward"]
+    assert "rewards/accuracy_reward/mean" in read_metrics(trainer.args)[-1]
 
 
 def test_lora_reference_is_the_model_with_the_adapter_disabled(tmp_path, tiny_model_dir):
