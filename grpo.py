@@ -899,10 +899,9 @@ class GRPOTrainer:
                 progress.set_postfix(reward=f"{self.metrics['reward'][-1]:.3f}" if self.metrics["reward"] else "")
 
                 if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
-                    row = self.log()
-                    if self.eval_dataset is not None and self.global_step % args.eval_steps == 0:
-                        row.update(self.evaluate())
-                        self._write_row(row)
+                    self.log()
+                if self.eval_dataset is not None and self.global_step % args.eval_steps == 0:
+                    self._write_row({"step": self.global_step, **self.evaluate()})
                 if args.save_steps > 0 and self.global_step % args.save_steps == 0:
                     self.save(os.path.join(args.output_dir, f"checkpoint-{self.global_step}"))
                 if self.global_step >= self.max_steps:
@@ -956,8 +955,9 @@ class GRPOTrainer:
         return row
 
     def _write_row(self, row: dict) -> None:
+        """Add a row to metrics.jsonl, merged with the row of the same step if there is one."""
         if self.history and self.history[-1]["step"] == row["step"]:
-            self.history[-1] = row
+            self.history[-1].update(row)
         else:
             self.history.append(row)
         # Rewrite the whole file through a temporary one: metrics.jsonl is never half-written.

@@ -115,14 +115,17 @@ def test_seed_example_reward_model(tmp_path, tiny_model_dir, tokenizer):
 
 
 def test_eval_dataset_logs_eval_reward(tmp_path, tiny_model_dir):
-    args = small_args(tmp_path, max_steps=2, eval_steps=2)
+    args = small_args(tmp_path, max_steps=3, eval_steps=2, logging_steps=3)
     trainer = GRPOTrainer(tiny_model_dir, ["letters", "length"], args=args, train_dataset=letters_data(),
                           eval_dataset=Dataset.from_dict({"prompt": ["a=", "b=", "c="]}))
     trainer.train()
     rows = read_metrics(args)
-    assert "eval_reward" not in rows[0] and "eval_reward" in rows[1]
+    # Evaluation at step 2 is not a logging step (3): it gets a row of its own, merged into nothing else.
+    assert [r["step"] for r in rows] == [2, 3]
+    assert "eval_reward" in rows[0] and "reward" not in rows[0]
+    assert "reward" in rows[1] and "eval_reward" not in rows[1]
     for name in ("eval_rewards/letters_reward/mean", "eval_rewards/length_reward/mean"):
-        assert name in rows[1]
+        assert name in rows[0]
 
 
 def test_evaluation_does_not_change_training(tmp_path, tiny_model_dir):
@@ -245,3 +248,14 @@ def test_default_run_learns(tmp_path, capsys):
     assert last_train > first_train + 5, (first_train, last_train)
     assert evals[-1] > 3.0, evals  # out of 5; random weights score about -8
     assert "before training ->" in out and "Completions before -> after" in out
+
+
+def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path, tiny_model_dir):
+    args = small_args(tmp_path, bf16=True, max_steps=2, beta=0.1)
+    trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    before = params(trainer.model)
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay float32
+    assert not torch.equal(before, params(trainer.model))
+    row = read_metrics(args)[-1]
+    assert math.isfinite(row["loss"]) and math.isfinite(row["kl"]) and math.isfinite(row["entropy"])
