@@ -37,6 +37,7 @@ Run it:
         --dataset_config main --reward_funcs accuracy format --bf16     # a real model on a GPU
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -86,6 +87,77 @@ def shape_checked(fn):
         return checked(*args, **kwargs) if CHECK_SHAPES else fn(*args, **kwargs)
 
     return wrapper
+
+
+# Shape tracing (`--trace_shapes`, `trace_shapes(trainer)`): inside `with tracing(...)`, every stage below
+# records the tensors it produces, each with the shape its letters promise, and the tracer checks the two
+# agree. Outside it, `trace()` is one test of a global: tracing costs nothing when it is off.
+
+
+@dataclass
+class ShapeRecord:
+    stage: str
+    name: str
+    symbolic: str  # the promised shape in the letters of the docstring, for example "BG C"
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class ShapeTrace:
+    """The first record of each (stage, name), in the order the data flowed. `sizes` holds the letters' values:
+    B, G, N, S, F known from the config at the start, P, C and V bound the first time they are seen."""
+
+    def __init__(self, **sizes: int):
+        self.sizes = dict(sizes)
+        self.records: list[ShapeRecord] = []
+
+    def add(self, stage: str, name: str, tensor: Tensor, symbolic: str) -> None:
+        if any(r.stage == stage and r.name == name for r in self.records):
+            return
+        axes = symbolic.split()
+        if len(axes) != tensor.dim():
+            raise ValueError(f"{stage}/{name}: promised shape ({symbolic}) but got {tuple(tensor.shape)}")
+        for axis, size in zip(axes, tensor.shape):
+            expression = axis.replace("BG", "B*G")
+            if all(letter in self.sizes for letter in re.findall(r"[A-Z]", expression)):
+                expected = eval(expression, {}, dict(self.sizes))  # "B*G" or "P+C": letters from the code only
+                if expected != size:
+                    raise ValueError(f"{stage}/{name}: axis {axis} should be {expected} "
+                                     f"({', '.join(f'{k}={v}' for k, v in self.sizes.items())}) but is {size}")
+            else:
+                self.sizes[axis] = size
+        self.records.append(ShapeRecord(stage, name, symbolic, tuple(tensor.shape),
+                                        str(tensor.dtype).replace("torch.", "")))
+
+    def table(self) -> str:
+        """A markdown table, one row per tensor, in the order the data flowed."""
+        lines = ["| stage | tensor | shape (letters) | shape | dtype |", "| --- | --- | --- | --- | --- |"]
+        for r in self.records:
+            axes = r.symbolic.split()
+            letters = "(" + ", ".join(axes) + ("," if len(axes) == 1 else "") + ")"
+            lines.append(f"| {r.stage} | `{r.name}` | `{letters}` | `{tuple(r.shape)}` | {r.dtype} |")
+        return "\n".join(lines)
+
+    def letters(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+
+
+_TRACE: Optional[ShapeTrace] = None
+
+
+def trace(stage: str, name: str, tensor: Tensor, symbolic: str) -> None:
+    if _TRACE is not None:
+        _TRACE.add(stage, name, tensor, symbolic)
+
+
+@contextlib.contextmanager
+def tracing(**sizes: int) -> Iterator[ShapeTrace]:
+    global _TRACE
+    _TRACE = ShapeTrace(**sizes)
+    try:
+        yield _TRACE
+    finally:
+        _TRACE = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,7 +226,8 @@ class GRPOConfig:
     num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
     save_steps: int = knob(500, "Save a checkpoint every this many optimizer steps (0: only the final model).")
     eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
-    check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (slower; the tests always do).")
+    check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
+    trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
 
     def __post_init__(self):
         S = self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
@@ -458,14 +531,21 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
     -> advantages [-0.9999, 0, 0.9999, 0, 0, 0]. The second group's rewards are all equal: its advantages are
     0 and it teaches nothing (frac_reward_zero_std counts such groups).
     """
-    grouped = rearrange(rewards, "(b g) -> b g", g=num_generations)
-    centred = grouped - torch.nanmean(grouped, dim=1, keepdim=True)
+    grouped_rewards = rearrange(rewards, "(b g) -> b g", g=num_generations)
+    group_mean = torch.nanmean(grouped_rewards, dim=1)
+    group_std = _nanstd(grouped_rewards, dim=1)
+    trace("advantages", "grouped_rewards", grouped_rewards, "B G")
+    trace("advantages", "group_mean", group_mean, "B")
+    trace("advantages", "group_std", group_std, "B")
+    centred = grouped_rewards - group_mean[:, None]
     if scale_rewards == "group":
-        centred = centred / (_nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+        centred = centred / (group_std[:, None] + 1e-4)
     elif scale_rewards == "batch":
         centred = centred / (_nanstd(rewards) + 1e-4)
     # A completion no reward applied to (NaN) gets advantage 0; so does every row of a group whose std is NaN.
-    return torch.nan_to_num(rearrange(centred, "b g -> (b g)"), nan=0.0)
+    advantages = torch.nan_to_num(rearrange(centred, "b g -> (b g)"), nan=0.0)
+    trace("advantages", "advantages", advantages, "BG")
+    return advantages
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -515,6 +595,8 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
     # that end one before the sequence does. Sampling divided the logits by the temperature, so we must too,
     # or the log-probs we train on are not those of the policy that sampled.
     logits = logits[:, -(C + 1):-1, :] / temperature  # (N, C, V)
+    trace("log-probs", "input_ids", input_ids, "N P+C")
+    trace("log-probs", "logits (completion positions)", logits, "N C V")
     per_token_logps = selective_log_softmax(logits, completion_ids)
     return per_token_logps, entropy_from_logits(logits) if with_entropy else None
 
@@ -555,6 +637,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     ratio = torch.exp(log_ratio)
     # clip(r, 1-ε_low, 1+ε_high)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    trace("loss", "ratio", ratio, "N C")
+    trace("loss", "clipped_ratio", clipped_ratio, "N C")
     A = advantages.unsqueeze(1)  # (N, 1): one advantage for every token of a completion
     # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
@@ -564,6 +648,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         # D_KL ≈ exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased, always >= 0)
         ref_minus_logp = ref_per_token_logps - per_token_logps
         per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
+        trace("loss", "per_token_kl", per_token_kl, "N C")
         # L_{i,t} += β·D_KL
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = _masked_mean(per_token_kl, mask).detach()
@@ -589,6 +674,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
 
     # How often clipping took effect, counted where it removes the gradient: below 1-ε_low for A<0,
     # above 1+ε_high for A>0. Near 0 when μ=1; rising values mean the policy moves fast between passes.
+    trace("loss", "per_token_loss", per_token_loss, "N C")
+    trace("loss", "loss", loss, "")
     is_low_clipped = (ratio < 1 - epsilon_low) & (A < 0)
     is_high_clipped = (ratio > 1 + epsilon_high) & (A > 0)
     metrics["clip_ratio/low_mean"] = _masked_mean(is_low_clipped.float(), mask)
@@ -743,6 +830,8 @@ class GRPOTrainer:
         prompts = [row["prompt"] for row in rows]
         prompt_ids, prompt_mask, completion_ids = self.generate(prompts)
         completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
+        trace("generation", "completion_mask", completion_mask, "BG C")
+        trace("generation", "is_truncated", is_truncated, "BG")
         completion_lengths = completion_mask.sum(1)
         if args.mask_truncated_completions:
             # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
@@ -756,6 +845,8 @@ class GRPOTrainer:
 
         rewards_per_func = self.compute_rewards(rows, prompts, completions, completion_ids, completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
+        trace("rewards", "rewards_per_func", rewards_per_func, "BG F")
+        trace("rewards", "rewards", rewards, "BG")
         advantages = group_advantages(rewards, self.G, args.scale_rewards)
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
@@ -765,8 +856,10 @@ class GRPOTrainer:
             batch_args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             if self.needs_old_logps:
                 old_per_token_logps = self._logps_no_grad(self.model, *batch_args)
+                trace("log-probs", "old_per_token_logps", old_per_token_logps, "BG C")
             if args.beta != 0.0:
                 ref_per_token_logps = self._reference_logps(*batch_args)
+                trace("log-probs", "ref_per_token_logps", ref_per_token_logps, "BG C")
 
         self._record_generation_metrics(mode, prompts, completions_text, rewards, rewards_per_func,
                                         completion_lengths, is_truncated, prompt_mask, completion_mask)
@@ -785,7 +878,11 @@ class GRPOTrainer:
         with torch.no_grad(), self.autocast():
             sequences = _unwrap(self.model).generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                                      generation_config=self.generation_config)
-        return prompt_ids, prompt_mask, sequences[:, prompt_ids.size(1):]
+        completion_ids = sequences[:, prompt_ids.size(1):]
+        trace("prompts", "prompt_ids", prompt_ids, "BG P")
+        trace("prompts", "prompt_mask", prompt_mask, "BG P")
+        trace("generation", "completion_ids", completion_ids, "BG C")
+        return prompt_ids, prompt_mask, completion_ids
 
     def decode(self, completion_ids: Tensor, completion_lengths: Tensor) -> list[str]:
         """The text of the tokens that count (up to and including EOS), special tokens dropped."""
@@ -844,6 +941,8 @@ class GRPOTrainer:
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
             self.args.temperature, with_entropy=True)
         per_token_logps = per_token_logps.float()
+        trace("log-probs", "per_token_logps", per_token_logps, "N C")
+        trace("loss", "advantages (micro-batch)", batch.advantages, "N")
         old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
         args = self.args
         loss, metrics = grpo_loss(
@@ -860,15 +959,17 @@ class GRPOTrainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
 
-    def train(self) -> list[dict]:
-        """Run max_steps optimizer steps; returns the logged metric rows."""
+    def train(self, stop_after: Optional[int] = None) -> list[dict]:
+        """Run the optimizer steps of the config (or stop after `stop_after` of them); return the logged rows.
+        The final model is saved when the run is complete."""
         args = self.args
+        last_step = min(self.max_steps, stop_after or self.max_steps)
         os.makedirs(args.output_dir, exist_ok=True)
         generation_batch_size = args.generation_batch_size
         progress = tqdm(total=self.max_steps, desc="GRPO", dynamic_ncols=True, disable=not _is_interactive())
         micro_step, step_loss, step_start = 0, 0.0, time.perf_counter()
         buffer: list[GenerationBatch] = []
-        while self.global_step < self.max_steps:
+        while self.global_step < last_step:
             epoch = list(self.sampler)  # a new permutation each epoch
             for start in range(0, len(epoch), generation_batch_size):
                 indices = epoch[start:start + generation_batch_size]
@@ -898,16 +999,17 @@ class GRPOTrainer:
                 progress.update(1)
                 progress.set_postfix(reward=f"{self.metrics['reward'][-1]:.3f}" if self.metrics["reward"] else "")
 
-                if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
+                if self.global_step % args.logging_steps == 0 or self.global_step == last_step:
                     self.log()
                 if self.eval_dataset is not None and self.global_step % args.eval_steps == 0:
                     self._write_row({"step": self.global_step, **self.evaluate()})
                 if args.save_steps > 0 and self.global_step % args.save_steps == 0:
                     self.save(os.path.join(args.output_dir, f"checkpoint-{self.global_step}"))
-                if self.global_step >= self.max_steps:
+                if self.global_step >= last_step:
                     break
         progress.close()
-        self.save(args.output_dir)
+        if self.global_step == self.max_steps:
+            self.save(args.output_dir)
         return self.history
 
     # -- metrics, evaluation, saving --------------------------------------------------------------------------
@@ -1062,21 +1164,25 @@ DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
 
 
 def build_char_tokenizer(characters: str = DEMO_CHARACTERS):
-    """A real PreTrainedTokenizerFast with one token per character, plus <eos> and <unk>, and a minimal chat
-    template so conversational prompts work too.
+    """A real PreTrainedTokenizerFast with one token per character, plus <|endoftext|> and <unk>, and a
+    minimal chat template so conversational prompts work too.
 
-    <eos> doubles as the pad token, as in many real tokenizers (Qwen's base models do the same), so the demo
-    exercises the pad == eos case. <unk> is an ordinary token, not a special one: decoding skips special
+    <|endoftext|> is both EOS and pad, as in Qwen's base models, so the demo exercises the pad == eos case. It
+    has Qwen's name because AutoTokenizer loads a qwen2 model's tokenizer back as a Qwen2Tokenizer, which adds
+    <|endoftext|> if it is missing (a token the model would have no embedding for); with the name taken, the
+    round trip keeps the vocabulary and special tokens exactly (characters outside the alphabet are dropped
+    rather than mapped to <unk>). <unk> is an ordinary token, not a special one: decoding skips special
     tokens, and a token that vanishes from the text would let the policy shorten its text for free.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(["<eos>", "<unk>", *characters])}
+    vocab = {token: i for i, token in enumerate(["<|endoftext|>", "<unk>", *characters])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<eos>", eos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>")
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant: {% endif %}")
     return tokenizer
@@ -1140,6 +1246,15 @@ def load_prompt_dataset(args: GRPOConfig):
     return dataset
 
 
+def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
+    """Train one optimizer step (one generation batch) with the tracer on, and return what it recorded."""
+    sizes = dict(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
+                 F=len(trainer.reward_funcs))
+    with tracing(**sizes) as shape_trace:
+        trainer.train(stop_after=trainer.global_step + 1)
+    return shape_trace
+
+
 def sample_completions(trainer: GRPOTrainer, prompts: list[str], num: int = 2) -> list[tuple[str, list[str]]]:
     """A few sampled completions per prompt, to show what the policy writes (without touching the random
     state that training uses)."""
@@ -1164,14 +1279,17 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     except ValueError as e:
         parser.error(str(e))  # one line and the usage, not a traceback
     CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
+    builtin_task = demo and args.dataset_name is None  # the letters task, with held-out prompts to evaluate on
 
     if demo:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-        model_dir = save_demo_model(os.path.join(args.output_dir, "demo-base-model"), seed=args.seed)
-        dataset = build_demo_dataset(seed=args.seed)
-        eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # held out: other prompts
-        model = model_dir
+        model = save_demo_model(os.path.join(args.output_dir, "demo-base-model"), seed=args.seed)
+        if builtin_task:
+            dataset = build_demo_dataset(seed=args.seed)
+            eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # other prompts than training's
+        else:  # the tiny model on prompts of your own (shapes.md uses a chat-format file)
+            dataset, eval_dataset = load_prompt_dataset(args), None
     else:
         if not os.path.exists(args.model_name_or_path) and args.model_name_or_path.count("/") != 1:
             raise SystemExit(f"error: model {args.model_name_or_path!r} is neither a local folder nor a hub name.")
@@ -1180,15 +1298,19 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         dataset = load_prompt_dataset(args)
         eval_dataset = None
         model = args.model_name_or_path
-    reward_funcs = args.reward_funcs
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
                           eval_dataset=eval_dataset)
     print(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}, "
           f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch, "
           f"S={trainer.S}, μ={trainer.mu}, {trainer.max_steps} optimizer steps, rewards {trainer.reward_names}")
 
+    if args.trace_shapes:
+        shape_trace = trace_shapes(trainer)
+        print(f"\nShapes of one generation batch and one optimizer step ({shape_trace.letters()}, "
+              f"μ={trainer.mu}, β={args.beta}):\n\n{shape_trace.table()}")
+        return trainer
     show = ["a=", "bc=", "hgf="]
-    if demo:
+    if builtin_task:
         before = sample_completions(trainer, show)
         eval_before = trainer.evaluate()["eval_reward"]
     start = time.perf_counter()
@@ -1196,7 +1318,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     elapsed = time.perf_counter() - start
     print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Metrics: "
           f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
-    if demo:
+    if builtin_task:
         eval_after = [row["eval_reward"] for row in history if "eval_reward" in row][-1]
         print(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
               f"{eval_before:.2f} before training -> {eval_after:.2f} after (best possible: 5).")

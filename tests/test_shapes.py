@@ -1,5 +1,7 @@
 """The jaxtyping annotations are checked while the tests run: a wrong shape is caught with a clear message."""
 
+import os
+
 import pytest
 import torch
 from jaxtyping import TypeCheckError
@@ -43,3 +45,55 @@ def test_checks_cost_nothing_when_switched_off(monkeypatch):
     loss, _ = grpo.grpo_loss(torch.zeros(2, 4), torch.zeros(2, 1), None, torch.zeros(2),
                              torch.ones(2, 4, dtype=torch.long), num_items_in_batch=8)
     assert loss.shape == ()
+
+
+@pytest.mark.parametrize("stage,name,shape,symbolic,fragment", [
+    ("prompts", "prompt_ids", (7, 3), "BG P", "axis BG should be 8"),
+    ("generation", "completion_mask", (8,), "BG C", "promised shape (BG C) but got (8,)"),
+    ("rewards", "rewards_per_func", (8, 3), "BG F", "axis F should be 2"),
+    ("advantages", "grouped_rewards", (4, 2), "B G", "axis B should be 2"),
+    ("log-probs", "per_token_logps", (5, 6), "N C", "axis N should be 4"),
+    ("loss", "ratio", (4, 7), "N C", "axis C should be 6"),
+])
+def test_tracer_refuses_a_shape_its_letters_do_not_allow(stage, name, shape, symbolic, fragment):
+    """One planted mismatch per stage: the tracer knows B, G, N, S, F from the config and binds C on sight."""
+    with grpo.tracing(B=2, G=4, N=4, S=2, F=2) as shape_trace:
+        grpo.trace("generation", "completion_ids", torch.zeros(8, 6, dtype=torch.long), "BG C")  # binds C = 6
+        with pytest.raises(ValueError) as err:
+            grpo.trace(stage, name, torch.zeros(shape), symbolic)
+    assert f"{stage}/{name}" in str(err.value) and fragment in str(err.value)
+    assert [r.name for r in shape_trace.records] == ["completion_ids"]
+
+
+def test_tracing_is_off_outside_the_block():
+    assert grpo._TRACE is None
+    grpo.trace("loss", "ratio", torch.zeros(2), "N C")  # a wrong shape, but nobody is tracing: no error
+    with grpo.tracing(N=2) as shape_trace:
+        grpo.trace("loss", "ratio", torch.zeros(2, 3), "N C")
+    assert grpo._TRACE is None and shape_trace.sizes == {"N": 2, "C": 3}
+
+
+def test_trace_shapes_from_python_follows_the_data(tmp_path, tiny_model_dir):
+    from datasets import Dataset
+
+    args = grpo.GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8,
+                           max_completion_length=5, beta=0.1, max_steps=10)
+    trainer = grpo.GRPOTrainer(tiny_model_dir, ["letters", "length"], args=args,
+                               train_dataset=Dataset.from_dict({"prompt": ["ab=", "c="] * 4}))
+    shape_trace = grpo.trace_shapes(trainer)
+    assert trainer.global_step == 1
+    stages = [r.stage for r in shape_trace.records]
+    assert stages == sorted(stages, key=["prompts", "generation", "rewards", "advantages", "log-probs", "loss"].index)
+    by_name = {r.name: r for r in shape_trace.records}
+    assert by_name["rewards_per_func"].shape == (8, 2)
+    assert by_name["grouped_rewards"].shape == (2, 4)
+    assert by_name["ref_per_token_logps"].shape == (8, by_name["completion_ids"].shape[1])
+    assert "old_per_token_logps" not in by_name  # μ = 1, S = GA: not needed
+    assert by_name["logits (completion positions)"].shape[2] == len(trainer.tokenizer)
+    assert not os.path.exists(os.path.join(str(tmp_path), "model.safetensors"))  # a partial run saves no final model
+
+
+def test_log_prob_inputs_must_agree(model):
+    with pytest.raises(TypeCheckError, match="completion_mask"):
+        grpo.get_per_token_logps(model, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
+                                 torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 5, dtype=torch.long), 1.0)

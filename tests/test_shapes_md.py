@@ -1,0 +1,56 @@
+"""shapes.md shows tables that a real run printed. This test reruns the documented commands and fails when
+shapes.md no longer matches them. To refresh shapes.md after a change: python tests/test_shapes_md.py"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES_MD = ROOT / "shapes.md"
+BLOCK = re.compile(r"(<!-- trace: (\w+) -->\n)```\n\$ (python grpo.py [^\n]*)\n(.*?)```\n", re.S)
+
+
+def traced_table(command: str, tmp_dir: str) -> str:
+    """Run a documented `python grpo.py --trace_shapes ...` command and return the table it printed."""
+    args = command.split()[2:] + ["--output_dir", tmp_dir]
+    out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *args], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    return out[out.index("Shapes of one generation batch"):].strip() + "\n"
+
+
+def documented_blocks() -> list[tuple[str, str, str]]:
+    """(name, command, table) for every traced block in shapes.md."""
+    return [(m.group(2), m.group(3), m.group(4)) for m in BLOCK.finditer(SHAPES_MD.read_text())]
+
+
+def test_shapes_md_has_both_traced_tables():
+    assert [name for name, _, _ in documented_blocks()] == ["default", "conversational"]
+
+
+@pytest.mark.parametrize("name", ["default", "conversational"])
+def test_shapes_md_matches_a_fresh_trace(name, tmp_path):
+    (command, documented), = [(c, t) for n, c, t in documented_blocks() if n == name]
+    fresh = traced_table(command, str(tmp_path))
+    assert fresh == documented, (
+        f"shapes.md's {name!r} table no longer matches what `{command}` prints. "
+        f"If the change is intended, refresh it with: python tests/test_shapes_md.py")
+
+
+def refresh() -> None:
+    import tempfile
+
+    text = SHAPES_MD.read_text()
+    for name, command, _ in documented_blocks():
+        with tempfile.TemporaryDirectory() as tmp:
+            table = traced_table(command, tmp)
+        text = BLOCK.sub(lambda m: m.group(0) if m.group(2) != name else
+                         f"{m.group(1)}```\n$ {command}\n{table}```\n", text)
+    SHAPES_MD.write_text(text)
+    print(f"refreshed {SHAPES_MD}")
+
+
+if __name__ == "__main__":
+    refresh()
