@@ -19,7 +19,7 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
     S  steps_per_generation (micro-batches per generation batch)     μ  num_iterations (passes per batch)
     N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
-    C  completion length (right padded)               V  vocabulary size      F  number of reward functions
+    C  completion length (right padded)               V  vocabulary size      F  number of reward functions      H  the model's hidden size
 Every function that takes or returns tensors says their shapes with jaxtyping, for example
 `Float[Tensor, "BG C"]`. jaxtyping can evaluate an expression such as `B*G` only once B and G are bound
 by another argument of the same call, so a flat row axis gets the one-word name `BG` (read "B times G"),
@@ -56,6 +56,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from beartype import BeartypeConf, beartype
 from einops import rearrange
 from jaxtyping import Bool, Float, Int, jaxtyped
@@ -226,6 +227,7 @@ class GRPOConfig:
     num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
     save_steps: int = knob(500, "Save a checkpoint every this many optimizer steps (0: only the final model).")
     eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
+    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so the (N, C, V) logits never exist at once. 0: all at once. Try 1024 at large vocabularies.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
 
@@ -579,26 +581,83 @@ def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
 @shape_checked
 def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
                         completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
-                        temperature: float, with_entropy: bool = False
+                        temperature: float, with_entropy: bool = False, chunk_size: int = 0
                         ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
-    """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position."""
+    """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position.
+    With chunk_size > 0 the logits are made `chunk_size` tokens at a time (see chunked_logps)."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     # Positions count real tokens only, as generate() counted them, so left padding does not shift a
     # model with absolute positions.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     C = completion_ids.size(1)
+    if chunk_size > 0:
+        causal_lm = _causal_lm(model)
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids, use_cache=False).last_hidden_state
+        # The hidden state at position t predicts token t+1, as the logits below do.
+        return chunked_logps(hidden[:, -(C + 1):-1], completion_ids, causal_lm.get_output_embeddings(),
+                             temperature, chunk_size, with_entropy)
     kwargs = {"logits_to_keep": C + 1} if _accepts(model, "logits_to_keep") else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False, **kwargs).logits
     # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
     # that end one before the sequence does. Sampling divided the logits by the temperature, so we must too,
     # or the log-probs we train on are not those of the policy that sampled.
-    logits = logits[:, -(C + 1):-1, :] / temperature  # (N, C, V)
+    logits = logits[:, -(C + 1):-1, :]  # (N, C, V), a view: no copy yet
+    if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
+        logits = logits / temperature
     trace("log-probs", "input_ids", input_ids, "N P+C")
     trace("log-probs", "logits (completion positions)", logits, "N C V")
     per_token_logps = selective_log_softmax(logits, completion_ids)
     return per_token_logps, entropy_from_logits(logits) if with_entropy else None
+
+
+@shape_checked
+def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N C"], lm_head: torch.nn.Module,
+                  temperature: float, chunk_size: int, with_entropy: bool = False
+                  ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+    """The same log-probs, with at most `chunk_size` × V logits alive at a time, forward and backward.
+
+    The logits are the memory peak of GRPO: at V = 151,936, N = 8, C = 1,024 they are 5 GB in float32, and
+    the backward pass needs as much again for their gradient. Here the hidden states (N, C, H) are cut into
+    chunks of tokens; each chunk is projected to the vocabulary, reduced to one log-prob per token, and
+    dropped. Activation checkpointing redoes the projection in the backward pass instead of keeping it, so
+    the (N, C, V) tensor never exists. The price is one extra projection per chunk in the backward pass.
+    """
+    flat_hidden = rearrange(hidden, "n c h -> (n c) h")
+    flat_ids = rearrange(completion_ids, "n c -> (n c)")
+    logps, entropies = [], []
+    for start in range(0, flat_ids.size(0), chunk_size):
+        chunk_logps, chunk_entropy = torch.utils.checkpoint.checkpoint(
+            _chunk_logps, flat_hidden[start:start + chunk_size], flat_ids[start:start + chunk_size], lm_head,
+            temperature, with_entropy, use_reentrant=False)
+        logps.append(chunk_logps)
+        entropies.append(chunk_entropy)
+    n = completion_ids.size(0)
+    per_token_logps = rearrange(torch.cat(logps), "(n c) -> n c", n=n)
+    return per_token_logps, rearrange(torch.cat(entropies), "(n c) -> n c", n=n) if with_entropy else None
+
+
+def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: bool
+                 ) -> tuple[Tensor, Optional[Tensor]]:
+    # float32 for the reduction even under bf16: logsumexp in bf16 is too coarse, and the chunk is small.
+    logits = lm_head(hidden).float()  # (chunk, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logsumexp = logits.logsumexp(dim=-1)
+    logps = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logsumexp
+    entropy = None
+    if with_entropy:  # a diagnostic: no gradient, and einsum sums p·logit without a third (chunk, V) tensor
+        with torch.no_grad():
+            entropy = logsumexp - torch.einsum("tv,tv->t", logits.softmax(dim=-1), logits)
+    return logps, entropy
+
+
+def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under any DDP or PEFT wrapper (it has get_decoder and get_output_embeddings)."""
+    model = _unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @functools.cache
@@ -924,7 +983,8 @@ class GRPOTrainer:
         with torch.no_grad(), self.autocast():
             return torch.cat([get_per_token_logps(model, prompt_ids[i:i + N], prompt_mask[i:i + N],
                                                   completion_ids[i:i + N], completion_mask[i:i + N],
-                                                  self.args.temperature)[0]
+                                                  self.args.temperature,
+                                                  chunk_size=self.args.logits_chunk_size)[0]
                               for i in range(0, prompt_ids.size(0), N)]).float()
 
     def _reference_logps(self, *batch_args) -> Tensor:
@@ -939,7 +999,7 @@ class GRPOTrainer:
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
         per_token_logps, entropies = get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            self.args.temperature, with_entropy=True)
+            self.args.temperature, with_entropy=True, chunk_size=self.args.logits_chunk_size)
         per_token_logps = per_token_logps.float()
         trace("log-probs", "per_token_logps", per_token_logps, "N C")
         trace("loss", "advantages (micro-batch)", batch.advantages, "N")
@@ -1163,7 +1223,7 @@ DEMO_ALPHABET = "abcdefgh"
 DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
 
 
-def build_char_tokenizer(characters: str = DEMO_CHARACTERS):
+def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional[int] = None):
     """A real PreTrainedTokenizerFast with one token per character, plus <|endoftext|> and <unk>, and a
     minimal chat template so conversational prompts work too.
 
@@ -1177,7 +1237,9 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(["<|endoftext|>", "<unk>", *characters])}
+    tokens = ["<|endoftext|>", "<unk>", *characters]
+    tokens += [f"<unused{i}>" for i in range((vocab_size or len(tokens)) - len(tokens))]  # a real-size V for bench.py
+    vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()

@@ -1,0 +1,219 @@
+"""Benchmark grpo.py stage by stage, with chunked log-probs on and off, and against TRL when it is installed.
+
+    python bench.py                          # both configurations below, 5 measured steps after 2 of warm-up
+    python bench.py --configs tiny --steps 10
+
+Each step's time is split by stage: generation, rewards, old/reference log-probs, forward+backward over the
+generation batch, and the optimizer. The stages are timed inside the trainer's own code: the benchmark wraps
+the trainer's methods with timers, and the step itself runs exactly as in GRPOTrainer.train. The peak memory
+of the log-prob stage (one forward and backward of get_per_token_logps over a micro-batch) is measured in a
+fresh process: peak resident memory on a CPU, torch.cuda.max_memory_allocated on a GPU.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from datasets import Dataset
+
+import grpo
+
+CONFIGS = {
+    # The demo: its model, data and batch (B = 8 prompts × G = 16), a KL penalty so the reference pass counts.
+    "tiny": dict(vocab_size=None, hidden_size=64, num_layers=2, num_generations=16, per_device_train_batch_size=128,
+                 max_completion_length=8, beta=0.04, chunk=1024),
+    # A Qwen2.5-sized vocabulary on a small body: here the logits, not the transformer, are the cost.
+    "large-vocab": dict(vocab_size=151_936, hidden_size=64, num_layers=2, num_generations=4,
+                        per_device_train_batch_size=4, max_completion_length=512, beta=0.04, chunk=256),
+}
+
+
+def make_model_dir(name: str, root: str) -> str:
+    c = CONFIGS[name]
+    tokenizer = grpo.build_char_tokenizer(vocab_size=c["vocab_size"])
+    model = grpo.build_tiny_model(tokenizer, seed=0, hidden_size=c["hidden_size"], num_layers=c["num_layers"])
+    model.config.max_position_embeddings = 1024  # room for P + C = 516 (RoPE positions are computed, not learned)
+    if c["vocab_size"]:
+        model.generation_config.eos_token_id = None  # never stop early: every completion is C tokens long
+    directory = os.path.join(root, name)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def grpo_args(name: str, output_dir: str, chunk: int, steps: int) -> grpo.GRPOConfig:
+    c = CONFIGS[name]
+    return grpo.GRPOConfig(output_dir=output_dir, num_generations=c["num_generations"],
+                           per_device_train_batch_size=c["per_device_train_batch_size"],
+                           max_completion_length=c["max_completion_length"], beta=c["beta"], learning_rate=1e-3,
+                           max_steps=steps, logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42)
+
+
+def dataset() -> Dataset:
+    return grpo.build_demo_dataset(num_prompts=256, seed=0)
+
+
+def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds per optimizer step, stage by stage, over `steps` steps after `warmup`."""
+    trainer = grpo.GRPOTrainer(model_dir, "letters", args=grpo_args(name, tempfile.mkdtemp(), chunk, warmup + steps),
+                               train_dataset=dataset())
+    clock: dict[str, float] = {}
+
+    def timed(stage, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[stage] = clock.get(stage, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    trainer.generate = timed("generation", trainer.generate)
+    trainer.compute_rewards = timed("rewards", trainer.compute_rewards)
+    trainer._logps_no_grad = timed("old/ref log-probs", trainer._logps_no_grad)
+    trainer.compute_loss = timed("forward", trainer.compute_loss)
+    trainer.optimizer.step = timed("optimizer", trainer.optimizer.step)
+    rows = []
+    for _ in range(warmup + steps):
+        clock.clear()
+        trainer.train(stop_after=trainer.global_step + 1)
+        step_time = trainer.history[-1]["step_time"]
+        forward = clock.pop("forward")
+        # compute_loss is the forward pass of the loss; the rest of the step outside the other stages is backward.
+        clock["forward+backward"] = step_time - sum(clock.values())
+        rows.append({**clock, "step": step_time})
+        del forward
+    measured = rows[warmup:]
+    return {stage: statistics.median(r[stage] for r in measured) for stage in measured[0]}
+
+
+def logprob_peak_mb(name: str, model_dir: str, chunk: int) -> float:
+    """Peak memory of one forward+backward of the log-prob stage over one micro-batch, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--_peak", name, model_dir, str(chunk)], capture_output=True,
+                         text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak) of this process. Not getrusage's ru_maxrss: Linux keeps that across
+    exec, so a child started by a large parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def _measure_peak(name: str, model_dir: str, chunk: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    c = CONFIGS[name]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    N, C, P = c["per_device_train_batch_size"], c["max_completion_length"], 4
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(2, V, (N, P), generator=g).to(device)
+    completion_ids = torch.randint(2, V, (N, C), generator=g).to(device)
+    ones_p, ones_c = torch.ones_like(prompt_ids), torch.ones_like(completion_ids)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM, the peak, to the present
+        before = _rss_bytes("VmRSS")
+    logps, _ = grpo.get_per_token_logps(model, prompt_ids, ones_p, completion_ids, ones_c, 1.0, chunk_size=chunk)
+    logps.sum().backward()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _rss_bytes("VmHWM")
+    print((peak - before) / 2**20)
+
+
+def time_trl_steps(name: str, model_dir: str, warmup: int, steps: int) -> dict[str, float]:
+    """TRL's GRPOTrainer on the same model, data and batch; median seconds per optimizer step."""
+    import trl
+    from transformers import AutoTokenizer, TrainerCallback
+
+    c = CONFIGS[name]
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    config = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), num_generations=c["num_generations"],
+                            per_device_train_batch_size=c["per_device_train_batch_size"],
+                            max_completion_length=c["max_completion_length"], beta=c["beta"], learning_rate=1e-3,
+                            max_steps=warmup + steps, logging_steps=1, save_strategy="no", report_to="none",
+                            disable_dropout=True, seed=42, top_k=0, bf16=False)  # float32, as grpo.py runs here
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=grpo.letters_reward, args=config,
+                              train_dataset=dataset(), processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer.train()
+    return {"step": statistics.median(times[warmup:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    import transformers
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version or 'not installed'}, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'}")
+    results = []
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.configs:
+            model_dir = make_model_dir(name, root)
+            for chunk in (0, CONFIGS[name]["chunk"]):
+                stages = time_grpo_steps(name, model_dir, chunk, args.warmup, args.steps)
+                peak = logprob_peak_mb(name, model_dir, chunk)
+                results.append({"config": name, "impl": "grpo.py", "logits_chunk_size": chunk,
+                                "logprob_peak_mb": peak, **stages})
+            if trl_version:
+                results.append({"config": name, "impl": f"trl {trl_version}",
+                                **time_trl_steps(name, model_dir, args.warmup, args.steps)})
+    stages = ["generation", "rewards", "old/ref log-probs", "forward+backward", "optimizer", "step"]
+    print("\nmedian seconds per optimizer step, and peak memory of the log-prob stage (one micro-batch, fwd+bwd)\n")
+    print("| config | implementation | chunk | " + " | ".join(stages) + " | log-prob peak |")
+    print("| --- | --- | --- | " + " | ".join("---:" for _ in stages) + " | ---: |")
+    for r in results:
+        cells = [f"{r[s]:.3f}" if s in r else "" for s in stages]
+        chunk = r.get("logits_chunk_size", "")
+        peak = f"{r['logprob_peak_mb']:.0f} MB" if "logprob_peak_mb" in r else ""
+        print(f"| {r['config']} | {r['impl']} | {chunk if chunk != 0 else 'off'} | " + " | ".join(cells) + f" | {peak} |")
+    for name in args.configs:
+        ours = [r for r in results if r["config"] == name and r["impl"] == "grpo.py"]
+        theirs = [r for r in results if r["config"] == name and r["impl"].startswith("trl")]
+        if theirs:
+            best = min(r["step"] for r in ours)
+            print(f"{name}: TRL step time / grpo.py step time = {theirs[0]['step'] / best:.2f}")
+        if ours[0]["logprob_peak_mb"] >= 10:  # below that, the stage stays under the peak of loading the model
+            ratio = ours[1]["logprob_peak_mb"] / ours[0]["logprob_peak_mb"]
+            print(f"{name}: chunked log-prob peak / unchunked = {ratio:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_peak":
+        _measure_peak(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        main()
