@@ -227,7 +227,7 @@ class GRPOConfig:
     num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
     save_steps: int = knob(500, "Save a checkpoint every this many optimizer steps (0: only the final model).")
     eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
-    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so the (N, C, V) logits never exist at once. 0: all at once. Try 1024 at large vocabularies.")
+    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so the (N, C, V) logits never exist at once. 0: all at once. Well below N*C, e.g. 256: the peak is about 5 x chunk x V floats.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
 
