@@ -572,10 +572,11 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
 
 @shape_checked
 def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
-    """H = logsumexp(l) - Σ softmax(l)·l per position, one row at a time (a diagnostic: no gradient)."""
+    """H = logsumexp(l) - Σ softmax(l)·l per position, one row at a time (a diagnostic: no gradient). einsum
+    sums p·l without building their product."""
     with torch.no_grad():
-        return torch.stack([torch.logsumexp(row.float(), -1) - (row.float().softmax(-1) * row.float()).sum(-1)
-                            for row in logits])
+        return torch.stack([torch.logsumexp(row, -1) - torch.einsum("cv,cv->c", row.softmax(-1), row)
+                            for row in logits.float()])
 
 
 @shape_checked
@@ -641,17 +642,12 @@ def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N
 
 def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: bool
                  ) -> tuple[Tensor, Optional[Tensor]]:
-    # float32 for the reduction even under bf16: logsumexp in bf16 is too coarse, and the chunk is small.
-    logits = lm_head(hidden).float()  # (chunk, V)
+    # float32 even under bf16: the chunk is small, and selective_log_softmax then uses logsumexp.
+    logits = lm_head(hidden).float()[None]  # (1, chunk, V): one "row" for the functions above
     if temperature != 1.0:
         logits = logits / temperature
-    logsumexp = logits.logsumexp(dim=-1)
-    logps = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logsumexp
-    entropy = None
-    if with_entropy:  # a diagnostic: no gradient, and einsum sums p·logit without a third (chunk, V) tensor
-        with torch.no_grad():
-            entropy = logsumexp - torch.einsum("tv,tv->t", logits.softmax(dim=-1), logits)
-    return logps, entropy
+    logps = selective_log_softmax(logits, ids[None])[0]
+    return logps, entropy_from_logits(logits)[0] if with_entropy else None
 
 
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
