@@ -1377,7 +1377,9 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Metrics: "
           f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
     if builtin_task:
-        eval_after = [row["eval_reward"] for row in history if "eval_reward" in row][-1]
+        # The last step is an evaluation step only when eval_steps divides max_steps; otherwise evaluate now.
+        last = history[-1]
+        eval_after = last["eval_reward"] if "eval_reward" in last else trainer.evaluate()["eval_reward"]
         print(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
               f"{eval_before:.2f} before training -> {eval_after:.2f} after (best possible: 5).")
         print("Completions before -> after (the reward wants the prompt's last letter five times):")

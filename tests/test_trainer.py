@@ -259,3 +259,12 @@ def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path, tiny_model_dir
     assert not torch.equal(before, params(trainer.model))
     row = read_metrics(args)[-1]
     assert math.isfinite(row["loss"]) and math.isfinite(row["kl"]) and math.isfinite(row["entropy"])
+
+
+def test_a_shortened_demo_still_reports_its_held_out_reward(tmp_path, capsys):
+    """--max_steps below the demo's eval_steps (100): no evaluation fell on the last step, and main used to
+    fail with an IndexError after training."""
+    trainer = grpo.main(["--output_dir", str(tmp_path / "short"), "--max_steps", "3"])
+    out = capsys.readouterr().out
+    assert trainer.global_step == 3
+    assert "held-out prompts" in out and "before training ->" in out
