@@ -19,7 +19,8 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
     S  steps_per_generation (micro-batches per generation batch)     μ  num_iterations (passes per batch)
     N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
-    C  completion length (right padded)               V  vocabulary size      F  number of reward functions      H  the model's hidden size
+    C  completion length (right padded)               V  vocabulary size
+    F  number of reward functions                     H  the model's hidden size
 Every function that takes or returns tensors says their shapes with jaxtyping, for example
 `Float[Tensor, "BG C"]`. jaxtyping can evaluate an expression such as `B*G` only once B and G are bound
 by another argument of the same call, so a flat row axis gets the one-word name `BG` (read "B times G"),
@@ -33,6 +34,7 @@ system. The loop is written out in full below; there is no `transformers.Trainer
 Run it:
     python grpo.py                                     # tiny model built in code, CPU, about a minute
     python grpo.py --help                              # every knob
+    python grpo.py --trace_shapes                      # one step, with every tensor's shape (see shapes.md)
     python grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name openai/gsm8k \
         --dataset_config main --reward_funcs accuracy format --bf16     # a real model on a GPU
 """
