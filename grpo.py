@@ -58,11 +58,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from beartype import BeartypeConf, beartype
 from einops import rearrange
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -526,10 +528,13 @@ def _nanstd(x: Tensor, dim: Optional[int] = None, keepdim: bool = False) -> Tens
 
 
 @shape_checked
-def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_rewards: str = "group"
-                     ) -> Float[Tensor, "BG"]:
+def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_rewards: str = "group",
+                     batch_std: Optional[Float[Tensor, ""]] = None) -> Float[Tensor, "BG"]:
     """A_i = (r_i - mean(group)) / (std + 1e-4), where the std is the group's ("group"), the whole batch's
     ("batch"), or no division at all ("none", Dr. GRPO).
+
+    Under several processes each rank holds whole groups, so the group statistics need nothing from the other
+    ranks; only "batch" does, and the trainer passes the std of the rewards gathered from every rank.
 
     Example, G = 3: rewards [1, 2, 3, 5, 5, 5] -> groups [[1,2,3], [5,5,5]], means [2, 5], stds [1, 0]
     -> advantages [-0.9999, 0, 0.9999, 0, 0, 0]. The second group's rewards are all equal: its advantages are
@@ -545,7 +550,7 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
     if scale_rewards == "group":
         centred = centred / (group_std[:, None] + 1e-4)
     elif scale_rewards == "batch":
-        centred = centred / (_nanstd(rewards) + 1e-4)
+        centred = centred / ((_nanstd(rewards) if batch_std is None else batch_std) + 1e-4)
     # A completion no reward applied to (NaN) gets advantage 0; so does every row of a group whose std is NaN.
     advantages = torch.nan_to_num(rearrange(centred, "b g -> (b g)"), nan=0.0)
     trace("advantages", "advantages", advantages, "BG")
@@ -595,11 +600,14 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     C = completion_ids.size(1)
     if chunk_size > 0:
-        causal_lm = _causal_lm(model)
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=position_ids, use_cache=False).last_hidden_state
+        # The final hidden states, through the model's own forward (under torchrun that is DDP's forward, which
+        # arms the gradient all-reduce; calling the decoder directly would bypass it and leave each rank with
+        # its own gradients). logits_to_keep=1 makes the forward's own logits one position: N × V, not N × C × V.
+        # hidden_states[-1] is after the final norm, what the LM head reads (the tests check it equals the plain path).
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         # The hidden state at position t predicts token t+1, as the logits below do.
-        return chunked_logps(hidden[:, -(C + 1):-1], completion_ids, causal_lm.get_output_embeddings(),
+        return chunked_logps(hidden[:, -(C + 1):-1], completion_ids, _causal_lm(model).get_output_embeddings(),
                              temperature, chunk_size, with_entropy)
     kwargs = {"logits_to_keep": C + 1} if _accepts(model, "logits_to_keep") else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -653,7 +661,7 @@ def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperat
 
 
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model under any DDP or PEFT wrapper (it has get_decoder and get_output_embeddings)."""
+    """The transformers model under any DDP or PEFT wrapper (it has get_output_embeddings)."""
     model = _unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -746,7 +754,62 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. The trainer: generation batch -> rewards -> advantages -> S micro-batches × μ passes -> optimizer steps.
+# 9. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
+# whole file on its own device, with its own copy of the policy. They meet only in the collectives below:
+#   - every rank generates, scores and trains on its own B*G rows of a global generation batch of W*B*G rows.
+#     Those rows are whole groups (GRPOTrainer.train says which rank gets which), so the advantages need
+#     nothing from the other ranks, except the batch std of scale_rewards="batch";
+#   - DistributedDataParallel averages the gradients over the ranks during backward, so every rank takes the
+#     same optimizer step and the W copies of the policy stay identical;
+#   - the metrics are gathered, so that they describe the global batch as one process would.
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """This process's rank, the number of ranks, and its device. Under torchrun (which sets RANK, WORLD_SIZE
+    and LOCAL_RANK) join the process group first: NCCL between GPUs, gloo between CPU processes."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _several_ranks() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(x: Tensor) -> Tensor:
+    """x from every rank, concatenated along dim 0 in rank order: the rows of the global batch."""
+    if not _several_ranks():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def sum_over_ranks(x: Tensor) -> Tensor:
+    if _several_ranks():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def barrier() -> None:
+    if _several_ranks():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. The trainer: generation batch -> rewards -> advantages -> S micro-batches × μ passes -> optimizer steps.
 
 
 @dataclass
@@ -794,8 +857,8 @@ class GRPOTrainer:
             raise ValueError(f"The train dataset has no `prompt` column; its columns are {train_dataset.column_names}. "
                              f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.world_size = 1  # one process for now: torchrun support is an open issue (see README)
+        self.rank, self.world_size, self.device = init_distributed()
+        self.is_main_process = self.rank == 0  # the one that prints, logs and saves
         _seed_everything(args.seed)
 
         # The policy, its tokenizer, and (β ≠ 0) a frozen copy of the starting policy as the reference.
@@ -815,6 +878,9 @@ class GRPOTrainer:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
         self.model = model.to(self.device)
         self.model.train()
+        if self.world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
         self.generation_config = GenerationConfig(
             do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
@@ -849,14 +915,20 @@ class GRPOTrainer:
         # Batch arithmetic (REFERENCE.md): N completions per micro-batch, S micro-batches per generation batch,
         # so B*G = N*S completions and B = N*S/G prompts are generated at once.
         self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
+        # Under torchrun each of the W ranks takes B of the W*B prompts of a global generation batch.
         self.B = args.generation_batch_size // self.G
-        if len(train_dataset) < self.B:
-            raise ValueError(f"The train dataset has {len(train_dataset)} prompts, fewer than the {self.B} prompts of "
-                             f"one generation batch (per_device_train_batch_size × steps_per_generation / "
-                             f"num_generations); lower the batch size or add prompts.")
-        self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B,
+        W = self.world_size
+        if len(train_dataset) < self.B * W:
+            raise ValueError(f"The train dataset has {len(train_dataset)} prompts, fewer than the {self.B * W} prompts "
+                             f"of one generation batch (per_device_train_batch_size × steps_per_generation × "
+                             f"ranks / num_generations = {args.per_device_train_batch_size} × {self.S} × {W} / "
+                             f"{self.G}); lower the batch size or add prompts.")
+        if eval_dataset is not None and len(eval_dataset) < W:
+            raise ValueError(f"The eval dataset has {len(eval_dataset)} prompts, fewer than the {W} ranks.")
+        # Every rank builds this same sampler with the same seed, so all agree on the global batch.
+        self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * W,
                                      repeat_count=self.mu * self.S, shuffle=True, seed=args.seed)
-        micro_steps_per_epoch = len(self.sampler) // args.generation_batch_size
+        micro_steps_per_epoch = len(self.sampler) // (args.generation_batch_size * W)
         self.max_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(
             args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
         # Old log-probs are needed only when an optimizer step can happen between generating a batch and
@@ -874,6 +946,8 @@ class GRPOTrainer:
         self.global_step = 0
         self.history: list[dict] = []  # every logged row, also appended to output_dir/metrics.jsonl
         self._logged_samples: list[tuple[str, str, float]] = []
+        if W > 1:  # ranks sample their completions from different random streams
+            _seed_everything(args.seed + self.rank)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
@@ -904,7 +978,15 @@ class GRPOTrainer:
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         trace("rewards", "rewards_per_func", rewards_per_func, "BG F")
         trace("rewards", "rewards", rewards, "BG")
-        advantages = group_advantages(rewards, self.G, args.scale_rewards)
+        # Under torchrun the batch std of scale_rewards="batch", the token count of loss_type="dapo" and the
+        # metrics are over the global batch, so they take every rank's numbers. (Evaluation adds its numbers
+        # up over the ranks once, at its end: its ranks may see different numbers of batches.)
+        if mode == "train":
+            everyone, total = gather, sum_over_ranks
+        else:
+            everyone = total = lambda x: x
+        all_rewards = everyone(rewards)
+        advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=_nanstd(all_rewards))
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
         # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
@@ -918,11 +1000,13 @@ class GRPOTrainer:
                 ref_per_token_logps = self._reference_logps(*batch_args)
                 trace("log-probs", "ref_per_token_logps", ref_per_token_logps, "BG C")
 
-        self._record_generation_metrics(mode, prompts, completions_text, rewards, rewards_per_func,
-                                        completion_lengths, is_truncated, prompt_mask, completion_mask)
+        self._record_generation_metrics(
+            mode, prompts, completions_text, all_rewards, everyone(rewards_per_func),
+            everyone(completion_lengths.float()), everyone(is_truncated.float()),
+            num_tokens=int(total(prompt_mask.sum() + completion_mask.sum())))
         return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
                                old_per_token_logps, ref_per_token_logps,
-                               num_items_in_batch=float(completion_mask.sum()))
+                               num_items_in_batch=float(total(completion_mask.sum())))
 
     @shape_checked
     def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"]]:
@@ -978,6 +1062,7 @@ class GRPOTrainer:
 
     def _logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
         N = self.args.per_device_train_batch_size
+        model = _unwrap(model)  # no gradients, so nothing for DDP to do
         with torch.no_grad(), self.autocast():
             return torch.cat([get_per_token_logps(model, prompt_ids[i:i + N], prompt_mask[i:i + N],
                                                   completion_ids[i:i + N], completion_mask[i:i + N],
@@ -1023,25 +1108,36 @@ class GRPOTrainer:
         args = self.args
         last_step = min(self.max_steps, stop_after or self.max_steps)
         os.makedirs(args.output_dir, exist_ok=True)
-        generation_batch_size = args.generation_batch_size
-        progress = tqdm(total=self.max_steps, desc="GRPO", dynamic_ncols=True, disable=not _is_interactive())
+        BG, W = args.generation_batch_size, self.world_size
+        progress = tqdm(total=self.max_steps, desc="GRPO", dynamic_ncols=True,
+                        disable=not (_is_interactive() and self.is_main_process))
         micro_step, step_loss, step_start = 0, 0.0, time.perf_counter()
         buffer: list[GenerationBatch] = []
         while self.global_step < last_step:
             epoch = list(self.sampler)  # a new permutation each epoch
-            for start in range(0, len(epoch), generation_batch_size):
-                indices = epoch[start:start + generation_batch_size]
+            for start in range(0, len(epoch), W * BG):
+                # The sampler yields the global generation batch, W*B prompts each repeated G times in adjacent
+                # rows; rank r takes rows [r*BG, (r+1)*BG), which are B whole groups. The seed's example, 2 ranks,
+                # B = 2, G = 3, μ·S = 2, no shuffling: the sampler yields 0,0,0,1,1,1,2,2,2,3,3,3 twice, then
+                # 4..7 likewise; rank 0 trains on prompts 0,1 (then 4,5) and rank 1 on prompts 2,3 (then 6,7).
+                # (The seed's picture gives each GPU a contiguous half of the dataset instead; either way no
+                # group is split.) One process with W times the batch would see the same rows in one list.
+                indices = epoch[start:start + W * BG][self.rank * BG:(self.rank + 1) * BG]
                 # Every (μ·S)-th micro-step starts a new generation batch; the μ·S - 1 identical copies of these
                 # indices that the sampler yields next are served from the buffer.
                 if micro_step % (self.S * self.mu) == 0:
                     buffer = self.generate_and_score([self.train_dataset[i] for i in indices]).split(self.S)
                 micro_batch = buffer[micro_step % self.S]
-                with self.autocast():
-                    loss = self.compute_loss(micro_batch)
-                loss.backward()
-                step_loss += loss.item()
                 micro_step += 1
-                if micro_step % args.gradient_accumulation_steps != 0:
+                # DDP all-reduces the gradients in every backward; while they only accumulate, that is wasted
+                # traffic, so no_sync skips it until the last micro-step before the optimizer step.
+                accumulating = micro_step % args.gradient_accumulation_steps != 0
+                with self.model.no_sync() if accumulating and W > 1 else contextlib.nullcontext():
+                    with self.autocast():
+                        loss = self.compute_loss(micro_batch)
+                    loss.backward()
+                step_loss += loss.item()
+                if accumulating:
                     continue
 
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -1073,18 +1169,19 @@ class GRPOTrainer:
     # -- metrics, evaluation, saving --------------------------------------------------------------------------
 
     def _record_generation_metrics(self, mode, prompts, completions_text, rewards, rewards_per_func,
-                                   completion_lengths, is_truncated, prompt_mask, completion_mask):
+                                   lengths, is_truncated, num_tokens):
+        """The tensors hold the rows of every rank (in training); prompts and texts are this rank's, which on
+        rank 0 are the first rows of the tensors."""
         prefix = "" if mode == "train" else "eval_"
         m = self.metrics
         if mode == "train":
-            self.num_tokens += int(prompt_mask.sum() + completion_mask.sum())
+            self.num_tokens += num_tokens
             m["num_tokens"].append(self.num_tokens)
-            lengths = completion_lengths.float()
             m["completions/mean_length"].append(float(lengths.mean()))
             m["completions/min_length"].append(float(lengths.min()))
             m["completions/max_length"].append(float(lengths.max()))
-            m["completions/clipped_ratio"].append(float(is_truncated.float().mean()))
-            terminated = lengths[~is_truncated]
+            m["completions/clipped_ratio"].append(float(is_truncated.mean()))
+            terminated = lengths[is_truncated == 0]
             m["completions/mean_terminated_length"].append(float(terminated.mean()) if len(terminated) else 0.0)
         for f, name in enumerate(self.reward_names):
             m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, f])))
@@ -1105,7 +1202,13 @@ class GRPOTrainer:
             if not name.startswith("eval_") and values:
                 row[name] = values[-1] if name == "num_tokens" else sum(values) / len(values)
         self.metrics = defaultdict(list)
+        if self.world_size > 1:  # the loss, KL, entropy and clip ratios were measured on each rank's own rows
+            names = sorted(row)
+            mean = sum_over_ranks(torch.tensor([row[n] for n in names], dtype=torch.float64, device=self.device))
+            row = {n: v / self.world_size for n, v in zip(names, mean.tolist())} | {"step": self.global_step}
         self._write_row(row)
+        if not self.is_main_process:
+            return row
         shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                                      "completions/mean_length", "grad_norm") if k in row}
         tqdm.write(f"step {self.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
@@ -1120,6 +1223,8 @@ class GRPOTrainer:
             self.history[-1].update(row)
         else:
             self.history.append(row)
+        if not self.is_main_process:
+            return
         # Rewrite the whole file through a temporary one: metrics.jsonl is never half-written.
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
         with open(path + ".tmp", "w") as f:
@@ -1127,24 +1232,32 @@ class GRPOTrainer:
         os.replace(path + ".tmp", path)
 
     def evaluate(self) -> dict:
-        """Generate G completions for every eval prompt and average their rewards. Sampling here uses a fork of
-        the random state, so a run with evaluation trains exactly as the same run without it."""
+        """Generate G completions for every eval prompt and average the metrics over all prompts; under torchrun
+        each rank takes every W-th prompt. Sampling here uses a fork of the random state, so a run with
+        evaluation trains exactly as the same run without it."""
         self.model.eval()
+        mine = range(self.rank, len(self.eval_dataset), self.world_size)
+        totals: dict[str, float] = defaultdict(float)
         with _forked_rng(self.device):
-            for start in range(0, len(self.eval_dataset), self.B):
-                chunk = [self.eval_dataset[i] for i in range(start, min(start + self.B, len(self.eval_dataset)))]
+            for start in range(0, len(mine), self.B):
+                chunk = [self.eval_dataset[i] for i in mine[start:start + self.B]]
                 self.generate_and_score([row for row in chunk for _ in range(self.G)], mode="eval")
+                for name in [n for n in self.metrics if n.startswith("eval_")]:
+                    totals[name] += self.metrics.pop(name)[0] * len(chunk)  # a chunk's mean, weighted by its size
         self.model.train()
-        result = {name: sum(v) / len(v) for name, v in self.metrics.items() if name.startswith("eval_") and v}
-        for name in list(self.metrics):
-            if name.startswith("eval_"):
-                del self.metrics[name]
-        tqdm.write(f"step {self.global_step:>5} | eval_reward {result['eval_reward']:.4g}")
+        names = sorted(totals)
+        sums = sum_over_ranks(torch.tensor([totals[n] for n in names] + [len(mine)], dtype=torch.float64,
+                                           device=self.device)).tolist()
+        result = {name: value / sums[-1] for name, value in zip(names, sums)}
+        if self.is_main_process:
+            tqdm.write(f"step {self.global_step:>5} | eval_reward {result['eval_reward']:.4g}")
         return result
 
     def save(self, directory: str) -> None:
         """save_pretrained the model and tokenizer into a temporary folder, then move it into place, so that a
         crash during the save never leaves a half-written model where a good one was."""
+        if not self.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
+            return barrier()
         tmp = directory.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _unwrap(self.model).save_pretrained(tmp)
@@ -1156,6 +1269,7 @@ class GRPOTrainer:
         else:
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(tmp, directory)
+        barrier()
 
 
 def _forked_rng(device: torch.device):
@@ -1213,7 +1327,7 @@ def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 10. The embedded default task: a tiny Qwen2 with random weights learns, from rewards alone, to answer
+# 11. The embedded default task: a tiny Qwen2 with random weights learns, from rewards alone, to answer
 # "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back through
 # from_pretrained, so the same loading code runs as for a real model.
 
@@ -1284,7 +1398,7 @@ DEMO_ARGS = dict(learning_rate=1e-3, num_generations=16, per_device_train_batch_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 11. Command line.
+# 12. Command line.
 
 
 def load_prompt_dataset(args: GRPOConfig):
@@ -1340,11 +1454,16 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         parser.error(str(e))  # one line and the usage, not a traceback
     CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
     builtin_task = demo and args.dataset_name is None  # the letters task, with held-out prompts to evaluate on
+    rank, _, _ = init_distributed()
+    say = print if rank == 0 else lambda *_: None
 
     if demo:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-        model = save_demo_model(os.path.join(args.output_dir, "demo-base-model"), seed=args.seed)
+        model = os.path.join(args.output_dir, "demo-base-model")
+        if rank == 0:
+            save_demo_model(model, seed=args.seed)
+        barrier()  # the other ranks load what rank 0 wrote
         if builtin_task:
             dataset = build_demo_dataset(seed=args.seed)
             eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # other prompts than training's
@@ -1360,13 +1479,14 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         model = args.model_name_or_path
     trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
                           eval_dataset=eval_dataset)
-    print(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}, "
-          f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch, "
+    ranks = f" × {trainer.world_size} ranks" if trainer.world_size > 1 else ""
+    say(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}{ranks}, "
+          f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch{ranks}, "
           f"S={trainer.S}, μ={trainer.mu}, {trainer.max_steps} optimizer steps, rewards {trainer.reward_names}")
 
     if args.trace_shapes:
         shape_trace = trace_shapes(trainer)
-        print(f"\nShapes of one generation batch and one optimizer step ({shape_trace.letters()}, "
+        say(f"\nShapes of one generation batch and one optimizer step ({shape_trace.letters()}, "
               f"μ={trainer.mu}, β={args.beta}):\n\n{shape_trace.table()}")
         return trainer
     show = ["a=", "bc=", "hgf="]
@@ -1376,19 +1496,22 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     start = time.perf_counter()
     history = trainer.train()
     elapsed = time.perf_counter() - start
-    print(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Metrics: "
+    say(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Metrics: "
           f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
     if builtin_task:
         # The last step is an evaluation step only when eval_steps divides max_steps; otherwise evaluate now.
         last = history[-1]
         eval_after = last["eval_reward"] if "eval_reward" in last else trainer.evaluate()["eval_reward"]
-        print(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
+        say(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
               f"{eval_before:.2f} before training -> {eval_after:.2f} after (best possible: 5).")
-        print("Completions before -> after (the reward wants the prompt's last letter five times):")
+        say("Completions before -> after (the reward wants the prompt's last letter five times):")
         for (prompt, old), (_, new) in zip(before, sample_completions(trainer, show)):
-            print(f"  {prompt!r:>7}  before {old}  after {new}")
+            say(f"  {prompt!r:>7}  before {old}  after {new}")
     return trainer
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # also on error: leave the process group, so that torchrun sees this rank end
+        shutdown_distributed()
