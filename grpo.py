@@ -28,13 +28,15 @@ and the grouped view is written `B G`. The checks run under the tests and with `
 (or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation and cost nothing.
 
 What this file leaves out, on purpose: vLLM or any generation server (we call `model.generate` with the
-KV cache, which is slower but shows every step), DeepSpeed/FSDP, Liger kernels, and TRL's callback
-system. The loop is written out in full below; there is no `transformers.Trainer` underneath.
+KV cache, which is slower but shows every step), DeepSpeed/FSDP (several processes use plain DDP), Liger
+kernels, and TRL's callback system. The loop is written out in full below; there is no `transformers.Trainer`
+underneath.
 
 Run it:
     python grpo.py                                     # tiny model built in code, CPU, about a minute
     python grpo.py --help                              # every knob
     python grpo.py --trace_shapes                      # one step, with every tensor's shape (see shapes.md)
+    torchrun --nproc_per_node=2 grpo.py                # two processes (GPUs, or CPU processes with gloo)
     python grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name openai/gsm8k \
         --dataset_config main --reward_funcs accuracy format --bf16     # a real model on a GPU
 """

@@ -1,0 +1,110 @@
+"""Train a few GRPO steps on fixed completions and save what happened, for tests/test_distributed.py.
+
+    python tests/distributed_run.py OUT MODEL_DIR                                  # one process, N = 8
+    torchrun --standalone --nproc_per_node=2 tests/distributed_run.py OUT MODEL_DIR    # two ranks, N = 4 each
+
+Both runs have the same global batch: 8 completions per micro-batch over all ranks, S = 2, G = 4, so one
+generation batch holds 4 prompts × 4 completions, and μ = 2 passes make two optimizer steps per generation
+batch (the second with ratios ≠ 1). Sampling is replaced by completions that depend only on the prompt and
+the row's place in its group, so that both runs train on the same tokens. The optimizer is SGD without
+clipping, so that the parameters move by the gradient itself. Each rank writes OUT/{config}-rank{r}.pt
+with its prompts, advantages, logged losses and final parameters.
+"""
+
+import os
+import sys
+import zlib
+
+import torch
+from datasets import Dataset
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grpo  # noqa: E402
+
+GLOBAL_N = 8
+CONFIGS = {
+    "grpo": dict(loss_type="grpo"),
+    # bnpo divides by the tokens of each rank's own micro-batch (as TRL does), so two ranks × N equals one
+    # process × 2N only when the ranks' micro-batches hold as many tokens: here every completion is full length.
+    "bnpo": dict(loss_type="bnpo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo"),
+    "batch_std": dict(loss_type="dapo", scale_rewards="batch"),
+    "kl_chunked": dict(loss_type="dapo", beta=0.04, logits_chunk_size=5),
+}
+
+
+def fixed_generate(trainer: grpo.GRPOTrainer, full_length: bool):
+    """A stand-in for trainer.generate: the completion of row i is drawn from a generator seeded by the prompt
+    and i mod G (its place in the group), so it does not depend on which rank or batch the row lands in."""
+    tokenizer, C, G = trainer.tokenizer, trainer.args.max_completion_length, trainer.G
+    eos = tokenizer.eos_token_id
+
+    def generate(prompts):
+        texts = [grpo.prompt_to_text(p, tokenizer) for p in prompts]
+        prompt_ids, prompt_mask = grpo.tokenize_prompts(texts, tokenizer, trainer.args.max_prompt_length)
+        completion_ids = torch.full((len(texts), C), eos)
+        for i, text in enumerate(texts):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{text}|{i % G}".encode()))
+            length = C if full_length else int(torch.randint(1, C + 1, (1,), generator=g))
+            completion_ids[i, :length] = torch.randint(2, len(tokenizer), (length,), generator=g)
+            if length < C:
+                completion_ids[i, length - 1] = eos
+        return prompt_ids.to(trainer.device), prompt_mask.to(trainer.device), completion_ids.to(trainer.device)
+
+    return generate
+
+
+def token_sum_reward(completion_ids, **kwargs) -> list[float]:
+    """A reward that differs between random completions, so that every group carries a learning signal."""
+    return [float(sum(ids) % 7) for ids in completion_ids]
+
+
+def run(name: str, out_dir: str, model_dir: str) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args = grpo.GRPOConfig(
+        output_dir=os.path.join(out_dir, f"{name}-w{world_size}"), num_generations=4,
+        per_device_train_batch_size=GLOBAL_N // world_size, gradient_accumulation_steps=2, num_iterations=2,
+        max_completion_length=6, max_grad_norm=1e9, max_steps=4, logging_steps=1, save_steps=0,
+        **CONFIGS[name])
+    letters = "abcdefgh"
+    dataset = Dataset.from_dict({"prompt": [f"{x}{y}=" for x in letters for y in letters][:32]})
+    # Plain SGD and no clipping, so that the parameters show the gradient itself: Adam and clipping would
+    # hide a gradient off by a constant factor (a normalisation bug) by rescaling it away.
+    torch.manual_seed(0)
+    model = grpo.AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    trainer = grpo.GRPOTrainer(model=model, reward_funcs=[grpo.letters_reward, token_sum_reward], args=args,
+                               train_dataset=dataset, reward_weights=[1.0, 0.5], optimizers=(optimizer, None),
+                               processing_class=grpo.AutoTokenizer.from_pretrained(model_dir))
+    trainer.generate = fixed_generate(trainer, full_length=name == "bnpo")
+    seen = {"prompts": [], "advantages": [], "allreduce_calls": 0}
+    if trainer.world_size > 1:  # count DDP's gradient all-reduces (one per bucket per backward that syncs)
+        def counting_allreduce(process_group, bucket):
+            seen["allreduce_calls"] += 1
+            return allreduce_hook(process_group, bucket)
+
+        trainer.model.register_comm_hook(None, counting_allreduce)
+    generate_and_score = trainer.generate_and_score
+
+    def recording(rows, mode="train"):
+        batch = generate_and_score(rows, mode)
+        seen["prompts"].append([row["prompt"] for row in rows])
+        seen["advantages"].append(batch.advantages.cpu())
+        return batch
+
+    trainer.generate_and_score = recording
+    history = trainer.train()
+    params = torch.cat([p.detach().flatten().cpu() for p in grpo._unwrap(trainer.model).parameters()])
+    torch.save({**seen, "loss": [row["loss"] for row in history], "reward": [row.get("reward") for row in history],
+                "params": params}, os.path.join(out_dir, f"{name}-rank{trainer.rank}.pt"))
+
+
+if __name__ == "__main__":
+    out_dir, model_dir = sys.argv[1], sys.argv[2]
+    try:
+        for name in CONFIGS:
+            run(name, out_dir, model_dir)
+    finally:
+        grpo.shutdown_distributed()

@@ -1,0 +1,89 @@
+"""torchrun with 2 CPU processes (gloo) computes what one process computes with twice the batch.
+
+tests/distributed_run.py trains each configuration for 4 optimizer steps (2 generation batches, μ = 2) on
+fixed completions, once as one process with 8 completions per micro-batch and once as 2 ranks with 4 each.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from distributed_run import CONFIGS  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _run(command, **kwargs):
+    env = {**os.environ, "GRPO_CHECK_SHAPES": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """Every configuration trained by one process and by two ranks: {config: (one, [rank0, rank1])}."""
+    one, two = tmp_path_factory.mktemp("one-process"), tmp_path_factory.mktemp("two-ranks")
+    _run([sys.executable, os.path.join(HERE, "distributed_run.py"), str(one), tiny_model_dir])
+    _run([*TORCHRUN, os.path.join(HERE, "distributed_run.py"), str(two), tiny_model_dir])
+    return {name: (torch.load(one / f"{name}-rank0.pt"), [torch.load(two / f"{name}-rank{r}.pt") for r in (0, 1)])
+            for name in CONFIGS}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_ranks_give_the_same_advantages_loss_and_parameters_as_one_process(runs, name):
+    one, ranks = runs[name]
+    for k, advantages in enumerate(one["advantages"]):  # rank 0's rows, then rank 1's, are the batch's rows
+        torch.testing.assert_close(torch.cat([r["advantages"][k] for r in ranks]), advantages, rtol=0, atol=1e-6)
+    assert len(one["loss"]) == len(ranks[0]["loss"]) == 4
+    assert ranks[0]["loss"] == ranks[1]["loss"]  # the logged loss is the mean over ranks, the same on each
+    torch.testing.assert_close(torch.tensor(ranks[0]["loss"]), torch.tensor(one["loss"]), rtol=0, atol=1e-6)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])  # DDP keeps the copies identical
+    torch.testing.assert_close(ranks[0]["params"], one["params"], rtol=0, atol=1e-6)
+
+
+def test_the_parameters_moved_far_more_than_the_tolerance(runs, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    start = torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters()])
+    for name, (one, _) in runs.items():
+        assert (one["params"] - start).abs().max() > 1e-2, name
+
+
+def test_gradients_are_all_reduced_once_per_optimizer_step_not_per_micro_step(runs):
+    # 4 optimizer steps of 2 accumulated micro-steps each: no_sync skips the all-reduce of the first.
+    # (The tiny model's gradients fit in one DDP bucket.)
+    for name, (_, ranks) in runs.items():
+        assert [r["allreduce_calls"] for r in ranks] == [4, 4], name
+
+
+def test_each_rank_gets_whole_groups_and_together_the_single_process_batch(runs):
+    one, ranks = runs["dapo"]
+    G = 4
+    for k, prompts in enumerate(one["prompts"]):
+        per_rank = [r["prompts"][k] for r in ranks]
+        assert per_rank[0] + per_rank[1] == prompts  # rank 0 has the first half of the batch's rows, rank 1 the rest
+        for rows in per_rank:
+            groups = [rows[i:i + G] for i in range(0, len(rows), G)]
+            assert all(len(set(group)) == 1 for group in groups)  # G copies of one prompt, never split
+            assert len({group[0] for group in groups}) == len(groups) == 2  # B = 2 different prompts per rank
+
+
+def test_torchrun_default_demo_runs_to_the_end_and_learns(tmp_path):
+    out = tmp_path / "out"
+    result = _run([*TORCHRUN, "grpo.py", "--output_dir", str(out)])
+    assert result.stdout.count("GRPO: ") == 1  # only rank 0 prints
+    before, after = map(float, re.search(r"held-out prompts .*: (\S+) before training -> (\S+) after",
+                                         result.stdout).groups())
+    assert before < 0 and after > 4.5, result.stdout[-2000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == list(range(100, 1001, 100))  # written once, by rank 0
+    assert os.path.isfile(out / "model.safetensors")
