@@ -87,3 +87,33 @@ def test_torchrun_default_demo_runs_to_the_end_and_learns(tmp_path):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [row["step"] for row in rows] == list(range(100, 1001, 100))  # written once, by rank 0
     assert os.path.isfile(out / "model.safetensors")
+
+
+FAILING_RUN = '''
+import os, sys
+sys.path.insert(0, {root!r})
+import grpo
+from datasets import Dataset
+
+def answer_reward(completions, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise KeyError("answer")
+    return [0.0] * len(completions)
+
+try:
+    args = grpo.GRPOConfig(output_dir={out!r}, num_generations=4, per_device_train_batch_size=8,
+                           max_completion_length=4, max_steps=3, save_steps=0)
+    grpo.GRPOTrainer(model={model!r}, reward_funcs=answer_reward, args=args,
+                     train_dataset=Dataset.from_dict({{"prompt": ["a=", "b="] * 8}})).train()
+finally:
+    grpo.shutdown_distributed()
+'''
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_the_error_shown(tmp_path, tiny_model_dir):
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(FAILING_RUN.format(root=ROOT, out=str(tmp_path / "out"), model=tiny_model_dir))
+    # Rank 0 would wait forever in the next collective; torchrun must end it once rank 1 has failed.
+    result = subprocess.run([*TORCHRUN, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "[rank1]: RuntimeError: Reward function 'answer_reward' raised KeyError: 'answer'" in result.stderr
