@@ -51,11 +51,13 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sized
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -231,7 +233,9 @@ class GRPOConfig:
     logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.")
     log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging.")
     num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
-    save_steps: int = knob(500, "Save a checkpoint every this many optimizer steps (0: only the final model).")
+    save_steps: int = knob(500, "Save a checkpoint (model, optimizer, scheduler, sampler position, random states) every this many optimizer steps (0: only the final model).")
+    save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
+    resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or in the newest one under output_dir with `latest`. The result is the same as a run that never stopped.")
     eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
     logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so the (N, C, V) logits never exist at once. 0: all at once. Well below N*C, e.g. 256: the peak is about 5 x chunk x V floats.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
@@ -244,6 +248,9 @@ class GRPOConfig:
         if self.eval_steps is None:
             self.eval_steps = self.logging_steps
         G, N = self.num_generations, self.per_device_train_batch_size
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be at least 1 (or unset to keep every checkpoint), got "
+                             f"{self.save_total_limit}.")
         for name in ("per_device_train_batch_size", "steps_per_generation", "num_iterations",
                      "gradient_accumulation_steps", "max_completion_length", "logging_steps"):
             if getattr(self, name) < 1:
@@ -349,6 +356,17 @@ def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenize
         raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
                          "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def check_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse prompts that cannot be used, before any time is spent loading or generating."""
+    for i, prompt in enumerate(prompts):
+        if not (isinstance(prompt, str) or is_conversational(prompt)):
+            raise ValueError(f"Prompt {i} of the dataset is {prompt!r:.200}; a prompt must be a string or a list of "
+                             f"{{'role': ..., 'content': ...}} messages.")
+    conversational = next((p for p in prompts if not isinstance(p, str)), None)
+    if conversational is not None:
+        prompt_to_text(conversational, tokenizer)  # raises if the tokenizer has no chat template
 
 
 _warned: set[str] = set()
@@ -837,6 +855,7 @@ class GenerationBatch:
 
 
 RewardFunc = Union[Callable, PreTrainedModel, str]
+MAX_BAD_STEPS_IN_A_ROW = 3  # non-finite losses or gradients in a row before the run stops
 
 
 class GRPOTrainer:
@@ -853,25 +872,36 @@ class GRPOTrainer:
                  reward_processing_classes=None, optimizers=(None, None), peft_config=None,
                  reward_weights: Optional[list[float]] = None):
         self.args = args = args or GRPOConfig()
-        if train_dataset is None:
-            raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
-        if "prompt" not in train_dataset.column_names:
-            raise ValueError(f"The train dataset has no `prompt` column; its columns are {train_dataset.column_names}. "
-                             f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main_process = self.rank == 0  # the one that prints, logs and saves
+        # Everything that can be checked without the model is checked first: a typo should cost seconds.
+        for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+            if dataset is None:
+                if name == "train":
+                    raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
+                continue
+            if "prompt" not in dataset.column_names:
+                raise ValueError(f"The {name} dataset has no `prompt` column; its columns are {dataset.column_names}. "
+                                 f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
+            if len(dataset) == 0:
+                raise ValueError(f"The {name} dataset is empty.")
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.resume_path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        self.tokenizer = processing_class or AutoTokenizer.from_pretrained(
+            model if isinstance(model, str) else model.config._name_or_path)
+        _ensure_pad_token(self.tokenizer)
+        for dataset in (train_dataset, eval_dataset):
+            if dataset is not None:
+                check_prompts(dataset["prompt"], self.tokenizer)
         _seed_everything(args.seed)
 
-        # The policy, its tokenizer, and (β ≠ 0) a frozen copy of the starting policy as the reference.
+        # The policy and (β ≠ 0) a frozen copy of the starting policy as the reference.
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        self.tokenizer = processing_class or AutoTokenizer.from_pretrained(model.config._name_or_path)
-        _ensure_pad_token(self.tokenizer)
         self.ref_model = None
         if peft_config is not None:
             from peft import get_peft_model  # optional dependency: pip install -e ".[peft]"
@@ -945,11 +975,21 @@ class GRPOTrainer:
             num_training_steps=self.max_steps)
         self.metrics: dict[str, list[float]] = defaultdict(list)
         self.num_tokens = 0
-        self.global_step = 0
         self.history: list[dict] = []  # every logged row, also appended to output_dir/metrics.jsonl
         self._logged_samples: list[tuple[str, str, float]] = []
+        # Where the loop stands. A checkpoint saves exactly these (and the random states), so that a resumed run
+        # continues as if it had never stopped.
+        self.global_step = 0  # optimizer steps taken
+        self.micro_step = 0  # micro-batches trained on
+        self.epoch_position = 0  # micro-steps done in the current pass over the sampler
+        self.epoch_rng = self.sampler.generator.get_state()  # the sampler's state when this pass began
+        self.buffer: list[GenerationBatch] = []  # the S micro-batches of the current generation batch
+        self.bad_steps = 0  # optimizer steps skipped in a row for a non-finite loss or gradient
+        self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
         if W > 1:  # ranks sample their completions from different random streams
             _seed_everything(args.seed + self.rank)
+        if self.resume_path is not None:
+            self.load_checkpoint(self.resume_path)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
@@ -1104,69 +1144,130 @@ class GRPOTrainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
 
-    def train(self, stop_after: Optional[int] = None) -> list[dict]:
+    def train(self, stop_after: Optional[int] = None, resume_from_checkpoint: Optional[str] = None) -> list[dict]:
         """Run the optimizer steps of the config (or stop after `stop_after` of them); return the logged rows.
-        The final model is saved when the run is complete."""
+        The final model is saved when the run is complete. Ctrl-C or SIGTERM saves a checkpoint after the
+        optimizer step under way and returns (self.stop_signal says which signal came)."""
+        if resume_from_checkpoint is not None:
+            self.load_checkpoint(find_checkpoint(resume_from_checkpoint, self.args.output_dir))
         args = self.args
         last_step = min(self.max_steps, stop_after or self.max_steps)
         os.makedirs(args.output_dir, exist_ok=True)
         BG, W = args.generation_batch_size, self.world_size
-        progress = tqdm(total=self.max_steps, desc="GRPO", dynamic_ncols=True,
+        progress = tqdm(total=self.max_steps, initial=self.global_step, desc="GRPO", dynamic_ncols=True,
                         disable=not (_is_interactive() and self.is_main_process))
-        micro_step, step_loss, step_start = 0, 0.0, time.perf_counter()
-        buffer: list[GenerationBatch] = []
-        while self.global_step < last_step:
-            epoch = list(self.sampler)  # a new permutation each epoch
-            for start in range(0, len(epoch), W * BG):
-                # The sampler yields the global generation batch, W*B prompts each repeated G times in adjacent
-                # rows; rank r takes rows [r*BG, (r+1)*BG), which are B whole groups. The seed's example, 2 ranks,
-                # B = 2, G = 3, μ·S = 2, no shuffling: the sampler yields 0,0,0,1,1,1,2,2,2,3,3,3 twice, then
-                # 4..7 likewise; rank 0 trains on prompts 0,1 (then 4,5) and rank 1 on prompts 2,3 (then 6,7).
-                # (The seed's picture gives each GPU a contiguous half of the dataset instead; either way no
-                # group is split.) One process with W times the batch would see the same rows in one list.
-                indices = epoch[start:start + W * BG][self.rank * BG:(self.rank + 1) * BG]
-                # Every (μ·S)-th micro-step starts a new generation batch; the μ·S - 1 identical copies of these
-                # indices that the sampler yields next are served from the buffer.
-                if micro_step % (self.S * self.mu) == 0:
-                    buffer = self.generate_and_score([self.train_dataset[i] for i in indices]).split(self.S)
-                micro_batch = buffer[micro_step % self.S]
-                micro_step += 1
-                # DDP all-reduces the gradients in every backward; while they only accumulate, that is wasted
-                # traffic, so no_sync skips it until the last micro-step before the optimizer step.
-                accumulating = micro_step % args.gradient_accumulation_steps != 0
-                with self.model.no_sync() if accumulating and W > 1 else contextlib.nullcontext():
-                    with self.autocast():
-                        loss = self.compute_loss(micro_batch)
-                    loss.backward()
-                step_loss += loss.item()
-                if accumulating:
-                    continue
-
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-                self.metrics["loss"].append(step_loss)
-                self.metrics["grad_norm"].append(float(grad_norm))
-                self.metrics["step_time"].append(time.perf_counter() - step_start)
-                step_loss, step_start = 0.0, time.perf_counter()
-                progress.update(1)
-                progress.set_postfix(reward=f"{self.metrics['reward'][-1]:.3f}" if self.metrics["reward"] else "")
-
-                if self.global_step % args.logging_steps == 0 or self.global_step == last_step:
-                    self.log()
-                if self.eval_dataset is not None and self.global_step % args.eval_steps == 0:
-                    self._write_row({"step": self.global_step, **self.evaluate()})
-                if args.save_steps > 0 and self.global_step % args.save_steps == 0:
-                    self.save(os.path.join(args.output_dir, f"checkpoint-{self.global_step}"))
-                if self.global_step >= last_step:
-                    break
+        step_loss, step_start = 0.0, time.perf_counter()
+        with self._catch_stop_signals():
+            while self.global_step < last_step and self.stop_signal is None:
+                if self.epoch_position == 0:
+                    self.epoch_rng = self.sampler.generator.get_state()
+                self.sampler.generator.set_state(self.epoch_rng)  # a resumed run redraws the pass it stopped in
+                epoch = list(self.sampler)  # a new permutation each pass
+                for start in range(self.epoch_position * W * BG, len(epoch), W * BG):
+                    self.epoch_position += 1
+                    # The sampler yields the global generation batch, W*B prompts each repeated G times in
+                    # adjacent rows; rank r takes rows [r*BG, (r+1)*BG), which are B whole groups. The seed's
+                    # example, 2 ranks, B = 2, G = 3, μ·S = 2, no shuffling: the sampler yields
+                    # 0,0,0,1,1,1,2,2,2,3,3,3 twice, then 4..7 likewise; rank 0 trains on prompts 0,1 (then 4,5)
+                    # and rank 1 on prompts 2,3 (then 6,7). (The seed's picture gives each GPU a contiguous half
+                    # of the dataset instead; either way no group is split.) One process with W times the batch
+                    # would see the same rows in one list.
+                    indices = epoch[start:start + W * BG][self.rank * BG:(self.rank + 1) * BG]
+                    # Every (μ·S)-th micro-step starts a new generation batch; the μ·S - 1 identical copies of
+                    # these indices that the sampler yields next are served from the buffer.
+                    if self.micro_step % (self.S * self.mu) == 0:
+                        self.buffer = self.generate_and_score([self.train_dataset[i] for i in indices]).split(self.S)
+                    micro_batch = self.buffer[self.micro_step % self.S]
+                    self.micro_step += 1
+                    # DDP all-reduces the gradients in every backward; while they only accumulate, that is
+                    # wasted traffic, so no_sync skips it until the last micro-step before the optimizer step.
+                    accumulating = self.micro_step % args.gradient_accumulation_steps != 0
+                    with self.model.no_sync() if accumulating and W > 1 else contextlib.nullcontext():
+                        with self.autocast():
+                            loss = self.compute_loss(micro_batch)
+                        loss.backward()
+                    step_loss += loss.item()
+                    if accumulating:
+                        continue
+                    self.optimizer_step(step_loss, time.perf_counter() - step_start)
+                    step_loss, step_start = 0.0, time.perf_counter()
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{self.metrics['reward'][-1]:.3f}" if self.metrics["reward"] else "")
+                    if self.global_step >= last_step or self.stop_signal is not None:
+                        break
+                else:
+                    self.epoch_position = 0
         progress.close()
         if self.global_step == self.max_steps:
-            self.save(args.output_dir)
+            self.save_model(args.output_dir)
         return self.history
+
+    def optimizer_step(self, loss: float, seconds: float) -> None:
+        """Clip, step (unless the loss or gradient is not finite), then log, evaluate and save as scheduled."""
+        args = self.args
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
+        # The ranks decide together: the gradient is the same on all of them after DDP's all-reduce, but the
+        # loss and a signal are each rank's own.
+        flags = sum_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(self.stop_signal is not None)],
+                                            device=self.device)).tolist()
+        finite, stop = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+        self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:  # one bad batch should not wreck the weights: skip it, keep the step count and the schedule
+            self.bad_steps += 1
+            if self.is_main_process:
+                tqdm.write(f"step {self.global_step + 1:>5} | loss {loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
+                           f"optimizer step skipped ({self.bad_steps} in a row)")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.metrics["loss"].append(loss)
+        self.metrics["grad_norm"].append(grad_norm)
+        self.metrics["step_time"].append(seconds)
+
+        if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
+            self.log()
+        if self.eval_dataset is not None and self.global_step % args.eval_steps == 0:
+            self._write_row({"step": self.global_step, **self.evaluate()})
+        if self.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
+            path = self.save_checkpoint()
+            raise RuntimeError(
+                f"The loss or gradient was not finite for {self.bad_steps} optimizer steps in a row (up to step "
+                f"{self.global_step}), so training stopped. Those steps were skipped: {path} holds the weights of "
+                f"step {self.global_step - self.bad_steps}, the last good one. Lower learning_rate or "
+                f"max_grad_norm, or check the rewards, then resume with --resume_from_checkpoint {path}.")
+        if stop:
+            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
+            path = self.save_checkpoint()
+            if self.is_main_process:
+                tqdm.write(f"Stopped by {signal.Signals(self.stop_signal).name} after step {self.global_step}; "
+                           f"saved {path}. Resume with --resume_from_checkpoint {path} (or latest).")
+        elif args.save_steps > 0 and self.global_step % args.save_steps == 0:
+            self.save_checkpoint()
+
+    @contextlib.contextmanager
+    def _catch_stop_signals(self):
+        """Ctrl-C (SIGINT) or a scheduler's SIGTERM only sets a flag; training stops at the end of the optimizer
+        step under way, with a checkpoint. The same signal a second time stops at once."""
+        def handler(signum, frame):
+            if self.stop_signal == signum:
+                raise KeyboardInterrupt
+            if self.stop_signal is None and self.is_main_process:
+                tqdm.write(f"Got {signal.Signals(signum).name}: saving a checkpoint after this optimizer step, then "
+                           f"stopping. Send it again to stop at once.")
+            self.stop_signal = self.stop_signal or signum
+
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # -- metrics, evaluation, saving --------------------------------------------------------------------------
 
@@ -1225,9 +1326,13 @@ class GRPOTrainer:
             self.history[-1].update(row)
         else:
             self.history.append(row)
+        self._write_metrics_file()
+
+    def _write_metrics_file(self) -> None:
+        """Rewrite output_dir/metrics.jsonl from the history, through a temporary file: never half-written."""
         if not self.is_main_process:
             return
-        # Rewrite the whole file through a temporary one: metrics.jsonl is never half-written.
+        os.makedirs(self.args.output_dir, exist_ok=True)
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
@@ -1255,23 +1360,162 @@ class GRPOTrainer:
             tqdm.write(f"step {self.global_step:>5} | eval_reward {result['eval_reward']:.4g}")
         return result
 
-    def save(self, directory: str) -> None:
+    def save_model(self, directory: str) -> None:
         """save_pretrained the model and tokenizer into a temporary folder, then move it into place, so that a
         crash during the save never leaves a half-written model where a good one was."""
-        if not self.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
-            return barrier()
-        tmp = directory.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _unwrap(self.model).save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
-            for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-            os.rmdir(tmp)
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(tmp, directory)
+        if self.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
+            tmp = directory.rstrip("/") + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _unwrap(self.model).save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            _fsync_folder(tmp)
+            if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
+                for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
+                    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+                os.rmdir(tmp)
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(tmp, directory)
         barrier()
+
+    # -- checkpoints: everything a resumed run needs to continue exactly ----------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """Write output_dir/checkpoint-{step}: the model and tokenizer (save_pretrained, usable on their own), the
+        optimizer, scheduler, config and loop position (trainer_state.json, state.pt), and each rank's random
+        states, unfinished generation batch and unlogged metrics (rank{r}.pt). It is written as
+        checkpoint-{step}.tmp and renamed only once complete, so a crash or kill in the middle of a save leaves
+        the earlier checkpoints as they were. With save_total_limit, only the newest checkpoints are kept."""
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+        tmp = path + ".tmp"
+        if self.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        torch.save({"rng": _rng_state(self.device), "metrics": dict(self.metrics),
+                    "buffer": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.buffer]},
+                   os.path.join(tmp, f"rank{self.rank}.pt"))
+        barrier()
+        if self.is_main_process:
+            _unwrap(self.model).save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "epoch_rng": self.epoch_rng, "history": self.history}, os.path.join(tmp, "state.pt"))
+            loop = {name: getattr(self, name) for name in ("global_step", "micro_step", "epoch_position",
+                                                           "num_tokens", "bad_steps", "world_size")}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({**loop, "config": asdict(self.args)}, f, indent=2)
+            _fsync_folder(tmp)
+            shutil.rmtree(path, ignore_errors=True)  # the same step saved by an earlier run
+            os.replace(tmp, path)
+            if self.args.save_total_limit is not None:
+                for old in list_checkpoints(self.args.output_dir)[:-self.args.save_total_limit]:
+                    shutil.rmtree(old)
+        barrier()
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything save_checkpoint wrote, after checking that this run can continue that one."""
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            saved = json.load(f)
+        mismatched = [f"{name}: {saved['config'][name]} in the checkpoint, {getattr(self.args, name)} now"
+                      for name in RESUME_MUST_MATCH if saved["config"][name] != getattr(self.args, name)]
+        if saved["world_size"] != self.world_size:
+            mismatched.append(f"number of processes: {saved['world_size']} in the checkpoint, {self.world_size} now")
+        if mismatched:
+            raise ValueError(f"Cannot resume from {path}: these settings decide which completions each step trains "
+                             f"on and must not change, but they did ({'; '.join(mismatched)}).")
+        _load_weights(_unwrap(self.model), path)
+        state = torch.load(os.path.join(path, "state.pt"), map_location=self.device)
+        mine = torch.load(os.path.join(path, f"rank{self.rank}.pt"), map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch_rng = state["epoch_rng"].cpu()
+        self.history = state["history"]
+        for name in ("global_step", "micro_step", "epoch_position", "num_tokens", "bad_steps"):
+            setattr(self, name, saved[name])
+        self.buffer = [GenerationBatch(**b) for b in mine["buffer"]]
+        self.metrics = defaultdict(list, mine["metrics"])
+        _set_rng_state(mine["rng"], self.device)
+        self._write_metrics_file()  # as it was at the checkpoint: rows logged after it are gone
+        if self.is_main_process:
+            tqdm.write(f"Resumed from {path} at step {self.global_step}.")
+
+
+# The settings a resumed run must share with the saved one: they fix what each step's batch is.
+RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "num_iterations",
+                     "gradient_accumulation_steps", "seed")
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The complete checkpoints in output_dir, oldest first (an unfinished checkpoint-N.tmp is not one)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return [path for _, path in sorted(found)]
+
+
+def find_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} has no complete "
+                                    f"checkpoint-N folder.")
+        return checkpoints[-1]
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+        raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
+                                f"checkpoints in {output_dir!r}: {list_checkpoints(output_dir) or 'none'}.")
+    return resume_from_checkpoint
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load what save_pretrained wrote back into this same model object (the optimizer holds its parameters)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapter only
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        return
+    state = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(path, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained leaves out weights tied to another (the LM head tied to the embeddings)
+    loaded = {t.data_ptr() for name, t in model.state_dict().items() if name in state}
+    missing = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ValueError(f"The weights in {path} do not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+
+
+def _rng_state(device: torch.device) -> dict:
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Push the files to disk before the rename that publishes them, so that a power cut cannot publish a
+    folder whose files are still only in the page cache."""
+    for name in os.listdir(folder):
+        file = os.path.join(folder, name)
+        if os.path.isfile(file):
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _forked_rng(device: torch.device):
@@ -1466,21 +1710,23 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         if rank == 0:
             save_demo_model(model, seed=args.seed)
         barrier()  # the other ranks load what rank 0 wrote
-        if builtin_task:
-            dataset = build_demo_dataset(seed=args.seed)
-            eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # other prompts than training's
-        else:  # the tiny model on prompts of your own (shapes.md uses a chat-format file)
-            dataset, eval_dataset = load_prompt_dataset(args), None
     else:
         if not os.path.exists(args.model_name_or_path) and args.model_name_or_path.count("/") != 1:
             raise SystemExit(f"error: model {args.model_name_or_path!r} is neither a local folder nor a hub name.")
         if args.dataset_name is None:
             raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
-        dataset = load_prompt_dataset(args)
-        eval_dataset = None
         model = args.model_name_or_path
-    trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
-                          eval_dataset=eval_dataset)
+    # Bad input (a missing file, a wrong column, a typo in a name) is reported in one line, not a traceback.
+    try:
+        if builtin_task:
+            dataset = build_demo_dataset(seed=args.seed)
+            eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # other prompts than training's
+        else:  # a real dataset, or the tiny model on prompts of your own (shapes.md uses a chat-format file)
+            dataset, eval_dataset = load_prompt_dataset(args), None
+        trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
+                              eval_dataset=eval_dataset)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from e
     ranks = f" × {trainer.world_size} ranks" if trainer.world_size > 1 else ""
     say(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}{ranks}, "
           f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch{ranks}, "
@@ -1492,20 +1738,24 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
               f"μ={trainer.mu}, β={args.beta}):\n\n{shape_trace.table()}")
         return trainer
     show = ["a=", "bc=", "hgf="]
+    first_step = trainer.global_step  # not 0 when resuming
     if builtin_task:
         before = sample_completions(trainer, show)
         eval_before = trainer.evaluate()["eval_reward"]
     start = time.perf_counter()
     history = trainer.train()
     elapsed = time.perf_counter() - start
-    say(f"\nTrained {trainer.global_step} steps in {elapsed:.0f}s. Metrics: "
+    if trainer.stop_signal is not None:  # the conventional exit status of a process ended by a signal
+        raise SystemExit(128 + trainer.stop_signal)
+    say(f"\nTrained {trainer.global_step - first_step} steps in {elapsed:.0f}s. Metrics: "
           f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
     if builtin_task:
         # The last step is an evaluation step only when eval_steps divides max_steps; otherwise evaluate now.
         last = history[-1]
         eval_after = last["eval_reward"] if "eval_reward" in last else trainer.evaluate()["eval_reward"]
         say(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
-              f"{eval_before:.2f} before training -> {eval_after:.2f} after (best possible: 5).")
+              f"{eval_before:.2f} {'before training' if first_step == 0 else f'at step {first_step}'} -> "
+              f"{eval_after:.2f} after (best possible: 5).")
         say("Completions before -> after (the reward wants the prompt's last letter five times):")
         for (prompt, old), (_, new) in zip(before, sample_completions(trainer, show)):
             say(f"  {prompt!r:>7}  before {old}  after {new}")
