@@ -985,6 +985,7 @@ class GRPOTrainer:
         self.epoch_rng = self.sampler.generator.get_state()  # the sampler's state when this pass began
         self.buffer: list[GenerationBatch] = []  # the S micro-batches of the current generation batch
         self.bad_steps = 0  # optimizer steps skipped in a row for a non-finite loss or gradient
+        self.generation_batches = self.silent_batches = 0  # and how many had every advantage 0
         self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
         if W > 1:  # ranks sample their completions from different random streams
             _seed_everything(args.seed + self.rank)
@@ -1081,7 +1082,11 @@ class GRPOTrainer:
         rewards_per_func = torch.zeros(len(rows), len(self.reward_funcs), device=self.device)
         for f, (func, tok, name) in enumerate(zip(self.reward_funcs, self.reward_tokenizers, self.reward_names)):
             if isinstance(func, PreTrainedModel):
-                rewards_per_func[:, f] = reward_model_scores(func, tok, prompts, completions)
+                scores = reward_model_scores(func, tok, prompts, completions)
+                if not scores.isfinite().all():
+                    raise ValueError(f"Reward model {name!r} gave {int((~scores.isfinite()).sum())} non-finite scores "
+                                     f"(NaN or infinite); first prompt of the batch: {prompts[0]!r:.200}.")
+                rewards_per_func[:, f] = scores
                 continue
             try:
                 values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
@@ -1096,10 +1101,11 @@ class GRPOTrainer:
                 if v is not None and not isinstance(v, (int, float)):
                     raise ValueError(f"Reward function {name!r} returned {v!r} for completion {i}; "
                                      f"rewards must be numbers, or None where the function does not apply.")
+                if v is not None and not math.isfinite(v):  # a NaN would silently count as "does not apply"
+                    raise ValueError(f"Reward function {name!r} returned {v} for completion {i} (prompt "
+                                     f"{prompts[i]!r:.200}); rewards must be finite. Return None where the "
+                                     f"function does not apply.")
             rewards_per_func[:, f] = torch.tensor([float("nan") if v is None else float(v) for v in values])
-        if rewards_per_func.isinf().any():
-            raise ValueError(f"A reward is infinite: {rewards_per_func.isinf().any(0).tolist()} per function "
-                             f"{self.reward_names}. Rewards must be finite numbers.")
         return rewards_per_func
 
     def _logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
@@ -1294,9 +1300,19 @@ class GRPOTrainer:
         m[f"{prefix}reward"].append(float(torch.nanmean(rewards)))
         m[f"{prefix}reward_std"].append(float(torch.nanmean(group_std)))
         # Groups whose G rewards are all equal give every member advantage 0: no learning signal at all.
-        m[f"{prefix}frac_reward_zero_std"].append(float(torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()))
+        zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
+        m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
         if mode == "train":
             self._logged_samples = list(zip(prompts, completions_text, rewards.tolist()))
+            self.generation_batches += 1
+            if rewards.isnan().all() or zero_std.all():
+                self.silent_batches += 1
+                reason = ("every reward function returned None for every completion" if rewards.isnan().all() else
+                          "in every group the G completions got the same reward")
+                if self.is_main_process and self.silent_batches & (self.silent_batches - 1) == 0:  # 1, 2, 4, 8...
+                    tqdm.write(f"[grpo] warning: no learning signal in the generation batch of step "
+                               f"{self.global_step + 1}: {reason}, so every advantage is 0. So far "
+                               f"{self.silent_batches} of {self.generation_batches} generation batches were like this.")
 
     def log(self) -> dict:
         """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
@@ -1401,8 +1417,7 @@ class GRPOTrainer:
             self.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "epoch_rng": self.epoch_rng, "history": self.history}, os.path.join(tmp, "state.pt"))
-            loop = {name: getattr(self, name) for name in ("global_step", "micro_step", "epoch_position",
-                                                           "num_tokens", "bad_steps", "world_size")}
+            loop = {name: getattr(self, name) for name in LOOP_STATE + ("world_size",)}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({**loop, "config": asdict(self.args)}, f, indent=2)
             _fsync_folder(tmp)
@@ -1432,7 +1447,7 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch_rng = state["epoch_rng"].cpu()
         self.history = state["history"]
-        for name in ("global_step", "micro_step", "epoch_position", "num_tokens", "bad_steps"):
+        for name in LOOP_STATE:
             setattr(self, name, saved[name])
         self.buffer = [GenerationBatch(**b) for b in mine["buffer"]]
         self.metrics = defaultdict(list, mine["metrics"])
@@ -1442,6 +1457,8 @@ class GRPOTrainer:
             tqdm.write(f"Resumed from {path} at step {self.global_step}.")
 
 
+LOOP_STATE = ("global_step", "micro_step", "epoch_position", "num_tokens", "bad_steps", "generation_batches",
+              "silent_batches")
 # The settings a resumed run must share with the saved one: they fix what each step's batch is.
 RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "num_iterations",
                      "gradient_accumulation_steps", "seed")

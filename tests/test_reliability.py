@@ -1,0 +1,272 @@
+"""Bad input is refused early with a message that says what to fix; checkpoints survive crashes; a resumed run
+is the same run (bitwise on CPU); Ctrl-C saves and stops; non-finite steps are skipped."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+
+import grpo
+from grpo import GRPOTrainer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_trainer import letters_data, params, read_metrics, small_args  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*argv, timeout=300):
+    return subprocess.run([sys.executable, "grpo.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, message", [
+    (Dataset.from_dict({"prompt": []}), r"The train dataset is empty"),
+    (Dataset.from_dict({"prompt": ["a="] * 3}), r"3 prompts, fewer than the 4 prompts of one generation batch"),
+    (Dataset.from_dict({"prompt": ["a="] * 7 + [[{"text": "hi"}]]}),
+     r"Prompt 7 of the dataset is \[\{'text': 'hi'\}\]; a prompt must be a string or a list of"),
+])
+def test_unusable_datasets_are_refused_before_the_model_is_loaded(tmp_path, tokenizer, data, message):
+    # The model path does not exist: reaching it would raise a different error, so the check came first.
+    with pytest.raises(ValueError, match=message):
+        GRPOTrainer("does-not/exist", "letters", args=small_args(tmp_path, per_device_train_batch_size=16),
+                    train_dataset=data, processing_class=tokenizer)
+
+
+def test_conversational_prompts_need_a_chat_template_checked_before_the_model(tmp_path, tokenizer):
+    no_template = grpo.build_char_tokenizer()
+    no_template.chat_template = None
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "a="}]] * 8})
+    with pytest.raises(ValueError, match=r"conversational .* but the tokenizer has no chat template"):
+        GRPOTrainer("does-not/exist", "letters", args=small_args(tmp_path), train_dataset=data,
+                    processing_class=no_template)
+
+
+def test_missing_pad_token_uses_eos_and_says_so_once(tmp_path, tiny_model_dir, capsys):
+    tok = grpo.build_char_tokenizer()
+    tok.pad_token = None
+    GRPOTrainer(tiny_model_dir, "letters", args=small_args(tmp_path, max_steps=1), train_dataset=letters_data(),
+                processing_class=tok).train()
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+    assert capsys.readouterr().out.count("has no pad token; using its EOS token '<|endoftext|>'") == 1
+
+
+def test_long_prompts_are_cut_from_the_left_with_a_warning_that_counts_them(tmp_path, tiny_model_dir, capsys):
+    grpo._warned.discard("truncate")
+    data = Dataset.from_dict({"prompt": ["abcdefgh="] * 4 + ["a="] * 4})
+    GRPOTrainer(tiny_model_dir, "letters", args=small_args(tmp_path, max_steps=1, max_prompt_length=4),
+                train_dataset=data).train()
+    out = capsys.readouterr().out
+    assert "prompts are longer than max_prompt_length=4 tokens; their start is cut off" in out
+    ids, _ = grpo.tokenize_prompts(["abcdefgh=", "a="], GRPOTrainer.__init__.__globals__["AutoTokenizer"]
+                                   .from_pretrained(tiny_model_dir), 4)
+    assert ids.shape == (2, 4)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("high", r"returned 'high' for completion 0; rewards must be numbers, or None"),
+    (float("nan"), r"returned nan for completion 0 \(prompt 'a='\); rewards must be finite. Return None"),
+    (float("inf"), r"returned inf for completion 0 .*rewards must be finite"),
+])
+def test_rewards_that_are_not_finite_numbers_are_refused_naming_the_function(tmp_path, tiny_model_dir, value,
+                                                                             message):
+    def odd(completions, **kwargs):
+        return [value] + [0.0] * (len(completions) - 1)
+
+    with pytest.raises(ValueError, match=r"Reward function 'odd' " + message):
+        GRPOTrainer(tiny_model_dir, odd, args=small_args(tmp_path, max_steps=1), train_dataset=letters_data()).train()
+
+
+@pytest.mark.parametrize("reward, reason", [
+    (lambda completions, **kw: [None] * len(completions), "every reward function returned None"),
+    (lambda completions, **kw: [1.0] * len(completions), "in every group the G completions got the same reward"),
+])
+def test_a_batch_without_learning_signal_is_reported_with_how_often(tmp_path, tiny_model_dir, capsys, reward, reason):
+    trainer = GRPOTrainer(tiny_model_dir, reward, args=small_args(tmp_path, max_steps=4), train_dataset=letters_data())
+    before = params(trainer.model)
+    trainer.train()
+    out = capsys.readouterr().out
+    # Warned at the 1st, 2nd and 4th silent batch, not at the 3rd: the count doubles between warnings.
+    assert [f"So far {k} of {k} generation batches" in out for k in (1, 2, 3, 4)] == [True, True, False, True]
+    assert reason in out
+    assert torch.equal(params(trainer.model), before)  # all advantages 0: AdamW moved nothing
+
+
+def test_cli_bad_paths_and_checkpoints_get_one_line(tmp_path):
+    cases = [
+        (["--dataset_name", str(tmp_path / "missing.jsonl")], "error: dataset file"),
+        (["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", "x.jsonl"],
+         "is neither a local folder nor a hub name"),
+        (["--resume_from_checkpoint", str(tmp_path / "nothing")], "is not a checkpoint folder (no trainer_state.json)"),
+        (["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], "has no complete checkpoint-N folder"),
+    ]
+    for argv, message in cases:
+        result = run_cli(*argv)
+        assert result.returncode != 0
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+# -- checkpoints and exact resume -------------------------------------------------------------------------
+
+
+def resume_args(tmp_path, out, **kw):
+    # S = 2, μ = 2, GA = 1: four optimizer steps per generation batch, so a checkpoint at step 6 falls in the
+    # middle of one (its completions and old log-probs must be saved). 4 prompts, B = 2: a pass over the data is
+    # 8 steps, so the resumed part crosses into a new pass. β > 0 and evaluation are on.
+    base = dict(output_dir=str(tmp_path / out), per_device_train_batch_size=4, steps_per_generation=2,
+                num_iterations=2, gradient_accumulation_steps=1, max_steps=12, save_steps=6, beta=0.04,
+                eval_steps=4)
+    return small_args(tmp_path, **{**base, **kw})
+
+
+def make_trainer(args, tiny_model_dir):
+    data = Dataset.from_dict({"prompt": ["a=", "bc=", "d=", "hgf="]})
+    return GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data,
+                       eval_dataset=Dataset.from_dict({"prompt": ["e=", "fa="]}))
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k != "step_time"} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model_dir):
+    """12 steps without stopping: the run that every resumed run must reproduce."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    trainer = make_trainer(resume_args(tmp_path, "straight"), tiny_model_dir)
+    trainer.train()
+    return trainer, read_metrics(trainer.args)
+
+
+def test_a_checkpoint_holds_everything_needed_to_continue(straight):
+    trainer, _ = straight
+    path = os.path.join(trainer.args.output_dir, "checkpoint-6")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "state.pt",
+            "rank0.pt"} <= set(os.listdir(path))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        saved = json.load(f)
+    assert (saved["global_step"], saved["micro_step"], saved["epoch_position"]) == (6, 6, 6)
+    assert saved["config"]["num_iterations"] == 2
+    mine = torch.load(os.path.join(path, "rank0.pt"))
+    assert set(mine["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert len(mine["buffer"]) == 2  # the S micro-batches of the generation batch under way
+    assert mine["buffer"][0]["old_per_token_logps"] is not None
+    state = torch.load(os.path.join(path, "state.pt"))
+    assert len(state["optimizer"]["state"]) > 0 and state["scheduler"]["last_epoch"] == 6
+
+
+def test_stop_and_resume_is_bitwise_the_same_run(tmp_path, tiny_model_dir, straight):
+    reference, reference_rows = straight
+    first = make_trainer(resume_args(tmp_path, "resumed"), tiny_model_dir)
+    first.train(stop_after=6)
+    del first
+    second = make_trainer(resume_args(tmp_path, "resumed", resume_from_checkpoint="latest"), tiny_model_dir)
+    assert second.global_step == 6
+    second.train()
+    assert torch.equal(params(second.model), params(reference.model))
+    rows = read_metrics(second.args)
+    assert [row["step"] for row in rows] == list(range(1, 13))
+    assert without_time(rows) == without_time(reference_rows)
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, tiny_model_dir, straight):
+    reference, _ = straight
+    args = resume_args(tmp_path, "crash", save_steps=3)
+    trainer = make_trainer(args, tiny_model_dir)
+    real_save = trainer.tokenizer.save_pretrained
+
+    def dies_in_checkpoint_9(directory, *a, **kw):
+        real_save(directory, *a, **kw)
+        if "checkpoint-9" in str(directory):
+            raise OSError("No space left on device")
+
+    trainer.tokenizer.save_pretrained = dies_in_checkpoint_9
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train()
+    assert grpo.list_checkpoints(args.output_dir) == [os.path.join(args.output_dir, f"checkpoint-{k}") for k in (3, 6)]
+    assert os.path.isdir(os.path.join(args.output_dir, "checkpoint-9.tmp"))  # the half-written one, ignored
+    resumed = make_trainer(resume_args(tmp_path, "crash", save_steps=3, resume_from_checkpoint="latest"), tiny_model_dir)
+    assert resumed.global_step == 6
+    resumed.train()
+    assert torch.equal(params(resumed.model), params(reference.model))
+    assert grpo.list_checkpoints(args.output_dir)[-2:] == [os.path.join(args.output_dir, f"checkpoint-{k}")
+                                                            for k in (9, 12)]
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, tiny_model_dir):
+    args = small_args(tmp_path, max_steps=5, save_steps=1, save_total_limit=2)
+    GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data()).train()
+    assert sorted(os.listdir(args.output_dir)) == ["checkpoint-4", "checkpoint-5", "config.json",
+                                                  "generation_config.json", "metrics.jsonl", "model.safetensors",
+                                                  "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_resuming_with_a_different_batch_is_refused(tmp_path, tiny_model_dir, straight):
+    reference, _ = straight
+    checkpoint = os.path.join(reference.args.output_dir, "checkpoint-6")
+    with pytest.raises(ValueError, match=r"must not change.*num_iterations: 2 in the checkpoint, 1 now"):
+        make_trainer(resume_args(tmp_path, "other", num_iterations=1, gradient_accumulation_steps=2,
+                                 resume_from_checkpoint=checkpoint), tiny_model_dir)
+
+
+# -- signals and non-finite steps -------------------------------------------------------------------------
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--output_dir", str(out), "--max_steps", "150", "--logging_steps", "1", "--eval_steps", "1000"]
+    process = subprocess.Popen([sys.executable, "grpo.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, output[-2000:]
+    step = int(output.split("Stopped by SIGINT after step ")[1].split(";")[0])
+    assert 0 < step < 150
+    assert f"saved {out}/checkpoint-{step}. Resume with --resume_from_checkpoint {out}/checkpoint-{step}" in output
+    assert not (out / "model.safetensors").exists()  # the final model is only written by a finished run
+
+    result = run_cli(*argv, "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Resumed from {out}/checkpoint-{step} at step {step}." in result.stdout
+    assert [row["step"] for row in map(json.loads, open(out / "metrics.jsonl"))] == list(range(1, 151))
+
+
+def test_non_finite_steps_are_skipped_and_three_in_a_row_stop_with_the_last_good_weights(tmp_path, tiny_model_dir,
+                                                                                      capsys):
+    args = small_args(tmp_path, max_steps=10)
+    trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    poisoned = {2, 4, 5, 6}  # micro-steps (= optimizer steps here) whose loss becomes NaN
+    compute_loss = trainer.compute_loss
+    trainer.compute_loss = lambda batch: compute_loss(batch) * (math.nan if trainer.micro_step in poisoned else 1.0)
+    weights = {}
+    original_step = trainer.optimizer_step
+
+    def recording_step(loss, seconds):
+        weights[trainer.global_step] = params(trainer.model)  # before the step
+        original_step(loss, seconds)
+
+    trainer.optimizer_step = recording_step
+    with pytest.raises(RuntimeError, match=r"not finite for 3 optimizer steps in a row \(up to step 6\).*"
+                                           r"checkpoint-6 holds the weights of step 3"):
+        trainer.train()
+    assert not torch.equal(weights[1], weights[0])  # step 1 was good
+    assert torch.equal(weights[2], weights[1])  # step 2 was skipped
+    assert not torch.equal(weights[3], weights[2])  # step 3 was good again
+    assert torch.equal(params(trainer.model), weights[3])  # 4, 5, 6 skipped
+    assert "optimizer step skipped (1 in a row)" in capsys.readouterr().out
+    saved = torch.load(os.path.join(args.output_dir, "checkpoint-6", "state.pt"))
+    assert saved["history"][-1]["step"] == 6 and math.isnan(saved["history"][-1]["loss"])
