@@ -885,6 +885,17 @@ class GRPOTrainer:
                                  f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
             if len(dataset) == 0:
                 raise ValueError(f"The {name} dataset is empty.")
+        # Under torchrun each of the W ranks takes B of the W*B prompts of a global generation batch.
+        self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
+        self.B = args.generation_batch_size // self.G
+        W = self.world_size
+        if len(train_dataset) < self.B * W:
+            raise ValueError(f"The train dataset has {len(train_dataset)} prompts, fewer than the {self.B * W} prompts "
+                             f"of one generation batch (per_device_train_batch_size × steps_per_generation × "
+                             f"ranks / num_generations = {args.per_device_train_batch_size} × {self.S} × {W} / "
+                             f"{self.G}); lower the batch size or add prompts.")
+        if eval_dataset is not None and len(eval_dataset) < W:
+            raise ValueError(f"The eval dataset has {len(eval_dataset)} prompts, fewer than the {W} ranks.")
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.resume_path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
         self.tokenizer = processing_class or AutoTokenizer.from_pretrained(
@@ -945,18 +956,7 @@ class GRPOTrainer:
         self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
 
         # Batch arithmetic (REFERENCE.md): N completions per micro-batch, S micro-batches per generation batch,
-        # so B*G = N*S completions and B = N*S/G prompts are generated at once.
-        self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
-        # Under torchrun each of the W ranks takes B of the W*B prompts of a global generation batch.
-        self.B = args.generation_batch_size // self.G
-        W = self.world_size
-        if len(train_dataset) < self.B * W:
-            raise ValueError(f"The train dataset has {len(train_dataset)} prompts, fewer than the {self.B * W} prompts "
-                             f"of one generation batch (per_device_train_batch_size × steps_per_generation × "
-                             f"ranks / num_generations = {args.per_device_train_batch_size} × {self.S} × {W} / "
-                             f"{self.G}); lower the batch size or add prompts.")
-        if eval_dataset is not None and len(eval_dataset) < W:
-            raise ValueError(f"The eval dataset has {len(eval_dataset)} prompts, fewer than the {W} ranks.")
+        # so B*G = N*S completions and B = N*S/G prompts are generated at once (B, G, S and μ are set above).
         # Every rank builds this same sampler with the same seed, so all agree on the global batch.
         self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * W,
                                      repeat_count=self.mu * self.S, shuffle=True, seed=args.seed)

@@ -7,6 +7,7 @@ fixed completions, once as one process with 8 completions per micro-batch and on
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -117,3 +118,21 @@ def test_an_error_on_one_rank_ends_every_rank_with_the_error_shown(tmp_path, tin
     result = subprocess.run([*TORCHRUN, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "[rank1]: RuntimeError: Reward function 'answer_reward' raised KeyError: 'answer'" in result.stderr
+
+
+def test_resume_under_torchrun_is_the_same_run(tmp_path):
+    # S = 2, μ = 2: four optimizer steps per generation batch, so checkpoint-3 falls inside one.
+    argv = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--eval_steps", "100",
+            "--per_device_train_batch_size", "64", "--steps_per_generation", "2", "--num_iterations", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run([*TORCHRUN, "grpo.py", "--output_dir", str(straight), *argv])
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")  # as if the run had died after step 3
+    result = _run([*TORCHRUN, "grpo.py", "--output_dir", str(resumed), *argv, "--resume_from_checkpoint", "latest"])
+    assert f"Resumed from {resumed}/checkpoint-3 at step 3." in result.stdout
+    assert {"rank0.pt", "rank1.pt"} <= set(os.listdir(resumed / "checkpoint-3"))  # each rank's random state
+    assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
+
+    assert rows(resumed) == rows(straight) and [row["step"] for row in rows(straight)] == list(range(1, 7))
