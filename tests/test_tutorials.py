@@ -1,0 +1,36 @@
+"""The notebooks in tutorials/ run top to bottom without an error, and are committed without outputs."""
+
+import glob
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "*.ipynb")))
+NAMES = [os.path.basename(path) for path in NOTEBOOKS]
+
+
+def test_the_five_tutorials_are_there():
+    assert NAMES == ["01_sampling_and_batches.ipynb", "02_generation_and_masks.ipynb",
+                     "03_rewards_and_advantages.ipynb", "04_logprobs_loss_kl.ipynb", "05_train_and_watch.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_notebook_is_committed_without_outputs(path):
+    book = nbformat.read(path, as_version=4)
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{os.path.basename(path)} has outputs; clear them before committing "
+                f"(jupyter nbconvert --clear-output --inplace {os.path.relpath(path, ROOT)})")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
+def test_notebook_runs_top_to_bottom(path, tmp_path):
+    book = nbformat.read(path, as_version=4)
+    # Raises CellExecutionError, with the failing cell and its traceback, on the first error.
+    NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert any(output.get("output_type") == "stream" for cell in book.cells if cell.cell_type == "code"
+               for output in cell.outputs)
