@@ -221,7 +221,8 @@ def test_resuming_with_a_different_batch_is_refused(tmp_path, tiny_model_dir, st
 # -- signals and non-finite steps -------------------------------------------------------------------------
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path, sig):
     out = tmp_path / "out"
     argv = ["--output_dir", str(out), "--max_steps", "150", "--logging_steps", "1", "--eval_steps", "1000"]
     process = subprocess.Popen([sys.executable, "grpo.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
@@ -229,10 +230,10 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT, output[-2000:]
-    step = int(output.split("Stopped by SIGINT after step ")[1].split(";")[0])
+    assert process.returncode == 128 + sig, output[-2000:]
+    step = int(output.split(f"Stopped by {sig.name} after step ")[1].split(";")[0])
     assert 0 < step < 150
     assert f"saved {out}/checkpoint-{step}. Resume with --resume_from_checkpoint {out}/checkpoint-{step}" in output
     assert not (out / "model.safetensors").exists()  # the final model is only written by a finished run
