@@ -37,6 +37,7 @@ Run it:
     python grpo.py --help                              # every knob
     python grpo.py --trace_shapes                      # one step, with every tensor's shape (see shapes.md)
     torchrun --nproc_per_node=2 grpo.py                # two processes (GPUs, or CPU processes with gloo)
+    python grpo.py --resume_from_checkpoint latest     # continue after Ctrl-C or a crash, exactly
     python grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name openai/gsm8k \
         --dataset_config main --reward_funcs accuracy format --bf16     # a real model on a GPU
 """
@@ -898,8 +899,8 @@ class GRPOTrainer:
             raise ValueError(f"The eval dataset has {len(eval_dataset)} prompts, fewer than the {W} ranks.")
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.resume_path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        self.tokenizer = processing_class or AutoTokenizer.from_pretrained(
-            model if isinstance(model, str) else model.config._name_or_path)
+        self.tokenizer = processing_class or _from_pretrained(
+            AutoTokenizer, model if isinstance(model, str) else model.config._name_or_path)
         _ensure_pad_token(self.tokenizer)
         for dataset in (train_dataset, eval_dataset):
             if dataset is not None:
@@ -908,7 +909,7 @@ class GRPOTrainer:
 
         # The policy and (β ≠ 0) a frozen copy of the starting policy as the reference.
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = _from_pretrained(AutoModelForCausalLM, model)
         if args.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -942,7 +943,7 @@ class GRPOTrainer:
         self.reward_tokenizers = []
         for func, tok in zip(self.reward_funcs, reward_processing_classes):
             if isinstance(func, PreTrainedModel):
-                tok = tok or AutoTokenizer.from_pretrained(func.config._name_or_path)
+                tok = tok or _from_pretrained(AutoTokenizer, func.config._name_or_path)
                 _ensure_pad_token(tok)
                 func.config.pad_token_id = tok.pad_token_id
             self.reward_tokenizers.append(tok)
@@ -1574,6 +1575,14 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
+def _from_pretrained(cls, name: str, **kwargs):
+    """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded."""
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise OSError(f"Cannot load {name!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
+
+
 def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable, PreTrainedModel]:
     if isinstance(func, str):
         if func in BUILTIN_REWARDS:
@@ -1581,7 +1590,7 @@ def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable,
         if not os.path.exists(func) and "/" not in func:
             raise ValueError(f"Unknown reward {func!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
                              f"and not a local path or hub name of a reward model.")
-        func = AutoModelForSequenceClassification.from_pretrained(func, num_labels=1)
+        func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1)
     if isinstance(func, PreTrainedModel):
         return func.eval().requires_grad_(False).to(device)
     if not callable(func):

@@ -24,8 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*argv, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a hub name fails at once instead of after the hub's retries
     return subprocess.run([sys.executable, "grpo.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
@@ -107,6 +108,8 @@ def test_cli_bad_paths_and_checkpoints_get_one_line(tmp_path):
         (["--dataset_name", str(tmp_path / "missing.jsonl")], "error: dataset file"),
         (["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", "x.jsonl"],
          "is neither a local folder nor a hub name"),
+        (["--model_name_or_path", "does-not/exist", "--dataset_name", "data/letters_chat.jsonl"],
+         "error: Cannot load 'does-not/exist' with AutoTokenizer: "),
         (["--resume_from_checkpoint", str(tmp_path / "nothing")], "is not a checkpoint folder (no trainer_state.json)"),
         (["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], "has no complete checkpoint-N folder"),
     ]
