@@ -1737,11 +1737,13 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
             save_demo_model(model, seed=args.seed)
         barrier()  # the other ranks load what rank 0 wrote
     else:
-        if not os.path.exists(args.model_name_or_path) and args.model_name_or_path.count("/") != 1:
-            raise SystemExit(f"error: model {args.model_name_or_path!r} is neither a local folder nor a hub name.")
+        name = args.model_name_or_path
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1  # a hub name is "owner/model"
+        if looks_local and not os.path.exists(os.path.expanduser(name)):
+            raise SystemExit(f"error: model {name!r} is neither a local folder nor a hub name.")
         if args.dataset_name is None:
             raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
-        model = args.model_name_or_path
+        model = os.path.expanduser(name)
     # Bad input (a missing file, a wrong column, a typo in a name) is reported in one line, not a traceback.
     try:
         if builtin_task:

@@ -108,6 +108,7 @@ def test_cli_bad_paths_and_checkpoints_get_one_line(tmp_path):
         (["--dataset_name", str(tmp_path / "missing.jsonl")], "error: dataset file"),
         (["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", "x.jsonl"],
          "is neither a local folder nor a hub name"),
+        (["--model_name_or_path", "./no-model", "--dataset_name", "x.jsonl"], "is neither a local folder nor a hub name"),
         (["--model_name_or_path", "does-not/exist", "--dataset_name", "data/letters_chat.jsonl"],
          "error: Cannot load 'does-not/exist' with AutoTokenizer: "),
         (["--resume_from_checkpoint", str(tmp_path / "nothing")], "is not a checkpoint folder (no trainer_state.json)"),
