@@ -273,3 +273,29 @@ def test_non_finite_steps_are_skipped_and_three_in_a_row_stop_with_the_last_good
     assert "optimizer step skipped (1 in a row)" in capsys.readouterr().out
     saved = torch.load(os.path.join(args.output_dir, "checkpoint-6", "state.pt"))
     assert saved["history"][-1]["step"] == 6 and math.isnan(saved["history"][-1]["loss"])
+
+
+def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
+    # A checkpoint every step; the kill comes as soon as a checkpoint-N.tmp folder appears, in the middle of
+    # writing the second checkpoint or a later one.
+    argv = ["--max_steps", "60", "--save_steps", "1", "--save_total_limit", "2", "--logging_steps", "1",
+            "--eval_steps", "1000"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli("--output_dir", str(straight), *argv).returncode == 0
+    process = subprocess.Popen([sys.executable, "grpo.py", "--output_dir", str(killed), *argv], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    def saving():
+        return any(name.startswith("checkpoint-") and name.endswith(".tmp") for name in os.listdir(killed))
+
+    while time.time() < deadline and not (grpo.list_checkpoints(str(killed)) and saving()):
+        time.sleep(0.001)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    assert saving()  # killed in the middle of a save
+    assert not (killed / "model.safetensors").exists()  # it died before the end
+    result = run_cli("--output_dir", str(killed), *argv, "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (killed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    assert without_time(read_metrics(grpo.GRPOConfig(output_dir=str(killed)))) == \
+        without_time(read_metrics(grpo.GRPOConfig(output_dir=str(straight))))
