@@ -299,3 +299,22 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tmp_path
     assert (killed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
     assert without_time(read_metrics(grpo.GRPOConfig(output_dir=str(killed)))) == \
         without_time(read_metrics(grpo.GRPOConfig(output_dir=str(straight))))
+
+
+def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(tmp_path, tiny_model_dir):
+    peft = pytest.importorskip("peft")
+
+    def lora_trainer(out, **kw):
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        args = small_args(tmp_path, output_dir=str(tmp_path / out), beta=0.1, max_steps=4, save_steps=2,
+                          learning_rate=2e-2, **kw)
+        return GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data(), peft_config=config)
+
+    straight = lora_trainer("straight")
+    straight.train()
+    path = os.path.join(straight.args.output_dir, "checkpoint-2")
+    assert "adapter_model.safetensors" in os.listdir(path)  # a LoRA checkpoint holds the adapter, not the base
+    resumed = lora_trainer("resumed", resume_from_checkpoint=path)
+    resumed.train()
+    assert torch.equal(params(resumed.model), params(straight.model))
+    assert not torch.equal(params(resumed.model), params(lora_trainer("fresh").model))  # the adapter did train
