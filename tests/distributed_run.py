@@ -30,6 +30,12 @@ CONFIGS = {
     "bnpo": dict(loss_type="bnpo"),
     "dr_grpo": dict(loss_type="dr_grpo"),
     "dapo": dict(loss_type="dapo"),
+    # dapo with S ≠ GA (= 2), both ways: two generation batches per optimizer step, and half of one.
+    "dapo_S1": dict(loss_type="dapo", steps_per_generation=1),
+    # With S = 4 > GA a step trains on each rank's first 2 micro-batches, which are other rows than one process's
+    # first 2 (TRL splits the same way). With one prompt for every row, every group is the same, so each step
+    # still sees the same rows as one process, and the two runs must agree.
+    "dapo_S4": dict(loss_type="dapo", steps_per_generation=4, one_prompt=True),
     "batch_std": dict(loss_type="dapo", scale_rewards="batch"),
     "kl_chunked": dict(loss_type="dapo", beta=0.04, logits_chunk_size=5),
 }
@@ -63,13 +69,16 @@ def token_sum_reward(completion_ids, **kwargs) -> list[float]:
 
 def run(name: str, out_dir: str, model_dir: str) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config = dict(CONFIGS[name])
+    one_prompt = config.pop("one_prompt", False)
     args = grpo.GRPOConfig(
         output_dir=os.path.join(out_dir, f"{name}-w{world_size}"), num_generations=4,
         per_device_train_batch_size=GLOBAL_N // world_size, gradient_accumulation_steps=2, num_iterations=2,
         max_completion_length=6, max_grad_norm=1e9, max_steps=4, logging_steps=1, save_steps=0,
-        **CONFIGS[name])
+        **config)
     letters = "abcdefgh"
-    dataset = Dataset.from_dict({"prompt": [f"{x}{y}=" for x in letters for y in letters][:32]})
+    dataset = Dataset.from_dict({"prompt": ["ab="] * 32 if one_prompt else
+                                 [f"{x}{y}=" for x in letters for y in letters][:32]})
     # Plain SGD and no clipping, so that the parameters show the gradient itself: Adam and clipping would
     # hide a gradient off by a constant factor (a normalisation bug) by rescaling it away.
     torch.manual_seed(0)

