@@ -1249,11 +1249,11 @@ class GRPOTrainer:
         BG, W = args.generation_batch_size, self.world_size
         progress = tqdm(total=self.max_steps, initial=self.global_step, desc="GRPO", dynamic_ncols=True,
                         disable=not (_is_interactive() and self.is_main_process))
-        step_loss, step_start = 0.0, time.perf_counter()
         with self._catch_stop_signals():
             if (self.eval_dataset is not None and args.eval_on_start and self.global_step == 0
                     and not any(row["step"] == 0 for row in self.history)):
                 self._write_row({"step": 0, **self.evaluate()})  # the held-out reward before any training
+            step_loss, step_start = 0.0, time.perf_counter()
             while self.global_step < last_step and self.stop_signal is None:
                 if self.epoch_position == 0:
                     self.epoch_rng = self.sampler.generator.get_state()
