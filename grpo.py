@@ -825,7 +825,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     is_high_clipped = ((ratio > 1 + epsilon_high) & (A > 0)).float()
     counted = mask
     if importance_sampling_level == "sequence":  # one ratio per completion: count completions, not tokens (as TRL)
-        is_low_clipped, is_high_clipped, counted = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(mask[:, :1])
+        is_low_clipped, is_high_clipped = is_low_clipped[:, :1], is_high_clipped[:, :1]
+        counted = torch.ones_like(mask[:, :1])
     metrics["clip_ratio/low_mean"] = _masked_mean(is_low_clipped, counted)
     metrics["clip_ratio/high_mean"] = _masked_mean(is_high_clipped, counted)
     metrics["clip_ratio/region_mean"] = _masked_mean(torch.maximum(is_low_clipped, is_high_clipped), counted)
@@ -898,7 +899,7 @@ def mean_over_ranks(mean: Tensor, count: Tensor) -> Tensor:
     """A mean each rank measured over `count` of its own items, made into the mean over all ranks' items."""
     if not _several_ranks():
         return mean
-    total, count = sum_over_ranks(torch.stack([mean * count, count]).to(mean.device)).unbind()
+    total, count = sum_over_ranks(torch.stack([mean * count, count])).unbind()
     return total / count.clamp(min=1.0)
 
 

@@ -23,8 +23,14 @@ IM_END = 2  # <|im_end|>: EOS and pad
 
 def sums_args(output_dir, **kw) -> GRPOConfig:
     base = dict(output_dir=str(output_dir), num_generations=4, per_device_train_batch_size=8, max_completion_length=12,
-                temperature=0.7, learning_rate=1e-5, max_steps=2, save_steps=1, logging_steps=1)
+                temperature=0.7, max_steps=2, save_steps=1, logging_steps=1)
     return GRPOConfig(**{**base, **kw})
+
+
+def sgd(model):
+    """Plain SGD: its state is empty, where AdamW's would add 1 GB to every checkpoint of this model. (AdamW's
+    exact resume is tested on the tiny model.)"""
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3), None
 
 
 def params(model):
@@ -33,11 +39,15 @@ def params(model):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """Two GRPO steps on the sums, policy and tokenizer loaded from the .gguf file by the trainer itself, with a
-    checkpoint after each step. The starting weights are saved too, as a plain folder that loads in a second."""
+    """Two GRPO steps on the sums, policy and tokenizer read from the .gguf file by the loader GRPOTrainer uses for
+    a .gguf path (shapes.md's test runs `grpo.py --model_name_or_path $SMOLLM2_GGUF` itself), with a checkpoint
+    after each step. The starting weights are saved too, as a plain folder that loads in a second."""
     tmp = tmp_path_factory.mktemp("smollm2")
     sums = grpo.load_data_file(os.path.join(ROOT, "data", "sums_train.jsonl"))
-    trainer = GRPOTrainer(GGUF, "accuracy", args=sums_args(tmp / "straight"), train_dataset=sums)
+    model = grpo._from_pretrained(AutoModelForCausalLM, GGUF)
+    tokenizer = grpo._from_pretrained(AutoTokenizer, GGUF)
+    trainer = GRPOTrainer(model, "accuracy", args=sums_args(tmp / "straight"), train_dataset=sums,
+                          processing_class=tokenizer, optimizers=sgd(model))
     trainer.save_model(str(tmp / "start"))
     start = params(trainer.model).clone()
     trainer.train()
@@ -127,7 +137,9 @@ def test_trained_log_probs_equal_the_sampling_distribution(smollm2, chunk_size):
 def test_two_steps_with_a_checkpoint_resume_exactly(straight):
     trainer, tmp, sums, _ = straight
     args = sums_args(tmp / "resumed", resume_from_checkpoint=str(tmp / "straight" / "checkpoint-1"))
-    resumed = GRPOTrainer(str(tmp / "start"), "accuracy", args=args, train_dataset=sums)
+    model = AutoModelForCausalLM.from_pretrained(tmp / "start")
+    resumed = GRPOTrainer(model, "accuracy", args=args, train_dataset=sums, optimizers=sgd(model),
+                          processing_class=AutoTokenizer.from_pretrained(tmp / "start"))
     assert resumed.global_step == 1
     resumed.train()
     assert torch.equal(params(resumed.model), params(trainer.model))  # bitwise: the same run
