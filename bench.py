@@ -144,6 +144,43 @@ def _measure_peak(name: str, model_dir: str, chunk: int) -> None:
     print((peak - before) / 2**20)
 
 
+def checkpointing_peak(model_dir: str, on: bool) -> tuple[float, float]:
+    """Peak memory (MB) and seconds of one training micro-step (forward and backward of the log-probs over a
+    smollm2 micro-batch) with activation checkpointing on or off, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--_checkpointing_peak", model_dir, str(int(on))],
+                         capture_output=True, text=True, check=True).stdout
+    peak, seconds = out.strip().splitlines()[-1].split()
+    return float(peak), float(seconds)
+
+
+def _measure_checkpointing_peak(model_dir: str, on: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    c = CONFIGS["smollm2"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).train()
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    N, C, P = c["per_device_train_batch_size"], c["max_completion_length"], 38  # P: a sums prompt in the template
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, model.config.vocab_size, (N, P), generator=g).to(device)
+    completion_ids = torch.randint(3, model.config.vocab_size, (N, C), generator=g).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_bytes("VmRSS")
+    start = time.perf_counter()
+    logps, _ = grpo.get_per_token_logps(model, prompt_ids, torch.ones_like(prompt_ids), completion_ids,
+                                        torch.ones_like(completion_ids), c["temperature"])
+    logps.mean().backward()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes("VmHWM")
+    print((peak - before) / 2**20, seconds)
+
+
 def time_trl_steps(name: str, model_dir: str, warmup: int, steps: int) -> dict[str, float]:
     """TRL's GRPOTrainer on the same model, data and batch; median seconds per optimizer step."""
     import trl
@@ -179,7 +216,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="only measure one smollm2 training micro-step's peak memory with --gradient_checkpointing off and on")
     args = parser.parse_args()
+    if args.checkpointing:
+        with tempfile.TemporaryDirectory() as root:
+            model_dir = make_model_dir("smollm2", root)
+            print("| gradient_checkpointing | peak memory of one micro-step (N=16, P+C=102) | seconds |\n| --- | ---: | ---: |")
+            for on in (False, True):
+                peak, seconds = checkpointing_peak(model_dir, on)
+                print(f"| {'on' if on else 'off'} | {peak:.0f} MB | {seconds:.2f} |")
+        return
     try:
         import trl
         trl_version = trl.__version__
@@ -226,5 +273,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_peak":
         _measure_peak(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--_checkpointing_peak":
+        _measure_checkpointing_peak(sys.argv[2], sys.argv[3] == "1")
     else:
         main()

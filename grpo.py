@@ -185,6 +185,7 @@ def knob(default, help):
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass
@@ -231,6 +232,14 @@ class GRPOConfig:
     reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
     reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
+    # memory: precision, activation checkpointing, LoRA (TRL's ModelConfig names)
+    dtype: str = knob("float32", "dtype the weights are loaded in: float32, bfloat16, float16 or auto (the checkpoint's). bfloat16 halves the weights' memory, and the optimizer then updates bf16 weights, which loses updates below bf16's resolution (about 1/256 of a weight). --bf16 instead keeps float32 weights and runs the forward passes under bf16 autocast. Log-probs and the loss are float32 either way.")
+    gradient_checkpointing: bool = knob(False, "Recompute each decoder layer's activations in the backward pass instead of keeping them: far less memory for about one more forward pass of time, and the same gradients.")
+    use_peft: bool = knob(False, "Train a LoRA adapter instead of every weight. The reference model is then the policy with the adapter switched off, and checkpoints hold the adapter only.")
+    lora_r: int = knob(16, "LoRA rank.")
+    lora_alpha: int = knob(32, "LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = knob(0.05, "LoRA dropout (set to 0 by disable_dropout, like every dropout).")
+    lora_target_modules: Optional[list[str]] = knob(None, "Module names that get an adapter, for example q_proj v_proj. Default: peft's choice for the architecture.")
     # everything else
     disable_dropout: bool = knob(True, "Turn dropout off: with dropout on, the same tokens get different log-probs in each pass and the ratio is noise.")
     seed: int = knob(42, "Seed for the sampler, the initial weights of the demo, and generation.")
@@ -276,6 +285,8 @@ class GRPOConfig:
         if self.per_device_eval_batch_size is not None and self.per_device_eval_batch_size % G != 0:
             raise ValueError(f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a multiple of "
                              f"num_generations ({G}): evaluation generates G completions for every prompt.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
         if self.temperature <= 0:
             raise ValueError(
                 f"temperature must be > 0, got {self.temperature}: GRPO needs G *different* completions per "
@@ -996,23 +1007,7 @@ class GRPOTrainer:
         _seed_everything(args.seed)
 
         # The policy and (β ≠ 0) a frozen copy of the starting policy as the reference.
-        if isinstance(model, str):
-            model = _from_pretrained(AutoModelForCausalLM, model)
-        if args.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        self.ref_model = None
-        if peft_config is not None:
-            from peft import get_peft_model  # optional dependency: pip install -e ".[peft]"
-            model = get_peft_model(model, peft_config)
-        elif args.beta != 0.0:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
-        self.model = model.to(self.device)
-        self.model.train()
-        if self.world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
-            self.model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model, self.ref_model = self._setup_policy(model, peft_config)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
         self.generation_config = GenerationConfig(
             do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
@@ -1081,6 +1076,36 @@ class GRPOTrainer:
             _seed_everything(args.seed + self.rank)
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
+
+    def _setup_policy(self, model, peft_config) -> tuple[torch.nn.Module, Optional[PreTrainedModel]]:
+        """Load the policy in args.dtype, add LoRA (peft_config, or --use_peft) or else copy a frozen reference
+        for β ≠ 0, switch dropout off, turn activation checkpointing on if asked, and wrap it in DDP under torchrun."""
+        args = self.args
+        if isinstance(model, str):
+            model = _from_pretrained(AutoModelForCausalLM, model, dtype=args.dtype)
+        if args.gradient_checkpointing:
+            # Keep only each decoder layer's input in the forward pass and recompute the rest in the backward
+            # pass: the activations kept fall from every layer's to about one layer's, for about one more forward
+            # pass of compute, with the same gradients. Generation runs without gradients, and there transformers
+            # leaves the layers and the KV cache alone.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if peft_config is None and args.use_peft:
+            peft_config = lora_config(args)
+        ref_model = None
+        if peft_config is not None:
+            from peft import get_peft_model  # optional dependency: pip install -e ".[peft]"
+            model = get_peft_model(model, peft_config)  # the reference is this model with the adapter disabled
+        elif args.beta != 0.0:
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+        if args.disable_dropout:  # after LoRA, whose own dropout would make the ratio noise too
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        model = model.to(self.device)
+        model.train()
+        if self.world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model, ref_model
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
@@ -1712,13 +1737,21 @@ def _from_pretrained(cls, name: str, **kwargs):
     return loaded
 
 
+def lora_config(args: GRPOConfig):
+    """The LoRA adapter that --use_peft and the lora_* options describe."""
+    from peft import LoraConfig  # optional dependency: pip install -e ".[peft]"
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+
+
 def _plain_model(model: PreTrainedModel) -> PreTrainedModel:
     """transformers marks a model read from GGUF as quantized, and its save_pretrained then refuses to write it
     ("not serializable"): every checkpoint and the final save would fail. Its weights are plain float32 tensors
     by now, so they go into a model built from the same config, which saves like any other."""
     config = model.config
     del config.quantization_config
-    plain = type(model)(config)
+    plain = type(model)(config).to(model.dtype)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain

@@ -38,6 +38,7 @@ CONFIGS = {
     "dapo_S4": dict(loss_type="dapo", steps_per_generation=4, one_prompt=True),
     "batch_std": dict(loss_type="dapo", scale_rewards="batch"),
     "kl_chunked": dict(loss_type="dapo", beta=0.04, logits_chunk_size=5),
+    "checkpointing": dict(loss_type="dapo", gradient_checkpointing=True),
 }
 
 

@@ -322,3 +322,61 @@ def test_reward_functions_may_return_numpy_and_torch_values(tmp_path, tiny_model
     lengths = [len(t) for t in trainer.decode(batch.completion_ids, batch.completion_mask.sum(1))]
     expected = [float(n > 4) for n in lengths] if kind == "tuple of bools" else [float(n) for n in lengths]
     assert trainer.metrics["rewards/numeric/mean"][-1] == pytest.approx(sum(expected) / len(expected))
+
+
+# -- memory: activation checkpointing, dtype, LoRA from the command line ----------------------------------------
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_the_layers(tmp_path, tiny_model_dir):
+    grads, layer_calls = [], []
+    for checkpointing in (False, True):
+        args = small_args(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, beta=0.04)
+        trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+        assert trainer.model.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(0)  # the same completions for both
+        batch = trainer.generate_and_score([trainer.train_dataset[i] for i in (0, 1) for _ in range(4)])
+        calls = []
+        # The layer's first module runs again when the backward pass recomputes the layer (recomputation stops once
+        # it has every tensor the backward needs, so a late module such as the MLP's last projection may not).
+        trainer.model.model.layers[0].input_layernorm.register_forward_hook(lambda *_: calls.append(1))
+        trainer.compute_loss(batch).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2]  # with checkpointing the layer runs again in the backward pass
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-7)
+
+
+def test_dtype_bfloat16_loads_bf16_weights_and_keeps_log_probs_and_loss_float32(tmp_path, tiny_model_dir):
+    args = small_args(tmp_path, dtype="bfloat16", max_steps=2, beta=0.04, num_iterations=2)
+    trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    batch = trainer.generate_and_score([trainer.train_dataset[i] for i in (0, 1) for _ in range(4)])
+    assert batch.old_per_token_logps.dtype == batch.ref_per_token_logps.dtype == torch.float32
+    assert trainer.compute_loss(batch).dtype == torch.float32
+    trainer.optimizer.zero_grad()
+    trainer.train()
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["kl"]) for row in read_metrics(args))
+    with pytest.raises(ValueError, match="Unknown dtype 'bf16'; choose one of float32, bfloat16, float16, auto"):
+        small_args(tmp_path, dtype="bf16")
+
+
+def test_lora_from_the_command_line(tmp_path, tiny_model_dir):
+    pytest.importorskip("peft")
+    trainer = grpo.main(["--model_name_or_path", tiny_model_dir, "--dataset_name", "data/letters_chat.jsonl",
+                         "--reward_funcs", "letters", "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+                         "--gradient_checkpointing", "--learning_rate", "1e-2",
+                         "--lora_target_modules", "q_proj", "v_proj", "--beta", "0.04", "--num_generations", "4",
+                         "--per_device_train_batch_size", "8", "--max_completion_length", "4", "--max_steps", "1",
+                         "--output_dir", str(tmp_path / "lora")])
+    model = grpo._unwrap(trainer.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}  # ...q_proj.lora_A.default.weight
+    assert model.peft_config["default"].r == 4 and model.peft_config["default"].lora_alpha == 8
+    assert trainer.ref_model is None  # the reference is the base model: the adapter switched off
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # LoRA's dropout too
+    assert os.path.isfile(tmp_path / "lora" / "adapter_model.safetensors")
+    # lora_B starts at 0: it moved, so gradients reached the adapter through the checkpointed layers.
+    assert model.base_model.model.is_gradient_checkpointing
+    assert all(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)
