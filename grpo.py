@@ -38,6 +38,8 @@ Run it:
     python grpo.py --trace_shapes                      # one step, with every tensor's shape (see shapes.md)
     torchrun --nproc_per_node=2 grpo.py                # two processes (GPUs, or CPU processes with gloo)
     python grpo.py --resume_from_checkpoint latest     # continue after Ctrl-C or a crash, exactly
+    python grpo.py --model_name_or_path $SMOLLM2_GGUF --dataset_name data/sums_train.jsonl \
+        --dataset_test_split data/sums_test.jsonl --reward_funcs accuracy --bf16 ...  # a real model on a CPU (README)
     python grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name openai/gsm8k \
         --dataset_config main --reward_funcs accuracy format --bf16     # a real model on a GPU
 """
