@@ -805,7 +805,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         trace("loss", "per_token_kl", per_token_kl, "N C")
         # L_{i,t} += β·D_KL
         per_token_loss = per_token_loss + beta * per_token_kl
-        metrics["kl"] = _masked_mean(per_token_kl, mask).detach()
+        metrics["kl"] = _masked_mean(per_token_kl, mask)
 
     if loss_type == "grpo":
         # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the seed's original. A long completion's tokens each weigh less, so
@@ -849,13 +849,21 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     return loss, metrics
 
 
+# The diagnostics are measured as TRL measures them: under torchrun, over every rank's rows (section 9), as one
+# process would see the whole micro-batch. With one process the collectives do nothing.
+
+
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    """Σ x·mask / Σ mask, summed over the ranks before dividing: each rank weighs by its own count."""
+    total, count = sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]).detach().float()).unbind()
+    return total / count.clamp(min=1.0)
 
 
 def _nanmin(x: Tensor) -> Tensor:
-    """The smallest value that is not NaN (a completion with no tokens left by the mask gives 0/0); NaN if none."""
-    return x.nan_to_num(nan=math.inf).min().nan_to_num(posinf=math.nan)
+    """The smallest value over the ranks that is not NaN (a completion with no tokens left by the mask gives
+    0/0); NaN if none."""
+    smallest = min_over_ranks(x.detach().nan_to_num(nan=math.inf).min())
+    return smallest.nan_to_num(posinf=math.nan)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -908,21 +916,11 @@ def sum_over_ranks(x: Tensor) -> Tensor:
     return x
 
 
-def mean_over_ranks(mean: Tensor, count: Tensor) -> Tensor:
-    """A mean each rank measured over `count` of its own items, made into the mean over all ranks' items."""
-    if not _several_ranks():
-        return mean
-    total, count = sum_over_ranks(torch.stack([mean * count, count])).unbind()
-    return total / count.clamp(min=1.0)
-
-
-def extreme_over_ranks(x: Tensor, largest: bool) -> Tensor:
-    """The smallest (or largest) of the ranks' values, NaN ignored."""
-    if not _several_ranks():
-        return x
-    x = x.nan_to_num(nan=-math.inf if largest else math.inf).clone()
-    dist.all_reduce(x, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
-    return x if x.isfinite() else torch.full_like(x, math.nan)
+def min_over_ranks(x: Tensor) -> Tensor:
+    if _several_ranks():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x
 
 
 def barrier() -> None:
@@ -1250,16 +1248,7 @@ class GRPOTrainer:
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
             use_bias_correction_kl=args.use_bias_correction_kl)
         metrics["entropy"] = _masked_mean(entropies, batch.completion_mask.float())
-        # Under torchrun these are the means over every rank's tokens (completions, for sequence-level clip
-        # ratios), as one process would measure them on the whole micro-batch: each rank's mean weighs by its count.
-        tokens = batch.completion_mask.sum().float()
-        rows = torch.tensor(float(len(batch.advantages)), device=tokens.device)
-        per_completion = args.importance_sampling_level == "sequence"
         for name, value in metrics.items():
-            if name in ("clip_ratio/low_min", "clip_ratio/high_max"):
-                value = extreme_over_ranks(value, largest=name.endswith("max"))
-            else:
-                value = mean_over_ranks(value, rows if per_completion and name.startswith("clip_ratio/") else tokens)
             self.metrics[name].append(float(value))
         return loss
 
@@ -1866,7 +1855,7 @@ def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "t
     """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
     from datasets import load_dataset
 
-    if os.path.splitext(name)[1].lstrip(".") in DATA_FILE_TYPES:
+    if is_data_file(name):
         dataset = load_data_file(name)
     else:
         dataset = load_dataset(name, config, split=split)
@@ -1880,10 +1869,16 @@ def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "t
 DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}  # extension -> loader
 
 
+def is_data_file(name: str) -> bool:
+    """A local data file, by its extension, rather than a hub dataset or a split name."""
+    return os.path.splitext(name)[1].lstrip(".") in DATA_FILE_TYPES
+
+
 def load_data_file(path: str):
     """A local data file as a Dataset. A file that cannot be used gets one line that names it and says what is
     wrong (for JSON, on which line), instead of a traceback from inside `datasets`."""
     from datasets import load_dataset
+    from datasets.utils import logging as datasets_logging
 
     extension = os.path.splitext(path)[1].lstrip(".")
     if not os.path.isfile(path):
@@ -1892,8 +1887,6 @@ def load_data_file(path: str):
         raise ValueError(f"dataset file {path!r} is empty.")
     if extension in ("json", "jsonl"):
         _check_json_rows(path, extension)
-    from datasets.utils import logging as datasets_logging
-
     verbosity = datasets_logging.get_verbosity()
     try:
         datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its own log line would repeat our error
@@ -2011,10 +2004,10 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         else:  # a real dataset, or the tiny model on prompts of your own (shapes.md uses a chat-format file)
             dataset = load_prompt_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
             eval_dataset = None
-            if args.dataset_test_split is not None:  # a split of the same dataset, or a file of its own
-                is_file = os.path.splitext(args.dataset_test_split)[1].lstrip(".") in DATA_FILE_TYPES
-                eval_dataset = load_prompt_dataset(*((args.dataset_test_split,) if is_file else
-                                                     (args.dataset_name, args.dataset_config, args.dataset_test_split)))
+            if args.dataset_test_split is not None and is_data_file(args.dataset_test_split):  # a file of its own
+                eval_dataset = load_prompt_dataset(args.dataset_test_split)
+            elif args.dataset_test_split is not None:  # a split of the same dataset
+                eval_dataset = load_prompt_dataset(args.dataset_name, args.dataset_config, args.dataset_test_split)
         trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
                               eval_dataset=eval_dataset)
     except (OSError, ValueError) as e:
