@@ -104,9 +104,21 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
 
 def logprob_peak_mb(name: str, model_dir: str, chunk: int) -> float:
     """Peak memory of one forward+backward of the log-prob stage over one micro-batch, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--_peak", name, model_dir, str(chunk)], capture_output=True,
-                         text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return _peak_in_fresh_process(name, model_dir, chunk=chunk, prompt_length=4, temperature=1.0, checkpointing=False)[0]
+
+
+def checkpointing_peak(model_dir: str, on: bool) -> tuple[float, float]:
+    """Peak memory (MB) and seconds of one training micro-step (forward and backward of the log-probs over a
+    smollm2 micro-batch of sums prompts, P = 38) with activation checkpointing on or off, in a fresh process."""
+    return _peak_in_fresh_process("smollm2", model_dir, chunk=0, prompt_length=38,
+                                  temperature=CONFIGS["smollm2"]["temperature"], checkpointing=on)
+
+
+def _peak_in_fresh_process(name: str, model_dir: str, **kwargs) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, __file__, "--_peak", name, model_dir, json.dumps(kwargs)],
+                         capture_output=True, text=True, check=True).stdout
+    peak, seconds = out.strip().splitlines()[-1].split()
+    return float(peak), float(seconds)
 
 
 def _rss_bytes(field: str) -> int:
@@ -116,13 +128,18 @@ def _rss_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def _measure_peak(name: str, model_dir: str, chunk: int) -> None:
+def _measure_peak(name: str, model_dir: str, chunk: int, prompt_length: int, temperature: float,
+                  checkpointing: bool) -> None:
+    """Print the peak memory (MB) and seconds of one forward+backward of get_per_token_logps over a micro-batch
+    of random tokens: N and C from the config, P = prompt_length."""
     from transformers import AutoModelForCausalLM
 
     c = CONFIGS[name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
-    N, C, P = c["per_device_train_batch_size"], c["max_completion_length"], 4
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    N, C, P = c["per_device_train_batch_size"], c["max_completion_length"], prompt_length
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(2, V, (N, P), generator=g).to(device)
@@ -135,47 +152,10 @@ def _measure_peak(name: str, model_dir: str, chunk: int) -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM, the peak, to the present
         before = _rss_bytes("VmRSS")
-    logps, _ = grpo.get_per_token_logps(model, prompt_ids, ones_p, completion_ids, ones_c, 1.0, chunk_size=chunk)
-    logps.sum().backward()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _rss_bytes("VmHWM")
-    print((peak - before) / 2**20)
-
-
-def checkpointing_peak(model_dir: str, on: bool) -> tuple[float, float]:
-    """Peak memory (MB) and seconds of one training micro-step (forward and backward of the log-probs over a
-    smollm2 micro-batch) with activation checkpointing on or off, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--_checkpointing_peak", model_dir, str(int(on))],
-                         capture_output=True, text=True, check=True).stdout
-    peak, seconds = out.strip().splitlines()[-1].split()
-    return float(peak), float(seconds)
-
-
-def _measure_checkpointing_peak(model_dir: str, on: bool) -> None:
-    from transformers import AutoModelForCausalLM
-
-    c = CONFIGS["smollm2"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).train()
-    if on:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    N, C, P = c["per_device_train_batch_size"], c["max_completion_length"], 38  # P: a sums prompt in the template
-    g = torch.Generator().manual_seed(0)
-    prompt_ids = torch.randint(3, model.config.vocab_size, (N, P), generator=g).to(device)
-    completion_ids = torch.randint(3, model.config.vocab_size, (N, C), generator=g).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_bytes("VmRSS")
     start = time.perf_counter()
-    logps, _ = grpo.get_per_token_logps(model, prompt_ids, torch.ones_like(prompt_ids), completion_ids,
-                                        torch.ones_like(completion_ids), c["temperature"])
-    logps.mean().backward()
+    logps, _ = grpo.get_per_token_logps(model, prompt_ids, ones_p, completion_ids, ones_c, temperature,
+                                        chunk_size=chunk)
+    logps.sum().backward()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes("VmHWM")
     print((peak - before) / 2**20, seconds)
@@ -272,8 +252,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_peak":
-        _measure_peak(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--_checkpointing_peak":
-        _measure_checkpointing_peak(sys.argv[2], sys.argv[3] == "1")
+        _measure_peak(sys.argv[2], sys.argv[3], **json.loads(sys.argv[4]))
     else:
         main()
