@@ -1015,29 +1015,7 @@ class GRPOTrainer:
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_ids)
 
         # Reward functions: callables as given, built-in names looked up, anything else loaded as a reward model.
-        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if args.reward_model_name_or_path and args.reward_model_name_or_path not in reward_funcs:
-            reward_funcs.append(args.reward_model_name_or_path)
-        if not reward_funcs:
-            raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
-        self.reward_funcs = [_load_reward_func(f, self.device) for f in reward_funcs]
-        if not isinstance(reward_processing_classes, (list, tuple)):
-            reward_processing_classes = [reward_processing_classes] * len(self.reward_funcs)
-        self.reward_tokenizers = []
-        for func, tok in zip(self.reward_funcs, reward_processing_classes):
-            if isinstance(func, PreTrainedModel):
-                tok = tok or _from_pretrained(AutoTokenizer, func.config._name_or_path)
-                _ensure_pad_token(tok)
-                func.config.pad_token_id = tok.pad_token_id
-            self.reward_tokenizers.append(tok)
-        self.reward_names = [reward_name(f) for f in self.reward_funcs]
-        weights = reward_weights if reward_weights is not None else args.reward_weights
-        if weights is None:
-            weights = [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"Got {len(weights)} reward_weights for {len(self.reward_funcs)} reward functions "
-                             f"({', '.join(self.reward_names)}): give one weight per function.")
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        self._setup_rewards(reward_funcs, reward_processing_classes, reward_weights)
 
         # Batch arithmetic (REFERENCE.md): N completions per micro-batch, S micro-batches per generation batch,
         # so B*G = N*S completions and B = N*S/G prompts are generated at once (B, G, S and μ are set above).
@@ -1076,6 +1054,33 @@ class GRPOTrainer:
             _seed_everything(args.seed + self.rank)
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
+
+    def _setup_rewards(self, reward_funcs, reward_processing_classes, reward_weights) -> None:
+        """self.reward_funcs with their tokenizers (reward models only), metric names and weights."""
+        args = self.args
+        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if args.reward_model_name_or_path and args.reward_model_name_or_path not in reward_funcs:
+            reward_funcs.append(args.reward_model_name_or_path)
+        if not reward_funcs:
+            raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
+        self.reward_funcs = [_load_reward_func(f, self.device) for f in reward_funcs]
+        if not isinstance(reward_processing_classes, (list, tuple)):
+            reward_processing_classes = [reward_processing_classes] * len(self.reward_funcs)
+        self.reward_tokenizers = []
+        for func, tok in zip(self.reward_funcs, reward_processing_classes):
+            if isinstance(func, PreTrainedModel):
+                tok = tok or _from_pretrained(AutoTokenizer, func.config._name_or_path)
+                _ensure_pad_token(tok)
+                func.config.pad_token_id = tok.pad_token_id
+            self.reward_tokenizers.append(tok)
+        self.reward_names = [reward_name(f) for f in self.reward_funcs]
+        weights = reward_weights if reward_weights is not None else args.reward_weights
+        if weights is None:
+            weights = [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"Got {len(weights)} reward_weights for {len(self.reward_funcs)} reward functions "
+                             f"({', '.join(self.reward_names)}): give one weight per function.")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
 
     def _setup_policy(self, model, peft_config) -> tuple[torch.nn.Module, Optional[PreTrainedModel]]:
         """Load the policy in args.dtype, add LoRA (peft_config, or --use_peft) or else copy a frozen reference
@@ -1766,7 +1771,8 @@ def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable,
 # ----------------------------------------------------------------------------------------------------------
 # 11. The embedded default task: a tiny Qwen2 with random weights learns, from rewards alone, to answer
 # "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back through
-# from_pretrained, so the same loading code runs as for a real model.
+# from_pretrained, so the same loading code runs as for a real model. Then where to find the one real model
+# that runs offline here, SmolLM2-135M-Instruct (README, "A real model").
 
 DEMO_ALPHABET = "abcdefgh"
 DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
