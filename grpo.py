@@ -47,6 +47,7 @@ Run it:
 import contextlib
 import copy
 import functools
+import importlib
 import inspect
 import json
 import math
@@ -188,6 +189,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+TRACKERS = ("tensorboard", "wandb", "trackio")  # the experiment trackers --report_to can send metrics to
 
 
 @dataclass
@@ -247,8 +249,9 @@ class GRPOConfig:
     seed: int = knob(42, "Seed for the sampler, the initial weights of the demo, and generation.")
     bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32).")
     logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.")
-    log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging.")
+    log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging (and send them to --report_to as a table).")
     num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
+    report_to: list[str] = knob(["none"], "Also send every logged row to these experiment trackers: none, tensorboard (event files in output_dir/runs), wandb, trackio. Each is an optional install (pip install tensorboard / wandb / trackio); names are transformers', e.g. train/reward and eval/reward.")
     save_steps: int = knob(500, "Save a checkpoint (model, optimizer, scheduler, sampler position, random states) every this many optimizer steps (0: only the final model).")
     save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or in the newest one under output_dir with `latest`. The result is the same as a run that never stopped.")
@@ -287,6 +290,11 @@ class GRPOConfig:
         if self.per_device_eval_batch_size is not None and self.per_device_eval_batch_size % G != 0:
             raise ValueError(f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a multiple of "
                              f"num_generations ({G}): evaluation generates G completions for every prompt.")
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        unknown = [name for name in self.report_to if name not in ("none",) + TRACKERS]
+        if unknown:
+            raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(TRACKERS)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
         if self.temperature <= 0:
@@ -1039,7 +1047,8 @@ class GRPOTrainer:
         self.metrics: dict[str, list[float]] = defaultdict(list)
         self.num_tokens = 0
         self.history: list[dict] = []  # every logged row, also appended to output_dir/metrics.jsonl
-        self._logged_samples: list[tuple[str, str, float]] = []
+        self._logged_samples: list[dict] = []  # the newest batch's first rows, for log_completions
+        self.trackers = self._setup_trackers()
         # Where the loop stands. A checkpoint saves exactly these (and the random states), so that a resumed run
         # continues as if it had never stopped.
         self.global_step = 0  # optimizer steps taken
@@ -1054,6 +1063,13 @@ class GRPOTrainer:
             _seed_everything(args.seed + self.rank)
         if self.resume_path is not None:
             self.load_checkpoint(self.resume_path)
+
+    def _setup_trackers(self) -> Optional["Trackers"]:
+        """The experiment trackers of --report_to (main process only), imported now: a missing one fails here."""
+        names = [name for name in self.args.report_to if name != "none"]
+        if not names or not self.is_main_process:
+            return None
+        return Trackers(names, self.args.output_dir, config=asdict(self.args))
 
     def _setup_rewards(self, reward_funcs, reward_processing_classes, reward_weights) -> None:
         """self.reward_funcs with their tokenizers (reward models only), metric names and weights."""
@@ -1164,7 +1180,7 @@ class GRPOTrainer:
                 trace("log-probs", "ref_per_token_logps", ref_per_token_logps, "BG C")
 
         self._record_generation_metrics(
-            mode, prompts, completions_text, all_rewards, everyone(rewards_per_func),
+            mode, prompts, completions_text, advantages, all_rewards, everyone(rewards_per_func),
             everyone(completion_lengths.float()), everyone(is_truncated.float()),
             num_tokens=int(total(prompt_mask.sum() + completion_lengths.sum())))
         return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
@@ -1318,6 +1334,10 @@ class GRPOTrainer:
         progress.close()
         if self.global_step == self.max_steps:
             self.save_model(args.output_dir)
+        if self.is_main_process and self.history:
+            plot_metrics(self.history, os.path.join(args.output_dir, "metrics.png"))
+        if self.trackers is not None:
+            self.trackers.finish()
         return self.history
 
     def optimizer_step(self, loss: float, seconds: float) -> None:
@@ -1389,7 +1409,7 @@ class GRPOTrainer:
 
     # -- metrics, evaluation, saving --------------------------------------------------------------------------
 
-    def _record_generation_metrics(self, mode, prompts, completions_text, rewards, rewards_per_func,
+    def _record_generation_metrics(self, mode, prompts, completions_text, advantages, rewards, rewards_per_func,
                                    lengths, is_truncated, num_tokens):
         """The tensors hold the rows of every rank (in training); prompts and texts are this rank's, which on
         rank 0 are the first rows of the tensors."""
@@ -1419,7 +1439,12 @@ class GRPOTrainer:
         zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
         m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
         if mode == "train":
-            self._logged_samples = list(zip(prompts, completions_text, rewards.tolist()))
+            self._logged_samples = [
+                {"prompt": prompt_text_of(prompt), "completion": text,
+                 **{name: float(r) for name, r in zip(self.reward_names, per_func)},
+                 "advantage": float(advantage), "reward": float(reward)}
+                for prompt, text, per_func, advantage, reward in zip(
+                    prompts, completions_text, rewards_per_func.tolist(), advantages.tolist(), rewards.tolist())]
             self.generation_batches += 1
             if rewards.isnan().all() or zero_std.all():
                 self.silent_batches += 1
@@ -1468,24 +1493,28 @@ class GRPOTrainer:
         if self.world_size > 1 and "loss" in row:  # each rank's own; every other metric is already over all ranks
             loss = torch.tensor(row["loss"], dtype=torch.float64, device=self.device)
             row["loss"] = sum_over_ranks(loss).item() / self.world_size
-        self._write_row(row)
+        self._write_row(row, samples=self._logged_samples if self.args.log_completions else None)
         if not self.is_main_process:
             return row
         shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                                      "completions/mean_length", "grad_norm") if row.get(k) is not None}
         tqdm.write(f"step {self.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         if self.args.log_completions:
-            for prompt, completion, reward in self._logged_samples[:self.args.num_completions_to_print]:
-                tqdm.write(f"    {prompt_text_of(prompt)!r:>24} -> {completion!r:<40} reward {reward:+.3f}")
+            for sample in self._logged_samples[:self.args.num_completions_to_print]:
+                tqdm.write(f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
+                           f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
         return row
 
-    def _write_row(self, row: dict) -> None:
-        """Add a row to metrics.jsonl, merged with the row of the same step if there is one."""
+    def _write_row(self, row: dict, samples: Optional[list[dict]] = None) -> None:
+        """Add a row to metrics.jsonl, merged with the row of the same step if there is one, and send it (with
+        sample completions, if given) to the trackers of --report_to."""
         if self.history and self.history[-1]["step"] == row["step"]:
             self.history[-1].update(row)
         else:
             self.history.append(row)
         self._write_metrics_file()
+        if self.trackers is not None:
+            self.trackers.log(row, samples)
 
     def _write_metrics_file(self) -> None:
         """Rewrite output_dir/metrics.jsonl from the history, through a temporary file: never half-written."""
@@ -1768,6 +1797,99 @@ def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable,
     return func
 
 
+# -- experiment trackers (--report_to) and the picture of the run ----------------------------------------------
+
+class Trackers:
+    """The experiment trackers of --report_to, on the main process. Every row of metrics.jsonl goes to each of
+    them under transformers' names (eval_reward -> eval/reward, everything else train/<name>), and with
+    log_completions the sample completions go as a table named `completions`, with TRL's columns (step,
+    prompt, completion, one per reward function, advantage). Each tracker is imported here, when the trainer is
+    built, so that a missing install fails before any training; a run is opened at the first row."""
+
+    PACKAGES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+    def __init__(self, names: list[str], output_dir: str, config: dict):
+        self.modules = {}
+        for name in names:
+            try:
+                self.modules[name] = importlib.import_module(self.PACKAGES[name])
+            except ImportError:
+                raise ImportError(f"--report_to {name} needs the {name} package: pip install {name}") from None
+        self.output_dir, self.config = output_dir, config
+        self.runs: dict[str, Any] = {}  # the open run (a SummaryWriter for TensorBoard) of each tracker
+
+    def log(self, row: dict, samples: Optional[list[dict]] = None) -> None:
+        if not self.runs:
+            self._open()
+        step = row["step"]
+        scalars = {("eval/" + k[len("eval_"):] if k.startswith("eval_") else "train/" + k): v
+                   for k, v in row.items() if k != "step" and v is not None}
+        columns = ["step"] + [key for key in samples[0] if key != "reward"] if samples else []
+        table = [[step] + [sample[c] for c in columns[1:]] for sample in samples or []]
+        for name, run in self.runs.items():
+            if name == "tensorboard":
+                for key, value in scalars.items():
+                    run.add_scalar(key, value, step)
+                if table:  # TensorBoard has no tables: a Markdown one, shown in its Text tab
+                    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+                    lines += [" | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in r) for r in table]
+                    run.add_text("completions", "\n".join(lines), step)
+                run.flush()
+            else:  # wandb and trackio share one API
+                module = self.modules[name]
+                run.log({**scalars, **({"completions": module.Table(columns=columns, data=table)} if table else {})},
+                        step=step)
+
+    def _open(self) -> None:
+        for name, module in self.modules.items():
+            if name == "tensorboard":
+                self.runs[name] = module.SummaryWriter(os.path.join(self.output_dir, "runs"))
+            elif name == "wandb":  # WANDB_MODE=offline keeps it on this machine (`wandb sync` uploads it later)
+                self.runs[name] = module.init(project=os.environ.get("WANDB_PROJECT", "grpo"), dir=self.output_dir,
+                                              config=self.config)
+            else:  # trackio keeps its runs in a local database (TRACKIO_DIR); `trackio show` opens a dashboard
+                self.runs[name] = module.init(project=os.environ.get("TRACKIO_PROJECT", "grpo"), config=self.config)
+
+    def finish(self) -> None:
+        for name, run in self.runs.items():
+            run.close() if name == "tensorboard" else run.finish()
+        self.runs = {}
+
+
+def plot_metrics(history: list[dict], path: str) -> bool:
+    """Draw reward (and eval reward), KL (when it was logged) and mean completion length against the step into
+    `path`, a PNG, through a temporary file. Returns False, having said so in one line, without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window: works over ssh and in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        tqdm.write(f"[grpo] {os.path.basename(path)} skipped: it needs matplotlib (pip install matplotlib).")
+        return False
+    panels = [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl"]),
+              ("completion length (tokens)", ["completions/mean_length"])]
+    panels = [(title, keys) for title, keys in panels
+              if any(row.get(k) is not None for row in history for k in keys)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3,
+                        label={"reward": "train", "eval_reward": "eval (held out)"}.get(key, key))
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    figure.subplots_adjust(left=0.25 / len(panels), right=0.98, bottom=0.15, top=0.9, wspace=0.3)  # fixed, not
+    # tight_layout: that measures every label and takes most of the drawing time
+    figure.savefig(path + ".tmp.png", dpi=100)
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 11. The embedded default task: a tiny Qwen2 with random weights learns, from rewards alone, to answer
 # "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back through
@@ -2016,7 +2138,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
                 eval_dataset = load_prompt_dataset(args.dataset_name, args.dataset_config, args.dataset_test_split)
         trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
                               eval_dataset=eval_dataset)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from e
     ranks = f" × {trainer.world_size} ranks" if trainer.world_size > 1 else ""
     say(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}{ranks}, "
@@ -2041,8 +2163,10 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     elapsed = time.perf_counter() - start
     if trainer.stop_signal is not None:  # the conventional exit status of a process ended by a signal
         raise SystemExit(128 + trainer.stop_signal)
+    picture = os.path.join(args.output_dir, "metrics.png")
     say(f"\nTrained {trainer.global_step - first_step} steps in {elapsed:.0f}s. Metrics: "
-        f"{os.path.join(args.output_dir, 'metrics.jsonl')}; model: {args.output_dir}")
+        f"{os.path.join(args.output_dir, 'metrics.jsonl')}{f' (curves: {picture})' if os.path.exists(picture) else ''}"
+        f"; model: {args.output_dir}")
     if eval_dataset is not None:
         if eval_before is None:
             eval_before = next(row["eval_reward"] for row in history if row["step"] == 0 and "eval_reward" in row)
