@@ -1,10 +1,12 @@
-"""The completion mask, selective log-softmax, and per-token log-probs against independent computations."""
+"""The sampling loop, the completion mask, selective log-softmax, and per-token log-probs, against independent
+computations and against transformers' generate()."""
 
 import pytest
 import torch
 from transformers import GenerationConfig
 
-from grpo import completion_mask_from_eos, get_per_token_logps, selective_log_softmax, tokenize_prompts
+from grpo import (completion_mask_from_eos, get_per_token_logps, logits_processors, sample_from, sample_with_cache,
+                  selective_log_softmax, tokenize_prompts)
 
 EOS = 1
 
@@ -59,19 +61,56 @@ def test_per_token_logps_equal_a_full_forward(model):
 
 
 def test_per_token_logps_equal_the_sampling_distribution(model, tokenizer):
-    """The policy that sampled and the policy we train on agree: log-probs recomputed by a forward pass over
-    left-padded prompts equal the log-softmax of generate()'s own logits at the sampled tokens (so the
-    ratio π_θ/π_θ_old is exactly 1 before any update, temperature included)."""
+    """The policy that sampled and the policy we train on agree: log-probs recomputed by one forward pass over
+    left-padded prompts equal the log-probs sample_with_cache drew each token with (KV cache, one token at a
+    time), so the ratio π_θ/π_θ_old is exactly 1 before any update, temperature included."""
     prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf=", "bc="], tokenizer, None)
     temperature = 0.8
     torch.manual_seed(0)
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, return_dict_in_generate=True,
-                         output_logits=True, generation_config=GenerationConfig(
-                             do_sample=True, temperature=temperature, top_k=0, max_new_tokens=6,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    completion_ids = out.sequences[:, prompt_ids.size(1):]
-    mask, _ = completion_mask_from_eos(completion_ids, [tokenizer.eos_token_id])
-    sampled = torch.stack(out.logits, 1) / temperature  # (N, C, V): raw logits of each generation step
-    expected = sampled.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    got, _ = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperature)
-    torch.testing.assert_close(got * mask, expected * mask, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        completion_ids, sampled = sample_with_cache(
+            model, prompt_ids, prompt_mask, logits_processors(temperature, 0, 1.0, None, 1.0, prompt_mask), 6,
+            [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        mask, _ = completion_mask_from_eos(completion_ids, [tokenizer.eos_token_id])
+        got, _ = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperature)
+    assert mask.sum() > 6
+    torch.testing.assert_close(got * mask, sampled * mask, atol=1e-5, rtol=0)
+
+
+def test_sample_from_draws_each_token_with_its_probability():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3]]).expand(40_000, 4)
+    counts = torch.bincount(sample_from(probs), minlength=4) / 40_000
+    assert counts[1] == 0  # probability 0 (filtered out): never drawn
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.0, 0.2, 0.3]), atol=0.01, rtol=0)  # 4 σ = 0.01
+    assert sample_from(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])).tolist() == [2, 0]
+
+
+def test_sampling_loop_follows_generate_with_the_same_processors(model, tokenizer):
+    """top_k=1 makes sampling deterministic, so our loop must pick exactly generate()'s tokens: the repetition
+    penalty (which changes which token is on top), temperature and padding after EOS all act as in transformers."""
+    prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf=", "bc=", "dd="], tokenizer, None)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.no_grad():
+        expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=GenerationConfig(
+            do_sample=True, top_k=1, temperature=0.7, repetition_penalty=1.5, max_new_tokens=8, eos_token_id=eos,
+            pad_token_id=pad))[:, prompt_ids.size(1):]
+        got, logps = sample_with_cache(model, prompt_ids, prompt_mask,
+                                       logits_processors(0.7, 1, 1.0, None, 1.5, prompt_mask), 8, [eos], pad)
+    assert torch.equal(got, expected)
+    assert torch.equal(logps, torch.zeros_like(logps))  # top-1 leaves one token, of probability 1
+
+
+def test_a_group_shares_one_prompt_pass(model, tokenizer):
+    """G copies of a prompt: one prompt pass whose keys and values are copied G times gives the same draws and
+    log-probs as G passes (same random stream; the numbers differ only by float rounding)."""
+    prompt_ids, prompt_mask = tokenize_prompts(["a="] * 3 + ["hgf="] * 3, tokenizer, None)
+    processors = logits_processors(1.0, 0, 1.0, None, 1.0, prompt_mask)
+    runs = []
+    for group_size in (1, 3):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            runs.append(sample_with_cache(model, prompt_ids, prompt_mask, processors, 6, [tokenizer.eos_token_id],
+                                          tokenizer.pad_token_id, group_size=group_size))
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import grpo
 from grpo import GRPOConfig, GRPOTrainer
@@ -92,11 +92,11 @@ def test_the_chat_template_prompt_and_the_im_end_completion_mask(straight):
     assert tokenizer.decode(cut[0]).endswith("one number.<|im_end|>\n<|im_start|>assistant\n")
     # Completions sampled by the real model: after the first <|im_end|> a row is padded with <|im_end|>; the mask
     # keeps the first one (the model must learn to stop) and nothing after it; decoding drops it.
-    trainer.generation_config.max_new_tokens = 64  # the pretrained model is chatty: room for some to end
+    trainer.args.max_completion_length = 64  # the pretrained model is chatty: room for some to end
     try:
         _, _, completion_ids = trainer.generate([sums[i]["prompt"] for i in range(4) for _ in range(2)])
     finally:
-        trainer.generation_config.max_new_tokens = trainer.args.max_completion_length
+        trainer.args.max_completion_length = 12
     completion_mask, truncated = grpo.completion_mask_from_eos(completion_ids, trainer.eos_token_ids)
     assert trainer.eos_token_ids == [IM_END] and not truncated.all()
     for row, row_mask, cut_off in zip(completion_ids, completion_mask, truncated):
@@ -106,32 +106,38 @@ def test_the_chat_template_prompt_and_the_im_end_completion_mask(straight):
         assert "<|im_end|>" not in trainer.decode(row[None], row_mask.sum()[None])[0]
 
 
-@pytest.mark.parametrize("chunk_size", [0, 5], ids=["plain", "chunked"])
-def test_trained_log_probs_equal_the_sampling_distribution(smollm2, chunk_size):
+@pytest.mark.parametrize("chunk_size,bf16,tolerance", [(0, False, 2e-4), (5, False, 2e-4), (0, True, 0.3)],
+                         ids=["plain", "chunked", "bf16"])
+def test_trained_log_probs_equal_the_sampling_distribution(smollm2, chunk_size, bf16, tolerance):
     """ratio = π_θ/π_θ_old = 1 at sampling time: the log-probs recomputed by one forward pass over left-padded
-    prompts equal the log-softmax of generate()'s own logits (KV cache, one token at a time), temperature 0.7."""
+    prompts equal those sample_with_cache drew the tokens with (KV cache, one token at a time, one prompt pass
+    per group), temperature 0.7.
+
+    Under bf16 autocast the LM head writes bf16 logits. SmolLM2's reach 38, where bf16 values are 0.25 apart,
+    and the two computations (one position at a time against all at once) can round a logit to neighbouring
+    values: at T = 0.7 one step moves a log-prob by up to 0.25 / 0.7 = 0.36. Measured over seeds 0-2: max
+    |ratio - 1| 0.14, 0.14, 0.21; mean 0.031, 0.035, 0.028. The loss never sees this gap (π_θ_old is
+    recomputed by the same forward pass as π_θ); it is how far the policy that drew the tokens is from the one
+    scored, as for TRL's generate()."""
     model, tokenizer = smollm2
     texts = [grpo.prompt_to_text([{"role": "user", "content": q}], tokenizer)
-             for q in ("What is 7 + 5?", "What is 3 + 4? Answer with one number.")]
+             for q in ("What is 7 + 5?", "What is 3 + 4? Answer with one number.") for _ in range(2)]
     prompt_ids, prompt_mask = grpo.tokenize_prompts(texts, tokenizer, None)
     assert not prompt_mask.all()  # the first prompt is left-padded
     temperature = 0.7
     torch.manual_seed(0)
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, return_dict_in_generate=True,
-                             output_logits=True, generation_config=GenerationConfig(
-                                 do_sample=True, temperature=temperature, top_k=0, max_new_tokens=10,
-                                 eos_token_id=IM_END, pad_token_id=IM_END))
-        completion_ids = out.sequences[:, prompt_ids.size(1):]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        completion_ids, sampled = grpo.sample_with_cache(
+            model, prompt_ids, prompt_mask, grpo.logits_processors(temperature, 0, 1.0, None, 1.0, prompt_mask), 10,
+            [IM_END], IM_END, group_size=2)
         mask, _ = grpo.completion_mask_from_eos(completion_ids, [IM_END])
-        sampled = (torch.stack(out.logits, 1) / temperature).log_softmax(-1)
-        expected = sampled.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         got, _ = grpo.get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperature,
                                           chunk_size=chunk_size)
-    assert mask.sum() > 10
-    torch.testing.assert_close(got * mask, expected * mask, atol=2e-4, rtol=0)
-    ratio = torch.exp(got - expected)[mask.bool()]
-    assert (ratio - 1).abs().max() < 2e-4
+    assert mask.sum() > 20
+    ratio = torch.exp(got.float() - sampled)[mask.bool()]
+    assert (ratio - 1).abs().max() < tolerance
+    if bf16:
+        assert (ratio - 1).abs().mean() < 0.05
 
 
 def test_two_steps_with_a_checkpoint_resume_exactly(straight):
