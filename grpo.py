@@ -1117,9 +1117,11 @@ class GRPOTrainer:
         self.needs_old_logps = args.gradient_accumulation_steps % (self.S * self.mu) != 0
 
         optimizer, scheduler = optimizers
+        # fused: one kernel for every parameter instead of a dozen passes over each (transformers' default,
+        # adamw_torch_fused); the same update up to float rounding: 0.04 s a step on SmolLM2 here, against 0.25-0.5 s.
         self.optimizer = optimizer or torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
-            weight_decay=args.weight_decay)
+            weight_decay=args.weight_decay, fused=True)
         self.scheduler = scheduler or get_scheduler(
             args.lr_scheduler_type, self.optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * self.max_steps),
             num_training_steps=self.max_steps)
