@@ -56,13 +56,13 @@ def make_model_dir(name: str, root: str) -> str:
     return directory
 
 
-def grpo_args(name: str, output_dir: str, chunk: int, steps: int) -> grpo.GRPOConfig:
+def grpo_args(name: str, output_dir: str, chunk: int, steps: int, bf16: bool = False) -> grpo.GRPOConfig:
     c = CONFIGS[name]
     return grpo.GRPOConfig(output_dir=output_dir, num_generations=c["num_generations"],
                            per_device_train_batch_size=c["per_device_train_batch_size"],
                            max_completion_length=c["max_completion_length"], beta=c["beta"],
                            learning_rate=c["learning_rate"], temperature=c["temperature"], max_steps=steps,
-                           logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42)
+                           logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42, bf16=bf16)
 
 
 def dataset(name: str) -> Dataset:
@@ -71,10 +71,11 @@ def dataset(name: str) -> Dataset:
     return grpo.build_demo_dataset(num_prompts=256, seed=0)
 
 
-def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: int) -> dict[str, float]:
+def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: int, bf16: bool = False
+                    ) -> dict[str, float]:
     """Median seconds per optimizer step, stage by stage, over `steps` steps after `warmup`."""
-    trainer = grpo.GRPOTrainer(model_dir, CONFIGS[name]["reward"],
-                               args=grpo_args(name, tempfile.mkdtemp(), chunk, warmup + steps), train_dataset=dataset(name))
+    trainer = grpo.GRPOTrainer(model_dir, CONFIGS[name]["reward"], train_dataset=dataset(name),
+                               args=grpo_args(name, tempfile.mkdtemp(), chunk, warmup + steps, bf16))
     clock: dict[str, float] = {}
 
     def timed(stage, fn):
@@ -97,7 +98,8 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
         step_time = trainer.history[-1]["step_time"]
         # What the step spent outside the timed stages is the policy's forward and backward pass.
         clock["forward+backward"] = step_time - sum(clock.values())
-        rows.append({**clock, "step": step_time})
+        # Completions differ in length from step to step; the stages are per step, and so is this.
+        rows.append({**clock, "step": step_time, "tokens": trainer.history[-1]["completions/mean_length"]})
     measured = rows[warmup:]
     return {stage: statistics.median(r[stage] for r in measured) for stage in measured[0]}
 
@@ -161,13 +163,14 @@ def _measure_peak(name: str, model_dir: str, chunk: int, prompt_length: int, tem
     print((peak - before) / 2**20, seconds)
 
 
-def time_trl_steps(name: str, model_dir: str, warmup: int, steps: int) -> dict[str, float]:
+def time_trl_steps(name: str, model_dir: str, warmup: int, steps: int, bf16: bool = False) -> dict[str, float]:
     """TRL's GRPOTrainer on the same model, data and batch; median seconds per optimizer step."""
     import trl
     from transformers import AutoTokenizer, TrainerCallback
 
     c = CONFIGS[name]
     times: list[float] = []
+    lengths: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -176,17 +179,22 @@ def time_trl_steps(name: str, model_dir: str, warmup: int, steps: int) -> dict[s
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
     config = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), num_generations=c["num_generations"],
                             per_device_train_batch_size=c["per_device_train_batch_size"],
                             max_completion_length=c["max_completion_length"], beta=c["beta"],
                             learning_rate=c["learning_rate"], temperature=c["temperature"], max_steps=warmup + steps,
                             logging_steps=1, save_strategy="no", report_to="none", disable_dropout=True, seed=42,
-                            top_k=0, bf16=False)  # float32, as grpo.py runs here
+                            top_k=0, bf16=bf16,  # bf16=True: autocast over float32 weights, as grpo.py's --bf16
+                            use_cpu=not torch.cuda.is_available())  # transformers refuses bf16 on a CPU without it
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=grpo.BUILTIN_REWARDS[c["reward"]], args=config,
                               train_dataset=dataset(name), processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
-    return {"step": statistics.median(times[warmup:])}
+    return {"step": statistics.median(times[warmup:]), "tokens": statistics.median(lengths[warmup:])}
 
 
 def main() -> None:
@@ -196,6 +204,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"],
+                        help="smollm2 runs both implementations in each (bf16: autocast; TRL's bf16=True)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="only measure one smollm2 training micro-step's peak memory with --gradient_checkpointing off and on")
     args = parser.parse_args()
@@ -219,32 +229,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for name in args.configs:
             model_dir = make_model_dir(name, root)
+            if name == "smollm2":  # the real model: each precision, against TRL at the same precision
+                for precision in args.precisions:
+                    bf16 = precision == "bf16"
+                    results.append({"config": name, "impl": "grpo.py", "precision": precision, "logits_chunk_size": 0,
+                                    **time_grpo_steps(name, model_dir, 0, args.warmup, args.steps, bf16)})
+                    print(results[-1], flush=True)
+                    if trl_version:
+                        results.append({"config": name, "impl": f"trl {trl_version}", "precision": precision,
+                                        **time_trl_steps(name, model_dir, args.warmup, args.steps, bf16)})
+                        print(results[-1], flush=True)
+                continue
             for chunk in (0, CONFIGS[name]["chunk"]):
                 stages = time_grpo_steps(name, model_dir, chunk, args.warmup, args.steps)
                 peak = logprob_peak_mb(name, model_dir, chunk)
-                results.append({"config": name, "impl": "grpo.py", "logits_chunk_size": chunk,
+                results.append({"config": name, "impl": "grpo.py", "precision": "float32", "logits_chunk_size": chunk,
                                 "logprob_peak_mb": peak, **stages})
             if trl_version:
-                results.append({"config": name, "impl": f"trl {trl_version}",
+                results.append({"config": name, "impl": f"trl {trl_version}", "precision": "float32",
                                 **time_trl_steps(name, model_dir, args.warmup, args.steps)})
     stages = ["generation", "rewards", "old/ref log-probs", "forward+backward", "optimizer", "step"]
-    print("\nmedian seconds per optimizer step, and peak memory of the log-prob stage (one micro-batch, fwd+bwd)\n")
-    print("| config | implementation | chunk | " + " | ".join(stages) + " | log-prob peak |")
-    print("| --- | --- | --- | " + " | ".join("---:" for _ in stages) + " | ---: |")
+    print("\nmedian seconds per optimizer step, median completion length (tokens), and peak memory of the log-prob "
+          "stage (one micro-batch, fwd+bwd)\n")
+    print("| config | implementation | precision | chunk | " + " | ".join(stages) + " | tokens | log-prob peak |")
+    print("| --- | --- | --- | --- | " + " | ".join("---:" for _ in stages) + " | ---: | ---: |")
     for r in results:
-        cells = [f"{r[s]:.3f}" if s in r else "" for s in stages]
+        cells = [f"{r[s]:.3f}" if s in r else "" for s in stages + ["tokens"]]
         chunk = r.get("logits_chunk_size", "")
         peak = f"{r['logprob_peak_mb']:.0f} MB" if "logprob_peak_mb" in r else ""
-        print(f"| {r['config']} | {r['impl']} | {chunk if chunk != 0 else 'off'} | " + " | ".join(cells) + f" | {peak} |")
+        print(f"| {r['config']} | {r['impl']} | {r['precision']} | {chunk if chunk != 0 else 'off'} | "
+              + " | ".join(cells) + f" | {peak} |")
     for name in args.configs:
-        ours = [r for r in results if r["config"] == name and r["impl"] == "grpo.py"]
-        theirs = [r for r in results if r["config"] == name and r["impl"].startswith("trl")]
-        if theirs:
-            best = min(r["step"] for r in ours)
-            print(f"{name}: TRL step time / grpo.py step time = {theirs[0]['step'] / best:.2f}")
-        if ours[0]["logprob_peak_mb"] >= 10:  # below that, the stage stays under the peak of loading the model
-            ratio = ours[1]["logprob_peak_mb"] / ours[0]["logprob_peak_mb"]
-            print(f"{name}: chunked log-prob peak / unchunked = {ratio:.2f}")
+        for precision in ("float32", "bf16"):
+            ours = [r for r in results if r["config"] == name and r["impl"] == "grpo.py" and r["precision"] == precision]
+            theirs = [r for r in results if r["config"] == name and r["impl"].startswith("trl")
+                      and r["precision"] == precision]
+            if ours and theirs:
+                best = min(r["step"] for r in ours)
+                print(f"{name}, {precision}: grpo.py step time / TRL step time = {best / theirs[0]['step']:.2f}")
+            if len(ours) == 2 and ours[0]["logprob_peak_mb"] >= 10:  # below 10 MB: under the model's loading peak
+                ratio = ours[1]["logprob_peak_mb"] / ours[0]["logprob_peak_mb"]
+                print(f"{name}: chunked log-prob peak / unchunked = {ratio:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
