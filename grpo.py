@@ -24,7 +24,8 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
 Every function that takes or returns tensors says their shapes with jaxtyping, for example
 `Float[Tensor, "BG C"]`. jaxtyping can evaluate an expression such as `B*G` only once B and G are bound
 by another argument of the same call, so a flat row axis gets the one-word name `BG` (read "B times G"),
-and the grouped view is written `B G`. The checks run under the tests and with `--check_shapes`
+and the grouped view is written `B G`; likewise `PC` is the P+C positions of a prompt and its completion, and
+`U` counts the distinct prompts among a micro-batch's rows. The checks run under the tests and with `--check_shapes`
 (or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation and cost nothing.
 
 What this file leaves out, on purpose: vLLM or any generation server (we sample in a loop of our own over
@@ -439,8 +440,8 @@ def tokenize_prompts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_p
 # 4. Generation and the completion mask. We sample with our own loop over the KV cache rather than
 # model.generate: it is the same algorithm (transformers' own logits processors, one token at a time, pad after
 # EOS), written out so that each step can be read, and it leaves out two costs that generate() pays on a CPU:
-# torch.multinomial (15 ms per token at V = 49,152, against 0.5 ms for the draw below) and G identical prompt
-# passes per group.
+# torch.multinomial (12 ms per token for 16 rows at V = 49,152, against 3 ms for the draw below) and G identical
+# prompt passes per group. The log-prob passes of section 7 share each group's prompt pass too.
 
 
 def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
@@ -472,30 +473,41 @@ def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
+def shared_prompts(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"]
+                   ) -> Optional[tuple[Int[Tensor, "U"], Int[Tensor, "N"]]]:
+    """GRPO's rows come in groups: G adjacent copies of each prompt. Returns the first row of each run of equal
+    adjacent prompts (U of them) and, for every row, the index of its run; None when no two adjacent rows are
+    equal. A micro-batch may hold whole groups or part of one: runs are found, not assumed."""
+    same_as_previous = ((prompt_ids[1:] == prompt_ids[:-1]) & (prompt_mask[1:] == prompt_mask[:-1])).all(dim=1)
+    if not same_as_previous.any():
+        return None
+    starts = torch.cat([same_as_previous.new_ones(1), ~same_as_previous])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(dim=0) - 1
+
+
 @shape_checked
 def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"],
-                       processors: LogitsProcessorList, max_new_tokens: int, eos_token_ids: list[int],
-                       pad_token_id: int, group_size: int = 1) -> tuple[Int[Tensor, "BG C"], Float[Tensor, "BG C"]]:
+                      processors: LogitsProcessorList, max_new_tokens: int, eos_token_ids: list[int],
+                      pad_token_id: int, share_prompts: bool = True
+                      ) -> tuple[Int[Tensor, "BG C"], Float[Tensor, "BG C"]]:
     """Sample up to max_new_tokens tokens after each (left-padded) prompt, one at a time with the KV cache.
     Returns the tokens, padded after each row's first EOS, and the log-prob each had under the distribution it
     was drawn from (after the processors). Stops once every row has ended, so C <= max_new_tokens.
 
-    When the rows are groups of `group_size` copies of one prompt (G in GRPO), the prompt goes through the model
-    once per group and its keys and values are copied G times: the same numbers the G copies would compute
-    (up to float rounding), for 1/G of the prompt's cost."""
+    Each group's prompt goes through the model once, and its keys and values are copied to the group's G rows:
+    the numbers the G copies would compute themselves (up to float rounding), for 1/G of the prompt's cost.
+    share_prompts=False runs every row's prompt (the tests compare the two)."""
     BG, device = prompt_ids.size(0), prompt_ids.device
-    grouped = group_size > 1 and BG % group_size == 0 and all(
-        torch.equal(x[::group_size].repeat_interleave(group_size, dim=0), x) for x in (prompt_ids, prompt_mask))
-    step = group_size if grouped else 1
+    groups = shared_prompts(prompt_ids, prompt_mask) if share_prompts else None
+    first = groups[0] if groups is not None else slice(None)
     # Positions count real tokens only, so a left-padded prompt starts at 0 like an unpadded one.
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=prompt_ids[::step], attention_mask=prompt_mask[::step],
-                   position_ids=position_ids[::step], past_key_values=cache, use_cache=True, logits_to_keep=1
-                   ).logits[:, -1]
-    if grouped:
-        cache.batch_repeat_interleave(group_size)
-        logits = logits.repeat_interleave(group_size, dim=0)
+    cache = DynamicCache(config=_causal_lm(model).config)
+    logits = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=position_ids[first],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if groups is not None:
+        cache.batch_select_indices(groups[1])  # row i gets the keys and values of its group's prompt
+        logits = logits[groups[1]]
     eos = torch.tensor(eos_token_ids, device=device)
     sequences, attention_mask, position = prompt_ids, prompt_mask, position_ids[:, -1:]
     ended = torch.zeros(BG, dtype=torch.bool, device=device)
@@ -760,39 +772,71 @@ def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
 @shape_checked
 def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
                         completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
-                        temperature: float, with_entropy: bool = False, chunk_size: int = 0
-                        ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+                        temperature: float, with_entropy: bool = False, chunk_size: int = 0,
+                        share_prompts: bool = True) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
     """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position.
-    With chunk_size > 0 the logits are made `chunk_size` tokens at a time (see chunked_logps)."""
+    With chunk_size > 0 the logits are made `chunk_size` tokens at a time (see chunked_logps). Rows that share
+    a prompt run it once (see forward_sharing_prompts); share_prompts=False runs every row in full."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     # Positions count real tokens only, as the sampling loop counted them, so left padding does not shift a
     # model with absolute positions.
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    C = completion_ids.size(1)
+    P, C = prompt_ids.size(1), completion_ids.size(1)
     if chunk_size > 0:
-        # The final hidden states, through the model's own forward (under torchrun that is DDP's forward, which
-        # arms the gradient all-reduce; calling the decoder directly would bypass it and leave each rank with
-        # its own gradients). logits_to_keep=1 makes the forward's own logits one position: N × V, not N × C × V.
-        # hidden_states[-1] is after the final norm, what the LM head reads (the tests check it equals the plain path).
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        # The final hidden states instead of the logits. logits_to_keep=1 makes the forward's own logits one
+        # position: N × V, not N × C × V. hidden_states[-1] is after the final norm, what the LM head reads (the
+        # tests check it equals the plain path).
+        wanted = dict(output_hidden_states=True, logits_to_keep=1)
+    else:
+        wanted = {"logits_to_keep": C + 1} if _accepts(model, "logits_to_keep") else {}
+    groups = shared_prompts(prompt_ids, prompt_mask) if share_prompts else None
+    # Under gradient checkpointing transformers drops the cache of a forward pass with gradients, so there every
+    # row runs in full.
+    if groups is not None and P > 1 and not (torch.is_grad_enabled() and _causal_lm(model).is_gradient_checkpointing):
+        output = forward_sharing_prompts(model, input_ids, attention_mask, position_ids, P, groups, **wanted)
+    else:
+        # Through the model's own forward: under torchrun that is DDP's forward, which arms the gradient
+        # all-reduce (calling the decoder directly would leave each rank with its own gradients).
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, **wanted)
+    if chunk_size > 0:
         # The hidden state at position t predicts token t+1, as the logits below do.
-        return chunked_logps(hidden[:, -(C + 1):-1], completion_ids, _causal_lm(model).get_output_embeddings(),
-                             temperature, chunk_size, with_entropy)
-    kwargs = {"logits_to_keep": C + 1} if _accepts(model, "logits_to_keep") else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, **kwargs).logits
+        return chunked_logps(output.hidden_states[-1][:, -(C + 1):-1], completion_ids,
+                             _causal_lm(model).get_output_embeddings(), temperature, chunk_size, with_entropy)
     # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
     # that end one before the sequence does. Sampling divided the logits by the temperature, so we must too,
     # or the log-probs we train on are not those of the policy that sampled.
-    logits = logits[:, -(C + 1):-1, :]  # (N, C, V), a view: no copy yet
+    logits = output.logits[:, -(C + 1):-1, :]  # (N, C, V), a view: no copy yet
     if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
         logits = logits / temperature
     trace("log-probs", "input_ids", input_ids, "N P+C")
     trace("log-probs", "logits (completion positions)", logits, "N C V")
     per_token_logps = selective_log_softmax(logits, completion_ids)
     return per_token_logps, entropy_from_logits(logits) if with_entropy else None
+
+
+@shape_checked
+def forward_sharing_prompts(model: torch.nn.Module, input_ids: Int[Tensor, "N PC"], attention_mask: Int[Tensor, "N PC"],
+                            position_ids: Int[Tensor, "N PC"], P: int, groups: tuple[Tensor, Tensor], **wanted):
+    """The model's outputs at the last C+1 positions, as one pass over all P+C tokens gives them, for rows that
+    share their prompt (groups from shared_prompts). The G completions of a prompt all start from the same P
+    tokens, so computing them once per group instead of once per row saves (G-1)/G of the prompt's cost, in
+    the forward and in the backward pass (a third of the training pass on SmolLM2's sums, P = 38 of 102).
+
+    The first P-1 prompt tokens go through the model once per group. Their keys and values are copied to each
+    row of the group, and each row's last C+1 tokens (its last prompt token, then its completion) attend to
+    them. The numbers are those each row would compute itself, up to float rounding. The copies are an index,
+    so in the backward pass the gradients of a group's rows add up in its one prompt pass."""
+    first, group = groups
+    cache = DynamicCache(config=_causal_lm(model).config)
+    # The prompt pass calls the module inside any DDP wrapper: DDP's forward runs once per backward pass, for the
+    # second pass below. The gradients of both passes meet in the parameters before DDP averages them.
+    _unwrap(model)(input_ids=input_ids[first, :P - 1], attention_mask=attention_mask[first, :P - 1],
+                   position_ids=position_ids[first, :P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_select_indices(group)
+    return model(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, position_ids=position_ids[:, P - 1:],
+                 past_key_values=cache, use_cache=True, **wanted)
 
 
 @shape_checked
@@ -1281,8 +1325,7 @@ class GRPOTrainer:
         with torch.no_grad(), self.autocast():
             completion_ids, _ = sample_with_cache(
                 _unwrap(self.model), prompt_ids, prompt_mask, processors,
-                args.max_completion_length, self.eos_token_ids, self.tokenizer.pad_token_id,
-                group_size=self.G)
+                args.max_completion_length, self.eos_token_ids, self.tokenizer.pad_token_id)
         trace("prompts", "prompt_ids", prompt_ids, "BG P")
         trace("prompts", "prompt_mask", prompt_mask, "BG P")
         trace("generation", "completion_ids", completion_ids, "BG C")

@@ -107,10 +107,10 @@ def test_a_group_shares_one_prompt_pass(model, tokenizer):
     prompt_ids, prompt_mask = tokenize_prompts(["a="] * 3 + ["hgf="] * 3, tokenizer, None)
     processors = logits_processors(1.0, 0, 1.0, None, 1.0, prompt_mask)
     runs = []
-    for group_size in (1, 3):
+    for share_prompts in (False, True):
         torch.manual_seed(0)
         with torch.no_grad():
             runs.append(sample_with_cache(model, prompt_ids, prompt_mask, processors, 6, [tokenizer.eos_token_id],
-                                          tokenizer.pad_token_id, group_size=group_size))
+                                          tokenizer.pad_token_id, share_prompts=share_prompts))
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=0)

@@ -129,7 +129,7 @@ def test_trained_log_probs_equal_the_sampling_distribution(smollm2, chunk_size, 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         completion_ids, sampled = grpo.sample_with_cache(
             model, prompt_ids, prompt_mask, grpo.logits_processors(temperature, 0, 1.0, None, 1.0, prompt_mask), 10,
-            [IM_END], IM_END, group_size=2)
+            [IM_END], IM_END)
         mask, _ = grpo.completion_mask_from_eos(completion_ids, [IM_END])
         got, _ = grpo.get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperature,
                                           chunk_size=chunk_size)

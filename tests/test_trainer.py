@@ -334,7 +334,9 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_the_laye
         trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
         assert trainer.model.is_gradient_checkpointing == checkpointing
         torch.manual_seed(0)  # the same completions for both
-        batch = trainer.generate_and_score([trainer.train_dataset[i] for i in (0, 1) for _ in range(4)])
+        # Eight different prompts, so both run every row in full: rows that share a prompt run it in a pass of its
+        # own without checkpointing, and in full with it (tests/test_shared_prompts.py).
+        batch = trainer.generate_and_score([trainer.train_dataset[i] for i in range(8)])
         calls = []
         # The layer's first module runs again when the backward pass recomputes the layer (recomputation stops once
         # it has every tensor the backward needs, so a late module such as the MLP's last projection may not).
