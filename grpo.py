@@ -764,9 +764,9 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
 def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
     """H = logsumexp(l) - Σ softmax(l)·l per position, one row at a time (a diagnostic: no gradient). einsum
     sums p·l without building their product."""
-    with torch.no_grad():
+    with torch.no_grad():  # each row in float32 on its own: converting a bf16 tensor whole allocates (N, C, V) anew
         return torch.stack([torch.logsumexp(row, -1) - torch.einsum("cv,cv->c", row.softmax(-1), row)
-                            for row in logits.float()])
+                            for row in (r.float() for r in logits)])
 
 
 @shape_checked
