@@ -90,13 +90,15 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
     trainer.generate = timed("generation", trainer.generate)
     trainer.compute_rewards = timed("rewards", trainer.compute_rewards)
     trainer._logps_no_grad = timed("old/ref log-probs", trainer._logps_no_grad)
-    trainer.optimizer.step = timed("optimizer", trainer.optimizer.step)
+    # The optimizer step with what goes with it: gradient clipping, zeroing the gradients, logging the row.
+    trainer.optimizer_step = timed("optimizer", trainer.optimizer_step)
     rows = []
     for _ in range(warmup + steps):
         clock.clear()
         trainer.train(stop_after=trainer.global_step + 1)
-        step_time = trainer.history[-1]["step_time"]
-        # What the step spent outside the timed stages is the policy's forward and backward pass.
+        # step_time runs from the start of the step to the optimizer step; the step is both, as TRL's is (from
+        # on_step_begin to on_step_end). What it spent outside the timed stages is the policy's forward and backward.
+        step_time = trainer.history[-1]["step_time"] + clock["optimizer"]
         clock["forward+backward"] = step_time - sum(clock.values())
         # Completions differ in length from step to step; the stages are per step, and so is this.
         rows.append({**clock, "step": step_time, "tokens": trainer.history[-1]["completions/mean_length"]})
