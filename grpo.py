@@ -485,6 +485,12 @@ def shared_prompts(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P
     return starts.nonzero().squeeze(1), starts.long().cumsum(dim=0) - 1
 
 
+def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """The KV cache as the keyword argument the model's forward takes: `cache` in recent transformers 5 releases
+    (which warn that `past_key_values` goes in 5.40), `past_key_values` in earlier ones."""
+    return {"cache" if _accepts_cached(type(_causal_lm(model)).forward, "cache") else "past_key_values": cache}
+
+
 @shape_checked
 def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"],
                       processors: LogitsProcessorList, max_new_tokens: int, eos_token_ids: list[int],
@@ -504,7 +510,7 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
     position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = DynamicCache(config=_causal_lm(model).config)
     logits = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=position_ids[first],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     if groups is not None:
         cache.batch_select_indices(groups[1])  # row i gets the keys and values of its group's prompt
         logits = logits[groups[1]]
@@ -524,7 +530,7 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(BG, 1)], dim=1)
         position = position + 1
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **kv_cache(model, cache), use_cache=True).logits[:, -1]
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
@@ -833,10 +839,11 @@ def forward_sharing_prompts(model: torch.nn.Module, input_ids: Int[Tensor, "N PC
     # The prompt pass calls the module inside any DDP wrapper: DDP's forward runs once per backward pass, for the
     # second pass below. The gradients of both passes meet in the parameters before DDP averages them.
     _unwrap(model)(input_ids=input_ids[first, :P - 1], attention_mask=attention_mask[first, :P - 1],
-                   position_ids=position_ids[first, :P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                   position_ids=position_ids[first, :P - 1], **kv_cache(model, cache), use_cache=True,
+                   logits_to_keep=1)
     cache.batch_select_indices(group)
     return model(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, position_ids=position_ids[:, P - 1:],
-                 past_key_values=cache, use_cache=True, **wanted)
+                 **kv_cache(model, cache), use_cache=True, **wanted)
 
 
 @shape_checked
