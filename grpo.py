@@ -29,9 +29,9 @@ and the grouped view is written `B G`; likewise `PC` is the P+C positions of a p
 (or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation and cost nothing.
 
 What this file leaves out, on purpose: vLLM or any generation server (we sample in a loop of our own over
-the KV cache, section 4: slower on a GPU, but every step can be read), DeepSpeed/FSDP (several processes use plain DDP), Liger
-kernels, and TRL's callback system. The loop is written out in full below; there is no `transformers.Trainer`
-underneath.
+the KV cache, section 4: slower on a GPU, but every step can be read), DeepSpeed/FSDP (several processes use
+plain DDP), Liger kernels, and TRL's callback system. The loop is written out in full below; there is no
+`transformers.Trainer` underneath.
 
 Run it:
     python grpo.py                                     # tiny model built in code, CPU, about a minute
@@ -473,6 +473,7 @@ def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
+@shape_checked
 def shared_prompts(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"]
                    ) -> Optional[tuple[Int[Tensor, "U"], Int[Tensor, "N"]]]:
     """GRPO's rows come in groups: G adjacent copies of each prompt. Returns the first row of each run of equal
