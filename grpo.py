@@ -24,9 +24,10 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
 Every function that takes or returns tensors says their shapes with jaxtyping, for example
 `Float[Tensor, "BG C"]`. jaxtyping can evaluate an expression such as `B*G` only once B and G are bound
 by another argument of the same call, so a flat row axis gets the one-word name `BG` (read "B times G"),
-and the grouped view is written `B G`; likewise `PC` is the P+C positions of a prompt and its completion, and
-`U` counts the distinct prompts among a micro-batch's rows. The checks run under the tests and with `--check_shapes`
-(or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation and cost nothing.
+and the grouped view is written `B G`. Likewise `PC` is the P+C positions of a prompt and its completion,
+`U` counts the distinct prompts among a micro-batch's rows, and `L` is the length of a prefix that is run
+once per group. The checks run under the tests and with `--check_shapes` (or GRPO_CHECK_SHAPES=1); otherwise
+the annotations are documentation and cost nothing.
 
 What this file leaves out, on purpose: vLLM or any generation server (we sample in a loop of our own over
 the KV cache, section 4: slower on a GPU, but every step can be read), DeepSpeed/FSDP (several processes use
@@ -492,6 +493,31 @@ def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
     return {"cache" if _accepts_cached(type(_causal_lm(model)).forward, "cache") else "past_key_values": cache}
 
 
+def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
+    """Position ids that count real tokens only, so a left-padded row starts at 0 like an unpadded one (a
+    model with absolute positions would otherwise shift). Sampling and the log-prob passes both use these, so
+    they see the same positions."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+@shape_checked
+def prefix_cache(model: torch.nn.Module, input_ids: Int[Tensor, "N L"], attention_mask: Int[Tensor, "N L"],
+                 position_ids: Int[Tensor, "N L"], groups: Optional[tuple[Tensor, Tensor]]
+                 ) -> tuple[DynamicCache, Float[Tensor, "N V"]]:
+    """Run the rows' first L tokens through the model once per group of rows that share them (groups from
+    shared_prompts; None runs every row), and give each row its group's keys and values, and the logits at
+    the last of the L positions. The numbers are those each row would compute itself, up to float rounding;
+    the copies are an index, so with gradients on, the rows' gradients add up in their group's one pass."""
+    first, group = groups if groups is not None else (slice(None), None)
+    cache = DynamicCache(config=_causal_lm(model).config)
+    logits = model(input_ids=input_ids[first], attention_mask=attention_mask[first], position_ids=position_ids[first],
+                   **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    if group is not None:
+        cache.batch_select_indices(group)  # row i gets the keys and values of its group's prefix
+        logits = logits[group]
+    return cache, logits
+
+
 @shape_checked
 def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"],
                       processors: LogitsProcessorList, max_new_tokens: int, eos_token_ids: list[int],
@@ -505,16 +531,9 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
     the numbers the G copies would compute themselves (up to float rounding), for 1/G of the prompt's cost.
     share_prompts=False runs every row's prompt (the tests compare the two)."""
     BG, device = prompt_ids.size(0), prompt_ids.device
+    position_ids = positions(prompt_mask)
     groups = shared_prompts(prompt_ids, prompt_mask) if share_prompts else None
-    first = groups[0] if groups is not None else slice(None)
-    # Positions count real tokens only, so a left-padded prompt starts at 0 like an unpadded one.
-    position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache(config=_causal_lm(model).config)
-    logits = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=position_ids[first],
-                   **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
-    if groups is not None:
-        cache.batch_select_indices(groups[1])  # row i gets the keys and values of its group's prompt
-        logits = logits[groups[1]]
+    cache, logits = prefix_cache(model, prompt_ids, prompt_mask, position_ids, groups)
     eos = torch.tensor(eos_token_ids, device=device)
     sequences, attention_mask, position = prompt_ids, prompt_mask, position_ids[:, -1:]
     ended = torch.zeros(BG, dtype=torch.bool, device=device)
@@ -786,9 +805,7 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
     a prompt run it once (see forward_sharing_prompts); share_prompts=False runs every row in full."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    # Positions count real tokens only, as the sampling loop counted them, so left padding does not shift a
-    # model with absolute positions.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    position_ids = positions(attention_mask)  # as the sampling loop counted them
     P, C = prompt_ids.size(1), completion_ids.size(1)
     if chunk_size > 0:
         # The final hidden states instead of the logits. logits_to_keep=1 makes the forward's own logits one
@@ -831,18 +848,13 @@ def forward_sharing_prompts(model: torch.nn.Module, input_ids: Int[Tensor, "N PC
     tokens, so computing them once per group instead of once per row saves (G-1)/G of the prompt's cost, in
     the forward and in the backward pass (a third of the training pass on SmolLM2's sums, P = 38 of 102).
 
-    The first P-1 prompt tokens go through the model once per group. Their keys and values are copied to each
-    row of the group, and each row's last C+1 tokens (its last prompt token, then its completion) attend to
-    them. The numbers are those each row would compute itself, up to float rounding. The copies are an index,
-    so in the backward pass the gradients of a group's rows add up in its one prompt pass."""
-    first, group = groups
-    cache = DynamicCache(config=_causal_lm(model).config)
+    The first P-1 prompt tokens go through the model once per group (prefix_cache). Their keys and values are
+    copied to each row of the group, and each row's last C+1 tokens (its last prompt token, then its
+    completion) attend to them; in the backward pass the gradients of a group's rows add up in its one pass."""
     # The prompt pass calls the module inside any DDP wrapper: DDP's forward runs once per backward pass, for the
     # second pass below. The gradients of both passes meet in the parameters before DDP averages them.
-    _unwrap(model)(input_ids=input_ids[first, :P - 1], attention_mask=attention_mask[first, :P - 1],
-                   position_ids=position_ids[first, :P - 1], **kv_cache(model, cache), use_cache=True,
-                   logits_to_keep=1)
-    cache.batch_select_indices(group)
+    cache, _ = prefix_cache(_unwrap(model), input_ids[:, :P - 1], attention_mask[:, :P - 1],
+                            position_ids[:, :P - 1], groups)
     return model(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, position_ids=position_ids[:, P - 1:],
                  **kv_cache(model, cache), use_cache=True, **wanted)
 
