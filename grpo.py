@@ -267,6 +267,7 @@ class GRPOConfig:
     per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Larger is faster until memory runs out. Default: the generation batch, N·S.")
     eval_on_start: bool = knob(True, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so every run has its 'before'.")
     logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so the (N, C, V) logits never exist at once. 0: all at once. Well below N*C, e.g. 256: the peak is about 5 x chunk x V floats.")
+    padding_free: bool = knob(True, "Run the log-prob passes without padding: each group's prompt once, then its completions back to back, under a mask that keeps them apart (same numbers up to float rounding). Off, or with an attention that takes no such mask (FlashAttention) or a sliding window: padded rows.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
 
@@ -442,7 +443,7 @@ def tokenize_prompts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_p
 # model.generate: it is the same algorithm (transformers' own logits processors, one token at a time, pad after
 # EOS), written out so that each step can be read, and it leaves out two costs that generate() pays on a CPU:
 # torch.multinomial (12 ms per token for 16 rows at V = 49,152, against 3 ms for the draw below) and G identical
-# prompt passes per group. The log-prob passes of section 7 share each group's prompt pass too.
+# prompt passes per group. The log-prob passes of section 7 also run each group's prompt once (packed rows).
 
 
 def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
@@ -770,43 +771,55 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 # 7. Per-token log-probabilities of the completion tokens.
 
 
+def _pieces(logits: Tensor) -> tuple[Tensor, ...]:
+    """The positions of (N, C, V) logits as (n, V) pieces of about 8 MB in float32: small enough that the memory
+    allocator reuses the space of the last piece. A larger tensor is mapped fresh from the system each time, and
+    faulting its pages in costs more than the arithmetic (0.2 s for one (844, 49,152) float32 copy here)."""
+    return logits.flatten(0, 1).split(max(1, 2**21 // logits.size(-1)))
+
+
 @shape_checked
 def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N C"]) -> Float[Tensor, "N C"]:
     """log_softmax(logits)[..., index] without building the (N, C, V) log_softmax tensor beside the logits.
 
     log p(x) = logit_x - logsumexp(logits). At V = 151,936 a float32 (8, 1024, V) tensor is 5 GB, so we gather
-    the one logit we need and compute logsumexp one row at a time. In bfloat16 logsumexp loses too much
-    precision, so there we take log_softmax one row at a time instead (at most one (C, V) row exists extra).
+    the one logit we need and compute logsumexp a few positions at a time. In bfloat16 logsumexp loses too much
+    precision, so there we take log_softmax a few positions at a time instead, in float32.
     """
     if logits.dtype in (torch.float32, torch.float64):
         selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        logsumexp = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
-        return selected - logsumexp
-    return torch.stack([row.float().log_softmax(dim=-1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-                        for row, idx in zip(logits, index)])
+        return selected - torch.cat([torch.logsumexp(piece, dim=-1) for piece in _pieces(logits)]).view_as(index)
+    ids = index.flatten().split(len(_pieces(logits)[0]))
+    return torch.cat([piece.float().log_softmax(dim=-1).gather(-1, i[:, None]).squeeze(-1)
+                      for piece, i in zip(_pieces(logits), ids)]).view_as(index)
 
 
 @shape_checked
 def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
-    """H = logsumexp(l) - Σ softmax(l)·l per position, one row at a time (a diagnostic: no gradient). einsum
-    sums p·l without building their product."""
-    with torch.no_grad():  # each row in float32 on its own: converting a bf16 tensor whole allocates (N, C, V) anew
-        return torch.stack([torch.logsumexp(row, -1) - torch.einsum("cv,cv->c", row.softmax(-1), row)
-                            for row in (r.float() for r in logits)])
+    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time (a diagnostic: no gradient).
+    einsum sums p·l without building their product."""
+    with torch.no_grad():  # each piece in float32 on its own: converting a bf16 tensor whole allocates (N, C, V) anew
+        return torch.cat([torch.logsumexp(piece, -1) - torch.einsum("cv,cv->c", piece.softmax(-1), piece)
+                          for piece in (p.float() for p in _pieces(logits))]).view(logits.shape[:2])
 
 
 @shape_checked
 def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
                         completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
                         temperature: float, with_entropy: bool = False, chunk_size: int = 0,
-                        share_prompts: bool = True) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+                        padding_free: bool = True) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
     """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position.
-    With chunk_size > 0 the logits are made `chunk_size` tokens at a time (see chunked_logps). Rows that share
-    a prompt run it once (see forward_sharing_prompts); share_prompts=False runs every row in full."""
+    With chunk_size > 0 the logits are made `chunk_size` tokens at a time (see chunked_logps). With
+    padding_free, when the model allows it (can_pack), the rows go through the model packed: no padding, and
+    each group's prompt once (see packed_per_token_logps). The numbers are the same up to float rounding, but
+    positions outside completion_mask, which nothing uses, are 0 there."""
+    if padding_free and can_pack(model):
+        return packed_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                                      with_entropy, chunk_size)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = positions(attention_mask)  # as the sampling loop counted them
-    P, C = prompt_ids.size(1), completion_ids.size(1)
+    C = completion_ids.size(1)
     if chunk_size > 0:
         # The final hidden states instead of the logits. logits_to_keep=1 makes the forward's own logits one
         # position: N × V, not N × C × V. hidden_states[-1] is after the final norm, what the LM head reads (the
@@ -814,49 +827,165 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
         wanted = dict(output_hidden_states=True, logits_to_keep=1)
     else:
         wanted = {"logits_to_keep": C + 1} if _accepts(model, "logits_to_keep") else {}
-    groups = shared_prompts(prompt_ids, prompt_mask) if share_prompts else None
-    # Under gradient checkpointing transformers drops the cache of a forward pass with gradients, so there every
-    # row runs in full.
-    if groups is not None and P > 1 and not (torch.is_grad_enabled() and _causal_lm(model).is_gradient_checkpointing):
-        output = forward_sharing_prompts(model, input_ids, attention_mask, position_ids, P, groups, **wanted)
-    else:
-        # Through the model's own forward: under torchrun that is DDP's forward, which arms the gradient
-        # all-reduce (calling the decoder directly would leave each rank with its own gradients).
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, **wanted)
+    # Through the model's own forward: under torchrun that is DDP's forward, which arms the gradient all-reduce
+    # (calling the decoder directly would leave each rank with its own gradients).
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   **wanted)
     if chunk_size > 0:
         # The hidden state at position t predicts token t+1, as the logits below do.
         return chunked_logps(output.hidden_states[-1][:, -(C + 1):-1], completion_ids,
                              _causal_lm(model).get_output_embeddings(), temperature, chunk_size, with_entropy)
     # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
-    # that end one before the sequence does. Sampling divided the logits by the temperature, so we must too,
-    # or the log-probs we train on are not those of the policy that sampled.
+    # that end one before the sequence does.
     logits = output.logits[:, -(C + 1):-1, :]  # (N, C, V), a view: no copy yet
-    if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
-        logits = logits / temperature
     trace("log-probs", "input_ids", input_ids, "N P+C")
     trace("log-probs", "logits (completion positions)", logits, "N C V")
-    per_token_logps = selective_log_softmax(logits, completion_ids)
-    return per_token_logps, entropy_from_logits(logits) if with_entropy else None
+    return logps_from_logits(logits, completion_ids, temperature, with_entropy)
+
+
+def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
+                      ) -> tuple[Tensor, Optional[Tensor]]:
+    """Sampling divided the logits by the temperature, so we must too, or the log-probs we train on are not
+    those of the policy that sampled."""
+    if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
+        logits = logits / temperature
+    return selective_log_softmax(logits, ids), entropy_from_logits(logits) if with_entropy else None
+
+
+@dataclass
+class PackedRows:
+    """A micro-batch laid out by pack_rows: R packed rows of L tokens."""
+    input_ids: Tensor  # (R, L)
+    position_ids: Tensor  # (R, L): each token's position in its own unpadded sequence, prompt then completion
+    allowed: Tensor  # (R, L, L) bool: may the token at the query position attend to the one at the key position
+    predictors: Tensor  # (K,): for each completion token (completion_mask's ones, row by row), the position in
+    # the flattened (R·L) hidden states whose logits predict it
 
 
 @shape_checked
-def forward_sharing_prompts(model: torch.nn.Module, input_ids: Int[Tensor, "N PC"], attention_mask: Int[Tensor, "N PC"],
-                            position_ids: Int[Tensor, "N PC"], P: int, groups: tuple[Tensor, Tensor], **wanted):
-    """The model's outputs at the last C+1 positions, as one pass over all P+C tokens gives them, for rows that
-    share their prompt (groups from shared_prompts). The G completions of a prompt all start from the same P
-    tokens, so computing them once per group instead of once per row saves (G-1)/G of the prompt's cost, in
-    the forward and in the backward pass (a third of the training pass on SmolLM2's sums, P = 38 of 102).
+def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], completion_ids: Int[Tensor, "N C"],
+              completion_mask: Int[Tensor, "N C"], max_length: int) -> PackedRows:
+    """The micro-batch without padding, and with each group's prompt once. Each prompt is followed by the
+    completions of the rows that share it, back to back, and as many prompts follow each other in a packed row
+    as fit in max_length tokens (q, r: two prompts; a, b, c: completions; E: EOS; 0: padding):
 
-    The first P-1 prompt tokens go through the model once per group (prefix_cache). Their keys and values are
-    copied to each row of the group, and each row's last C+1 tokens (its last prompt token, then its
-    completion) attend to them; in the backward pass the gradients of a group's rows add up in its one pass."""
-    # The prompt pass calls the module inside any DDP wrapper: DDP's forward runs once per backward pass, for the
-    # second pass below. The gradients of both passes meet in the parameters before DDP averages them.
-    cache, _ = prefix_cache(_unwrap(model), input_ids[:, :P - 1], attention_mask[:, :P - 1],
-                            position_ids[:, :P - 1], groups)
-    return model(input_ids=input_ids[:, P - 1:], attention_mask=attention_mask, position_ids=position_ids[:, P - 1:],
-                 **kv_cache(model, cache), use_cache=True, **wanted)
+        q q q a a a a E b b E r r r r c c c c c E 0 0
+
+    The rows are cut at about the same length, none longer than max_length (a cut repeats the prompt in the
+    next row). Each completion token may attend to its own prompt and to the earlier tokens of its own
+    completion, and its position id counts from its prompt as in its own row, so every token computes what it
+    would in the padded batch. completion_mask must be 1 on a prefix of each row, as completion_mask_from_eos
+    makes it."""
+    N, P = prompt_ids.shape
+    device = prompt_ids.device
+    groups = shared_prompts(prompt_ids, prompt_mask)
+    group = groups[1].tolist() if groups is not None else list(range(N))
+    prompt_lengths, lengths = prompt_mask.sum(1), completion_mask.sum(1)
+    starts_group = [i == 0 or group[i] != group[i - 1] for i in range(N)]
+    # The packed rows are filled to about the same length, so that little padding is left at their ends.
+    total = int(lengths.sum()) + sum(p for p, new in zip(prompt_lengths.tolist(), starts_group) if new)
+    target = math.ceil(total / math.ceil(total / max_length))
+    # Where everything goes: per prompt placed, its packed row and column; per row, those of its completion.
+    used = []  # tokens taken in each packed row so far
+    prompt_at, prompt_source, prompt_of_row, completion_at = [], [], [], []
+    for i, (p, n) in enumerate(zip(prompt_lengths.tolist(), lengths.tolist())):
+        new_prompt = starts_group[i]
+        if not used or used[-1] >= target or used[-1] + n + (p if new_prompt else 0) > max_length:
+            used.append(0)  # a new packed row; its first completion needs its prompt there too
+            new_prompt = True
+        if new_prompt:
+            prompt_at.append((len(used) - 1, used[-1]))
+            prompt_source.append(i)
+            used[-1] += p
+        prompt_of_row.append(len(prompt_at) - 1)
+        completion_at.append((len(used) - 1, used[-1]))
+        used[-1] += n
+    R, L = len(used), max(used)
+    (prompt_row, prompt_start), (row_of, start_of) = (torch.tensor(x, device=device).T
+                                                      for x in (prompt_at, completion_at))
+    prompt_source, prompt_of_row = (torch.tensor(x, device=device) for x in (prompt_source, prompt_of_row))
+    input_ids = prompt_ids.new_zeros(R, L)  # padding at the end of a packed row: token 0, seen by no real token
+    position_ids = prompt_ids.new_zeros(R, L)
+    prompt_id = prompt_ids.new_full((R, L), -1)  # which prompt a token belongs to, or follows (-1: padding)
+    completion_id = prompt_ids.new_full((R, L), -1)  # which row's completion a token is (-1: a prompt, padding)
+
+    def place(rows, columns, mask, ids, position, prompt, completion):  # rows: (X,); the rest (X, Y), where mask is
+        rows, columns = rows[:, None].expand_as(mask)[mask], columns[mask]
+        input_ids[rows, columns], position_ids[rows, columns] = ids[mask], position[mask]
+        prompt_id[rows, columns], completion_id[rows, columns] = prompt[mask], completion
+
+    # The prompts, without their left padding.
+    mask = prompt_mask[prompt_source].bool()
+    counted = prompt_mask[prompt_source].cumsum(1)  # 1 at a prompt's first token, 2 at its second, ...
+    place(prompt_row, prompt_start[:, None] + counted - 1, mask, prompt_ids[prompt_source], counted - 1,
+          torch.arange(len(prompt_source), device=device)[:, None].expand_as(mask), -1)
+    # The completions; their position ids continue from the end of their prompt.
+    mask = completion_mask.bool()
+    counted = completion_mask.cumsum(1)
+    column = start_of[:, None] + counted - 1
+    rows = torch.arange(N, device=device)[:, None].expand_as(mask)
+    place(row_of, column, mask, completion_ids, prompt_lengths[:, None] + counted - 1,
+          prompt_of_row[:, None].expand_as(mask), rows[mask])
+    # A token is predicted by the hidden state just before it: a completion's first token by its prompt's last.
+    prompt_end = (prompt_start + prompt_lengths[prompt_source] - 1)[prompt_of_row]
+    before = torch.where(counted == 1, prompt_end[:, None], column - 1)
+    # A query may see a key of its own prompt, or of its own completion, at or before it.
+    same_prompt = prompt_id[:, None, :] == prompt_id[:, :, None]  # (R, L query, L key)
+    own = (completion_id[:, None, :] == -1) | (completion_id[:, None, :] == completion_id[:, :, None])
+    allowed = torch.ones(L, L, dtype=torch.bool, device=device).tril() & same_prompt & own
+    return PackedRows(input_ids, position_ids, allowed, (row_of[:, None] * L + before)[mask])
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Packing needs an attention that takes our (R, 1, L, L) mask, SDPA's or the eager one (FlashAttention
+    takes no mask), and no sliding window, which the mask would not apply."""
+    config = _causal_lm(model).config
+    return config._attn_implementation in ("sdpa", "eager") and not getattr(config, "sliding_window", None)
+
+
+@shape_checked
+def packed_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
+                           completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
+                           temperature: float, with_entropy: bool = False, chunk_size: int = 0
+                           ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+    """get_per_token_logps over the packed rows of pack_rows. The padded batch pays for every row's prompt and
+    for the padding after every completion shorter than the longest: on SmolLM2's sums (G = 8, P = 38, C = 64),
+    a batch of 16 rows × 102 tokens where 562 are real. Only the K completion tokens are projected to the
+    vocabulary.
+
+    A packed row's attention is dense: each of its L queries is scored against all L keys, allowed or not. Per
+    token that costs about L / (5·H) of the layer's other matmuls (2·L·H multiply-adds against about 10·H² in
+    the projections and MLP of a Llama-shaped layer of width H), so rows are cut at H tokens, or at P + C if
+    that is longer. Under bf16 the matmuls run about 4× faster on a CPU with AMX and attention does not, so
+    there rows are cut at H/2: on SmolLM2 (H = 576) a batch of 844 completion tokens then took 1.95 s forward
+    and backward instead of 2.4-2.8 s, while in float32 cutting at H/2 took 10-25% longer than at H."""
+    config = _causal_lm(model).config
+    P, C = prompt_ids.size(1), completion_ids.size(1)
+    width = getattr(config, "hidden_size", 0)
+    if torch.is_autocast_enabled(prompt_ids.device.type) or _causal_lm(model).dtype in (torch.bfloat16, torch.float16):
+        width //= 2
+    packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, max_length=max(P + C, width))
+    mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
+    if config._attn_implementation == "eager":  # eager adds the mask to the scores
+        dtype = _causal_lm(model).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    output = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                   use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = rearrange(output.hidden_states[-1], "r l h -> (r l) h")[packed.predictors][None]  # (1, K, H)
+    real = completion_mask.bool()
+    ids = completion_ids[real][None]  # (1, K): the K completion tokens as one row
+    trace("log-probs", "packed input_ids", packed.input_ids, "R L")
+    lm_head = _causal_lm(model).get_output_embeddings()
+    if chunk_size > 0:
+        logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
+    else:
+        logits = lm_head(hidden)
+        trace("log-probs", "logits (completion tokens)", logits, "1 K V")
+        logps, entropies = logps_from_logits(logits, ids, temperature, with_entropy)
+
+    def unpack(x):  # (1, K) -> (N, C), 0 outside the mask
+        return torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_scatter(real, x[0])
+    return unpack(logps), unpack(entropies) if with_entropy else None
 
 
 @shape_checked
@@ -889,10 +1018,8 @@ def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperat
                  ) -> tuple[Tensor, Optional[Tensor]]:
     # float32 even under bf16: the chunk is small, and selective_log_softmax then uses logsumexp.
     logits = lm_head(hidden).float()[None]  # (1, chunk, V): one "row" for the functions above
-    if temperature != 1.0:
-        logits = logits / temperature
-    logps = selective_log_softmax(logits, ids[None])[0]
-    return logps, entropy_from_logits(logits)[0] if with_entropy else None
+    logps, entropies = logps_from_logits(logits, ids[None], temperature, with_entropy)
+    return logps[0], entropies[0] if with_entropy else None
 
 
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
@@ -1386,7 +1513,8 @@ class GRPOTrainer:
             return torch.cat([get_per_token_logps(model, prompt_ids[i:i + N], prompt_mask[i:i + N],
                                                   completion_ids[i:i + N], completion_mask[i:i + N],
                                                   self.args.temperature,
-                                                  chunk_size=self.args.logits_chunk_size)[0]
+                                                  chunk_size=self.args.logits_chunk_size,
+                                                  padding_free=self.args.padding_free)[0]
                               for i in range(0, prompt_ids.size(0), N)]).float()
 
     def _reference_logps(self, *batch_args) -> Tensor:
@@ -1401,7 +1529,8 @@ class GRPOTrainer:
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
         per_token_logps, entropies = get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            self.args.temperature, with_entropy=True, chunk_size=self.args.logits_chunk_size)
+            self.args.temperature, with_entropy=True, chunk_size=self.args.logits_chunk_size,
+            padding_free=self.args.padding_free)
         per_token_logps = per_token_logps.float()
         trace("log-probs", "per_token_logps", per_token_logps, "N C")
         trace("loss", "advantages (micro-batch)", batch.advantages, "N")
