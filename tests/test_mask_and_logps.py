@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from grpo import (completion_mask_from_eos, get_per_token_logps, logits_processors, sample_from, sample_with_cache,
-                  selective_log_softmax, tokenize_prompts)
+from grpo import (completion_mask_from_eos, get_per_token_logps, logits_processors, prepacked_linears, sample_from,
+                  sample_with_cache, selective_log_softmax, tokenize_prompts)
 
 EOS = 1
 
@@ -114,3 +114,55 @@ def test_a_group_shares_one_prompt_pass(model, tokenizer):
                                           tokenizer.pad_token_id, share_prompts=share_prompts))
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=0)
+
+
+def test_rows_that_end_leave_the_batch_and_sample_what_they_would_have(model, tokenizer):
+    """The loop runs the model on the rows that have not ended. It still draws a random number for every row
+    at every step, so with EOS it draws the tokens it draws without, up to each row's end; and the log-probs it
+    drew with equal those recomputed by one forward pass, for the rows that kept going after others ended."""
+    prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf=", "bc=", "dd="], tokenizer, None)
+    processors = logits_processors(1.5, 0, 1.0, None, 1.0, prompt_mask)
+
+    def sample(eos):
+        torch.manual_seed(0)
+        return sample_with_cache(model, prompt_ids, prompt_mask, processors, 8, eos, tokenizer.pad_token_id)
+
+    with torch.no_grad():
+        free, _ = sample([-1])  # no EOS: every row runs 8 tokens
+        eos = [int(free[0, 2]), int(free[2, 0])]  # row 2 ends at its first token, row 0 by its third
+        rows = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
+        got, sampled = sample(eos)
+        hook.remove()
+        mask, _ = completion_mask_from_eos(got, eos)
+        recomputed, _ = get_per_token_logps(model, prompt_ids, prompt_mask, got, mask, 1.5)
+    assert rows[0] == 4 and min(rows) < 4  # the prompts ran as 4 rows, later steps on fewer
+    assert mask.sum(1).tolist()[2] == 1 and mask.sum(1).max() > 3
+    assert torch.equal(got * mask, free[:, :got.size(1)] * mask)
+    torch.testing.assert_close(recomputed * mask, sampled * mask, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), (torch.bfloat16, 0.1)], ids=["float32", "bf16 autocast"])
+def test_prepacked_linears_give_the_same_logits(model, dtype, tol):
+    ids = torch.randint(2, 40, (4, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        plain = model(input_ids=ids).logits
+        with prepacked_linears(model, rows=4, autocast_dtype=dtype):
+            assert "forward" in model.lm_head.__dict__  # the layer's own forward is replaced while inside
+            packed = model(input_ids=ids).logits
+    assert "forward" not in model.lm_head.__dict__  # and restored after
+    assert packed.dtype == plain.dtype
+    torch.testing.assert_close(packed.float(), plain.float(), atol=tol, rtol=0)
+
+
+def test_float32_attention_takes_the_padding_mask(model):
+    """sdpa_float32, the attention the trainer uses under --bf16 on a CPU, is SDPA with float32 inputs: on
+    float32 inputs it must give SDPA's numbers, left padding included (transformers builds no mask for an
+    attention it does not know, which would let the padding be attended)."""
+    ids = torch.randint(2, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("sdpa_float32")
+        float32 = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(float32[mask.bool()], plain[mask.bool()], atol=1e-5, rtol=0)
