@@ -548,6 +548,7 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
             keep = (~ended[live]).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             live = live[keep]
+        # An ended row keeps its last logits: it draws, but only pads.
         logits[live] = model(input_ids=token[live, None], attention_mask=attention_mask[live],
                              position_ids=position[live], **kv_cache(model, cache),
                              use_cache=True).logits[:, -1].float()
