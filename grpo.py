@@ -786,12 +786,13 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
     the one logit we need and compute logsumexp a few positions at a time. In bfloat16 logsumexp loses too much
     precision, so there we take log_softmax a few positions at a time instead, in float32.
     """
+    pieces = _pieces(logits)
     if logits.dtype in (torch.float32, torch.float64):
         selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        return selected - torch.cat([torch.logsumexp(piece, dim=-1) for piece in _pieces(logits)]).view_as(index)
-    ids = index.flatten().split(len(_pieces(logits)[0]))
+        return selected - torch.cat([torch.logsumexp(piece, dim=-1) for piece in pieces]).view_as(index)
+    ids = index.flatten().split(len(pieces[0]))
     return torch.cat([piece.float().log_softmax(dim=-1).gather(-1, i[:, None]).squeeze(-1)
-                      for piece, i in zip(_pieces(logits), ids)]).view_as(index)
+                      for piece, i in zip(pieces, ids)]).view_as(index)
 
 
 @shape_checked
@@ -876,8 +877,7 @@ def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], c
     completion, and its position id counts from its prompt as in its own row, so every token computes what it
     would in the padded batch. completion_mask must be 1 on a prefix of each row, as completion_mask_from_eos
     makes it."""
-    N, P = prompt_ids.shape
-    device = prompt_ids.device
+    N, device = prompt_ids.size(0), prompt_ids.device
     groups = shared_prompts(prompt_ids, prompt_mask)
     group = groups[1].tolist() if groups is not None else list(range(N))
     prompt_lengths, lengths = prompt_mask.sum(1), completion_mask.sum(1)
@@ -912,20 +912,19 @@ def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], c
     def place(rows, columns, mask, ids, position, prompt, completion):  # rows: (X,); the rest (X, Y), where mask is
         rows, columns = rows[:, None].expand_as(mask)[mask], columns[mask]
         input_ids[rows, columns], position_ids[rows, columns] = ids[mask], position[mask]
-        prompt_id[rows, columns], completion_id[rows, columns] = prompt[mask], completion
+        prompt_id[rows, columns], completion_id[rows, columns] = prompt[mask], completion[mask]
 
     # The prompts, without their left padding.
     mask = prompt_mask[prompt_source].bool()
     counted = prompt_mask[prompt_source].cumsum(1)  # 1 at a prompt's first token, 2 at its second, ...
     place(prompt_row, prompt_start[:, None] + counted - 1, mask, prompt_ids[prompt_source], counted - 1,
-          torch.arange(len(prompt_source), device=device)[:, None].expand_as(mask), -1)
+          torch.arange(len(prompt_source), device=device)[:, None].expand_as(mask), torch.full_like(counted, -1))
     # The completions; their position ids continue from the end of their prompt.
     mask = completion_mask.bool()
     counted = completion_mask.cumsum(1)
     column = start_of[:, None] + counted - 1
-    rows = torch.arange(N, device=device)[:, None].expand_as(mask)
     place(row_of, column, mask, completion_ids, prompt_lengths[:, None] + counted - 1,
-          prompt_of_row[:, None].expand_as(mask), rows[mask])
+          prompt_of_row[:, None].expand_as(mask), torch.arange(N, device=device)[:, None].expand_as(mask))
     # A token is predicted by the hidden state just before it: a completion's first token by its prompt's last.
     prompt_end = (prompt_start + prompt_lengths[prompt_source] - 1)[prompt_of_row]
     before = torch.where(counted == 1, prompt_end[:, None], column - 1)
@@ -960,15 +959,16 @@ def packed_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"
     that is longer. Under bf16 the matmuls run about 4× faster on a CPU with AMX and attention does not, so
     there rows are cut at H/2: on SmolLM2 (H = 576) a batch of 844 completion tokens then took 1.95 s forward
     and backward instead of 2.4-2.8 s, while in float32 cutting at H/2 took 10-25% longer than at H."""
-    config = _causal_lm(model).config
+    causal_lm = _causal_lm(model)
+    config = causal_lm.config
     P, C = prompt_ids.size(1), completion_ids.size(1)
     width = getattr(config, "hidden_size", 0)
-    if torch.is_autocast_enabled(prompt_ids.device.type) or _causal_lm(model).dtype in (torch.bfloat16, torch.float16):
+    if torch.is_autocast_enabled(prompt_ids.device.type) or causal_lm.dtype in (torch.bfloat16, torch.float16):
         width //= 2
     packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, max_length=max(P + C, width))
     mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
     if config._attn_implementation == "eager":  # eager adds the mask to the scores
-        dtype = _causal_lm(model).dtype
+        dtype = causal_lm.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     output = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                    use_cache=False, output_hidden_states=True, logits_to_keep=1)
@@ -976,7 +976,7 @@ def packed_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"
     real = completion_mask.bool()
     ids = completion_ids[real][None]  # (1, K): the K completion tokens as one row
     trace("log-probs", "packed input_ids", packed.input_ids, "R L")
-    lm_head = _causal_lm(model).get_output_embeddings()
+    lm_head = causal_lm.get_output_embeddings()
     if chunk_size > 0:
         logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
     else:
