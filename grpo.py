@@ -24,9 +24,9 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
 Every function that takes or returns tensors says their shapes with jaxtyping, for example
 `Float[Tensor, "BG C"]`. jaxtyping can evaluate an expression such as `B*G` only once B and G are bound
 by another argument of the same call, so a flat row axis gets the one-word name `BG` (read "B times G"),
-and the grouped view is written `B G`. Likewise `PC` is the P+C positions of a prompt and its completion,
-`U` counts the distinct prompts among a micro-batch's rows, and `L` is the length of a prefix that is run
-once per group. The checks run under the tests and with `--check_shapes` (or GRPO_CHECK_SHAPES=1); otherwise
+and the grouped view is written `B G`. Likewise `U` counts the distinct prompts among a micro-batch's rows,
+`L` is a sequence length, and the packed log-prob pass (section 7) lays a micro-batch out as `R` rows of `L`
+tokens, of which `K` are completion tokens. The checks run under the tests and with `--check_shapes` (or GRPO_CHECK_SHAPES=1); otherwise
 the annotations are documentation and cost nothing.
 
 What this file leaves out, on purpose: vLLM or any generation server (we sample in a loop of our own over
@@ -2060,16 +2060,18 @@ def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optiona
     if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available():
         linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
                    and (autocast_dtype or m.weight.dtype) in (torch.float32, torch.bfloat16)]
-    for linear in linears:
-        dtype = autocast_dtype or linear.weight.dtype
-        weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
-        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        linear.forward = functools.partial(_prepacked_linear, weight=weight, bias=bias, dtype=dtype)
+    packed = []
     try:
-        yield
-    finally:
         for linear in linears:
-            del linear.forward  # back to nn.Linear.forward
+            dtype = autocast_dtype or linear.weight.dtype
+            weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
+            bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+            linear.forward = functools.partial(_prepacked_linear, weight=weight, bias=bias, dtype=dtype)
+            packed.append(linear)
+        yield
+    finally:  # also when packing itself fails part way: every layer gets nn.Linear.forward back
+        for linear in packed:
+            del linear.forward
 
 
 def _prepacked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
