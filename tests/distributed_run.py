@@ -34,8 +34,9 @@ CONFIGS = {
     "dapo_S1": dict(loss_type="dapo", steps_per_generation=1),
     # With S = 4 > GA a step trains on each rank's first 2 micro-batches, which are other rows than one process's
     # first 2 (TRL splits the same way). With one prompt for every row, every group is the same, so each step
-    # still sees the same rows as one process, and the two runs must agree.
-    "dapo_S4": dict(loss_type="dapo", steps_per_generation=4, one_prompt=True),
+    # still sees the same rows as one process, and the two runs must agree, if the rows are cut in their order:
+    # after a random shuffle (TRL's, and ours by default) a step takes other rows on 2 ranks than on one process.
+    "dapo_S4": dict(loss_type="dapo", steps_per_generation=4, one_prompt=True, unshuffled=True),
     "batch_std": dict(loss_type="dapo", scale_rewards="batch"),
     "kl_chunked": dict(loss_type="dapo", beta=0.04, logits_chunk_size=5),
     "checkpointing": dict(loss_type="dapo", gradient_checkpointing=True),
@@ -71,7 +72,7 @@ def token_sum_reward(completion_ids, **kwargs) -> list[float]:
 def run(name: str, out_dir: str, model_dir: str) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config = dict(CONFIGS[name])
-    one_prompt = config.pop("one_prompt", False)
+    one_prompt, unshuffled = config.pop("one_prompt", False), config.pop("unshuffled", False)
     args = grpo.GRPOConfig(
         output_dir=os.path.join(out_dir, f"{name}-w{world_size}"), num_generations=4,
         per_device_train_batch_size=GLOBAL_N // world_size, gradient_accumulation_steps=2, num_iterations=2,
@@ -105,7 +106,14 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
         return batch
 
     trainer.generate_and_score = recording
-    history = trainer.train()
+    shuffled_split = grpo.GenerationBatch.shuffled_split
+    if unshuffled:  # the rows cut in their order (see CONFIGS)
+        grpo.GenerationBatch.shuffled_split = lambda batch, S: [
+            batch.rows(slice(i * len(batch.advantages) // S, (i + 1) * len(batch.advantages) // S)) for i in range(S)]
+    try:
+        history = trainer.train()
+    finally:
+        grpo.GenerationBatch.shuffled_split = shuffled_split
     params = torch.cat([p.detach().flatten().cpu() for p in grpo._unwrap(trainer.model).parameters()])
     torch.save({**seen, "loss": [row["loss"] for row in history], "reward": [row.get("reward") for row in history],
                 "params": params}, os.path.join(out_dir, f"{name}-rank{trainer.rank}.pt"))

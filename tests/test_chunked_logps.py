@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo import get_per_token_logps
+from grpo import get_per_token_logps, hidden_state_logps
 
 
 def logps_and_grads(model, chunk_size, dtype):
@@ -14,8 +14,9 @@ def logps_and_grads(model, chunk_size, dtype):
     completion_mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [1] * 5 + [0, 0]])
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        logps, entropy = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.9,
-                                             with_entropy=True, chunk_size=chunk_size)
+        batch = (prompt_ids, prompt_mask, completion_ids, completion_mask, 0.9)
+        logps, entropy = (hidden_state_logps(model, *batch, with_entropy=True, pack=False, chunk_size=chunk_size)
+                          if chunk_size else get_per_token_logps(model, *batch, with_entropy=True))
     (logps.float() * completion_mask).sum().backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return logps.float().detach(), entropy.float(), grads

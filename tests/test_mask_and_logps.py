@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from grpo import (completion_mask_from_eos, get_per_token_logps, logits_processors, prepacked_linears, sample_from,
-                  sample_with_cache, selective_log_softmax, tokenize_prompts)
+import grpo
+from grpo import (completion_mask_from_eos, get_per_token_logps, logits_processors, sample_from, sample_with_cache,
+                  selective_log_softmax, tokenize_prompts)
 
 EOS = 1
 
@@ -101,17 +102,24 @@ def test_sampling_loop_follows_generate_with_the_same_processors(model, tokenize
     assert torch.equal(logps, torch.zeros_like(logps))  # top-1 leaves one token, of probability 1
 
 
-def test_a_group_shares_one_prompt_pass(model, tokenizer):
+def test_a_group_shares_one_prompt_pass(model, tokenizer, monkeypatch):
     """G copies of a prompt: one prompt pass whose keys and values are copied G times gives the same draws and
     log-probs as G passes (same random stream; the numbers differ only by float rounding)."""
     prompt_ids, prompt_mask = tokenize_prompts(["a="] * 3 + ["hgf="] * 3, tokenizer, None)
     processors = logits_processors(1.0, 0, 1.0, None, 1.0, prompt_mask)
-    runs = []
+    rows, runs = [], []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
     for share_prompts in (False, True):
+        if not share_prompts:  # as if every row had a prompt of its own
+            monkeypatch.setattr(grpo, "shared_prompts", lambda *args: None)
         torch.manual_seed(0)
         with torch.no_grad():
             runs.append(sample_with_cache(model, prompt_ids, prompt_mask, processors, 6, [tokenizer.eos_token_id],
-                                          tokenizer.pad_token_id, share_prompts=share_prompts))
+                                          tokenizer.pad_token_id))
+        monkeypatch.undo()
+        rows.append("|")
+    hook.remove()
+    assert rows[0] == 6 and rows[rows.index("|") + 1] == 2  # the prompt pass: 6 rows, then the 2 distinct prompts
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-5, rtol=0)
 
@@ -140,29 +148,3 @@ def test_rows_that_end_leave_the_batch_and_sample_what_they_would_have(model, to
     assert mask.sum(1).tolist()[2] == 1 and mask.sum(1).max() > 3
     assert torch.equal(got * mask, free[:, :got.size(1)] * mask)
     torch.testing.assert_close(recomputed * mask, sampled * mask, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("dtype,tol", [(None, 1e-5), (torch.bfloat16, 0.1)], ids=["float32", "bf16 autocast"])
-def test_prepacked_linears_give_the_same_logits(model, dtype, tol):
-    ids = torch.randint(2, 40, (4, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-        plain = model(input_ids=ids).logits
-        with prepacked_linears(model, rows=4, autocast_dtype=dtype):
-            assert "forward" in model.lm_head.__dict__  # the layer's own forward is replaced while inside
-            packed = model(input_ids=ids).logits
-    assert "forward" not in model.lm_head.__dict__  # and restored after
-    assert packed.dtype == plain.dtype
-    torch.testing.assert_close(packed.float(), plain.float(), atol=tol, rtol=0)
-
-
-def test_float32_attention_takes_the_padding_mask(model):
-    """sdpa_float32, the attention the trainer uses under --bf16 on a CPU, is SDPA with float32 inputs: on
-    float32 inputs it must give SDPA's numbers, left padding included (transformers builds no mask for an
-    attention it does not know, which would let the padding be attended)."""
-    ids = torch.randint(2, 40, (2, 6), generator=torch.Generator().manual_seed(0))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
-    with torch.no_grad():
-        plain = model(input_ids=ids, attention_mask=mask).logits
-        model.set_attn_implementation("sdpa_float32")
-        float32 = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(float32[mask.bool()], plain[mask.bool()], atol=1e-5, rtol=0)

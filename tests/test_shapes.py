@@ -89,7 +89,7 @@ def test_trace_shapes_from_python_follows_the_data(tmp_path, tiny_model_dir):
     assert by_name["grouped_rewards"].shape == (2, 4)
     assert by_name["ref_per_token_logps"].shape == (8, by_name["completion_ids"].shape[1])
     assert "old_per_token_logps" not in by_name  # μ = 1, S = GA: not needed
-    assert by_name["logits (completion tokens)"].shape[2] == len(trainer.tokenizer)
+    assert by_name["logits (completion positions)"].shape[2] == len(trainer.tokenizer)  # Part I's pass
     assert not os.path.exists(os.path.join(str(tmp_path), "model.safetensors"))  # a partial run saves no final model
 
 

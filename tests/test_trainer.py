@@ -248,7 +248,9 @@ def test_default_run_learns(tmp_path, capsys):
     train_rows = [r for r in trainer.history if "reward" in r]  # step 0 holds only the evaluation before training
     first_train, last_train = train_rows[0]["reward"], train_rows[-1]["reward"]
     assert last_train > first_train + 5, (first_train, last_train)
-    assert evals[-1] > 3.0, evals  # out of 5; random weights score about -8
+    # Out of 5; random weights score about -8. Seeds 42, 0, 1, 2 ended at 4.94-4.96 on an Intel Xeon with AMX;
+    # the margin is for another CPU's float rounding, which sends the run along another path.
+    assert evals[-1] > 4.8, evals
     assert "before training ->" in out and "Completions before -> after" in out
 
 
@@ -302,7 +304,7 @@ def test_num_tokens_counts_truncated_completions_even_when_they_are_masked(tmp_p
     batch = trainer.generate_and_score(rows)
     lengths, truncated = grpo.completion_mask_from_eos(batch.completion_ids, trainer.eos_token_ids)
     assert truncated.any()
-    assert trainer.num_tokens == int(batch.prompt_mask.sum() + lengths.sum())
+    assert trainer.report.num_tokens == int(batch.prompt_mask.sum() + lengths.sum())
     assert batch.num_items_in_batch == float(lengths[~truncated].sum())  # the loss's count excludes them
 
 
