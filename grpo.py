@@ -670,8 +670,7 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _nanmin(x: Tensor) -> Tensor:
-    """The smallest value over the ranks that is not NaN (a completion with no tokens left by the mask gives
-    0/0); NaN if none."""
+    """The smallest value over the ranks that is not NaN (a completion the mask left empty gives 0/0), or NaN."""
     smallest = sum_over_ranks(x.detach().nan_to_num(nan=math.inf).min(), op=dist.ReduceOp.MIN)
     return smallest.nan_to_num(posinf=math.nan)
 
@@ -810,7 +809,7 @@ class GRPOTrainer:
             if args.beta != 0.0:
                 ref_per_token_logps = self.reference_logps(*batch)
                 trace("log-probs", "ref_per_token_logps", ref_per_token_logps, "BG C")
-        self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, advantages,
+        self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
         # loss_type="dapo" divides by the completion tokens of the global generation batch, every rank's.
         num_items = float(sum_over_ranks(completion_mask.sum())) if mode == "train" else 0.0
@@ -1214,28 +1213,29 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
     5.9 s against 11.0 s padded, in float32. A packed row's attention is dense, which per token costs about
     L / (5·H) of the other matmuls, so rows are cut at H tokens (or P + C), at H/2 under bf16, whose matmuls are
     4× faster while attention is not. Positions outside completion_mask are 0 when packed."""
-    causal_lm = _causal_lm(model)
-    P, C = prompt_ids.size(1), completion_ids.size(1)
+    causal_lm, C, real = _causal_lm(model), completion_ids.size(1), completion_mask.bool()
     if pack:
         width = getattr(causal_lm.config, "hidden_size", 0)
         if torch.is_autocast_enabled(prompt_ids.device.type) or causal_lm.dtype in (torch.bfloat16, torch.float16):
             width //= 2
-        packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, max_length=max(P + C, width))
+        packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                           max_length=max(prompt_ids.size(1) + C, width))
         trace("log-probs", "packed input_ids", packed.input_ids, "R L")
         mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
         if causal_lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
             dtype = causal_lm.dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        output = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                       use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = rearrange(output.hidden_states[-1], "r l h -> (r l) h")[packed.predictors][None]  # (1, K, H)
-        ids = completion_ids[completion_mask.bool()][None]  # (1, K): the K completion tokens as one row
+        inputs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
+    else:  # the padded rows, as Part I's pass
+        attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+        inputs = dict(input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=attention_mask,
+                      position_ids=positions(attention_mask))
+    # logits_to_keep=1: the forward's own logits are one position; hidden_states[-1] is what the head reads.
+    hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    if pack:  # (1, K, H) and (1, K): the state before each of the K completion tokens, and the tokens, as one row
+        hidden, ids = rearrange(hidden, "r l h -> (r l) h")[packed.predictors][None], completion_ids[real][None]
     else:
-        input_ids, attention_mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
-        # logits_to_keep=1: the forward's own logits are one position; hidden_states[-1] is what the head reads.
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                       use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden, ids = output.hidden_states[-1][:, -(C + 1):-1], completion_ids  # position t predicts token t+1
+        hidden, ids = hidden[:, -(C + 1):-1], completion_ids  # position t predicts token t+1
     lm_head = causal_lm.get_output_embeddings()
     if chunk_size > 0:
         logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
@@ -1245,7 +1245,6 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
         logps, entropies = logps_from_logits(logits, ids, temperature, with_entropy)
     if not pack:
         return logps, entropies
-    real = completion_mask.bool()
     unpack = lambda x: torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_scatter(real, x[0])  # noqa: E731
     return unpack(logps), unpack(entropies) if with_entropy else None
 
@@ -1748,16 +1747,15 @@ class Report:
                                   asdict(self.args)) if trainer.is_main_process else None)
         self.bar = None
 
-    def generation(self, mode, prompts, completions_text, rewards_per_func, rewards, advantages, prompt_mask,
-                   completion_lengths, is_truncated) -> None:
-        """The metrics of one generation batch. In training they are over every rank's rows (gathered); in
-        evaluation each rank's own, added up once at the end (its ranks may see different numbers of batches)."""
+    def generation(self, mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
+                   prompt_mask, completion_lengths, is_truncated) -> None:
+        """The metrics of one generation batch: in training over every rank's rows (gathered, as all_rewards is);
+        in evaluation each rank's own, added up once at the end (ranks may see other numbers of batches)."""
         trainer, m = self.trainer, self.trainer.metrics
-        everyone = gather if mode == "train" else (lambda x: x)
-        rewards_per_func, all_rewards = everyone(rewards_per_func), everyone(rewards)
+        all_per_func = gather(rewards_per_func) if mode == "train" else rewards_per_func
         prefix = "" if mode == "train" else "eval_"
         if mode == "train":
-            lengths, truncated = everyone(completion_lengths.float()), everyone(is_truncated.float())
+            lengths, truncated = gather(completion_lengths.float()), gather(is_truncated.float())
             self.num_tokens += int(sum_over_ranks(prompt_mask.sum() + completion_lengths.sum()))
             m["num_tokens"].append(self.num_tokens)
             terminated = lengths[truncated == 0]
@@ -1767,8 +1765,8 @@ class Report:
                     m[f"completions/{stat}_{name}"].append(float(getattr(x, stat)()))
             m["completions/clipped_ratio"].append(float(truncated.mean()))
         for f, name in enumerate(trainer.reward_names):
-            m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, f])))
-            m[f"{prefix}rewards/{name}/std"].append(float(_nanstd(rewards_per_func[:, f])))
+            m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(all_per_func[:, f])))
+            m[f"{prefix}rewards/{name}/std"].append(float(_nanstd(all_per_func[:, f])))
         group_std = _nanstd(rearrange(all_rewards, "(b g) -> b g", g=trainer.G), dim=1)
         m[f"{prefix}reward"].append(float(torch.nanmean(all_rewards)))
         m[f"{prefix}reward_std"].append(float(_nanstd(all_rewards)))  # over the whole batch, as TRL; not in groups
@@ -1777,7 +1775,7 @@ class Report:
         m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
         if mode != "train":
             return
-        seen, self.samples = set(), []  # this rank's rows; on rank 0 the first rows of the global batch
+        seen, self.samples = set(), []  # this rank's own rows; on rank 0 the first rows of the global batch
         for prompt, text, per_func, advantage, reward in zip(prompts, completions_text, rewards_per_func.tolist(),
                                                              advantages.tolist(), rewards.tolist()):
             if self.args.log_unique_prompts and str(prompt) in seen:  # TRL: the first row of each prompt
@@ -1797,17 +1795,19 @@ class Report:
         looks like (every completion earns the best reward). The same fact, two different messages."""
         trainer, count, mean = self.trainer, self.silent_batches, float(rewards.nanmean())
         step, often = trainer.global_step + 1, count & (count - 1) == 0  # at the 1st, 2nd, 4th, 8th ... such batch
-        if rewards.isnan().all() and often:
-            say(trainer, f"[grpo] warning: every reward function returned None for every completion of the "
-                         f"generation batch of step {step}, so every advantage is 0 and it teaches nothing ({count} "
-                         f"of {self.generation_batches} batches so far). Check which rows your rewards apply to.")
-        elif self.generation_batches == count and not rewards.isnan().all() and often:  # no signal in this run yet
-            say(trainer, f"[grpo] warning: no learning signal yet: in every group of the generation batch of step "
-                         f"{step} the {trainer.G} completions got the same reward (mean {mean:.4g}), so every "
-                         f"advantage is 0, and so it was for all {count} batches so far. If the model never earns "
-                         f"the reward, it cannot learn it: look at some completions (--log_completions), make the "
-                         f"reward reachable or give partial credit, or raise num_generations or temperature.")
-        elif self.generation_batches > count and not rewards.isnan().all() and trainer.is_main_process:
+        if rewards.isnan().all():
+            if often:
+                say(trainer, f"[grpo] warning: every reward function returned None for every completion of the "
+                             f"generation batch of step {step}, so every advantage is 0 and it teaches nothing ({count}"
+                             f" of {self.generation_batches} batches so far). Check which rows your rewards apply to.")
+        elif self.generation_batches == count:  # no batch of this run has had a learning signal yet
+            if often:
+                say(trainer, f"[grpo] warning: no learning signal yet: in every group of the generation batch of step "
+                             f"{step} the {trainer.G} completions got the same reward (mean {mean:.4g}), so every "
+                             f"advantage is 0, and so it was for all {count} batches so far. If the model never earns "
+                             f"the reward, it cannot learn it: look at some completions (--log_completions), make the "
+                             f"reward reachable or give partial credit, or raise num_generations or temperature.")
+        elif trainer.is_main_process:
             warn_once("silent-after-signal", f"note: from step {step} on, some generation batches have equal "
                       f"rewards within every group (this one: mean reward {mean:.4g}), so their advantages are 0 "
                       f"and they change nothing. That is usual once the policy has learned the task (or settled "
