@@ -101,9 +101,9 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
     for _ in range(warmup + steps):
         clock.clear()
         trainer.train(stop_after=trainer.global_step + 1)
-        # step_time runs from the start of the step to the optimizer step; the step is both, as TRL's is (from
+        # step_time runs from the start of the step to the end of its optimizer step, as TRL's does (from
         # on_step_begin to on_step_end). What it spent outside the timed stages is the policy's forward and backward.
-        step_time = trainer.history[-1]["step_time"] + clock["optimizer"]
+        step_time = trainer.history[-1]["step_time"]
         clock["forward+backward"] = step_time - sum(clock.values())
         # Completions differ in length from step to step; the stages are per step, and so is this.
         rows.append({**clock, "step": step_time, "tokens": trainer.history[-1]["completions/mean_length"]})

@@ -1,88 +1,63 @@
 r"""GRPO (Group Relative Policy Optimization) in one annotated file.
 
-GRPO comes from the DeepSeekMath paper. It is PPO without a critic: for every prompt q we sample a *group*
-of G completions o_1..o_G from the current policy, score each with one or more reward functions, and use
-how much better each completion did than its own group as the advantage:
+GRPO comes from the DeepSeekMath paper (Shao et al., 2024, arXiv:2402.03300). It is PPO without a critic: for
+every prompt q we sample a *group* of G completions o_1..o_G from the current policy, score each with one or
+more reward functions, and use how much better each completion did than its own group as the advantage:
 
     A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)
 
-The policy π_θ then climbs PPO's clipped surrogate objective, with an optional KL penalty that keeps it near
-a frozen reference model π_ref:
+The policy π_θ then climbs PPO's clipped surrogate objective, with an optional KL penalty that keeps it near a
+frozen reference model π_ref. With the default loss_type="dapo" every completion token of a batch weighs the same:
 
-    J(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/G Σ_i 1/|o_i| Σ_t ( min( r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i )
+    J(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/Σ_i|o_i| Σ_i Σ_t ( min( r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i )
                                                          - β D_KL[π_θ || π_ref] ) ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
-The group mean replaces PPO's learned value function: a completion is good if it beats its siblings.
+The paper's own form (loss_type="grpo") averages each completion over its tokens first, 1/G Σ_i 1/|o_i| Σ_t;
+section 8 has all four. The group mean replaces PPO's learned value function: a completion is good if it beats
+its siblings.
 
-The file has two parts. Part I is GRPO, on its plain paths, in the order the data flows: the config, the
-sampler, prompts, generation, rewards, advantages, log-probs, the loss and the trainer. It reads alone.
-Part II is what running it for real takes: several processes, faster paths (each used only where a check at
-setup shows it computes what Part I computes, on that model and that machine), validation, checkpoints and
-signals, metrics, loading, shape tracing, the demo and the command line.
+Part I is GRPO on its plain paths, in the order the data flows, and reads alone. Part II is what running it for
+real takes: several processes, faster paths (each used only where a check at setup shows it computes what Part I
+computes), validation, checkpoints and signals, metrics, loading, shape tracing, the demo and the command line.
 
 Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
     S  steps_per_generation (micro-batches per generation batch)     μ  num_iterations (passes per batch)
     N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
     C  completion length (right padded)               V  vocabulary size
-    F  number of reward functions                     H  the model's hidden size
+    F  number of reward functions                     W  processes (ranks) under torchrun
+A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them: S·μ/GA
+optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and the clip
+never acts; they matter once a step falls inside a batch (μ > 1 or S > GA), as PPO's update epochs do.
 Tensors carry their shapes as jaxtyping types, for example `Float[Tensor, "BG C"]`. jaxtyping evaluates an
-expression such as `B*G` only once B and G are bound by another argument of the same call, so a flat row
-axis gets the one-word name `BG` (read "B times G"), and the grouped view is written `B G`. U counts the
-distinct prompts among some rows, L is a sequence length, and Part II's packed pass lays a micro-batch out
-as R rows of L tokens, K of them completion tokens. The checks run under the tests and with --check_shapes
-(or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation and cost nothing.
+expression such as `B*G` only once B and G are bound by another argument of the same call, so a flat row axis
+gets the one-word name `BG` (read "B times G"), and the grouped view is written `B G`. The checks run under the
+tests and with --check_shapes (or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation.
 
-What this file leaves out, on purpose: vLLM or any generation server (we sample in a loop of our own over
-the KV cache, section 4: slower on a GPU, but every step can be read), DeepSpeed/FSDP (several processes use
-plain DDP), and TRL's callbacks. There is no transformers.Trainer underneath: the loop is written out.
-
-Run it: `python grpo.py` (a tiny model built in code learns a toy task on a CPU), `--help` (every knob),
-`--trace_shapes` (one step, with every tensor's shape), `torchrun --nproc_per_node=2 grpo.py` (two processes),
-`--resume_from_checkpoint latest` (continue exactly after Ctrl-C or a crash), and the README's real models.
+Left out on purpose: transformers.Trainer (the loop is written out), its callbacks, and DeepSpeed/FSDP (several
+processes use plain DDP). Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
 """
 
 import contextlib
 import copy
 import functools
-import importlib
-import importlib.util
-import inspect
-import json
 import math
-import numbers
 import os
-import random
-import re
-import shutil
-import signal
-import sys
-import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sized
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterator, Sized
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.utils.checkpoint
 from beartype import BeartypeConf, beartype
 from einops import rearrange
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, DynamicCache, HfArgumentParser, LogitsProcessorList, MinPLogitsWarper,
-                          PreTrainedModel, PreTrainedTokenizerBase, RepetitionPenaltyLogitsProcessor,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, get_scheduler)
+from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-# Shape checks are switched on by the tests, by --check_shapes and by GRPO_CHECK_SHAPES=1. When off, a checked
-# function costs one extra Python call; when on, jaxtyping and beartype verify every annotated argument and
-# return value, and a mismatch names the function, the argument, and the expected and actual shapes.
+# Shape checks are on under the tests, --check_shapes and GRPO_CHECK_SHAPES=1: jaxtyping and beartype then verify
+# every annotated argument and return value, and a mismatch names the function, the argument and both shapes.
 CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"
 
 
@@ -102,8 +77,8 @@ def shape_checked(fn):
 # ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Configuration. Names, defaults and meanings follow TRL's GRPOConfig wherever TRL has the knob. The knobs
-# of the algorithm come first; Part II checks every combination (check_config) and says which numbers disagree.
+# 1. Configuration: the knobs of the algorithm, with TRL's names, defaults and meanings. Part II adds the knobs of
+# running it (model, data, logging, checkpoints, precision, speed) and calls the whole GRPOConfig, as TRL does.
 
 
 def knob(default, help):
@@ -113,95 +88,38 @@ def knob(default, help):
     return field(default=default, metadata={"help": help})
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-
-
 @dataclass
-class GRPOConfig:
-    # the group and the batch arithmetic (REFERENCE.md): N = per_device_train_batch_size, B*G = N*S
+class AlgorithmConfig:
+    # the group, and the batch arithmetic: N completions per micro-batch, B*G = N*S per generation batch
     num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.")
     per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.")
     steps_per_generation: Optional[int] = knob(None, "S: micro-batches cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps.")
-    num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions and makes the ratio differ from 1.")
+    num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions; the ratio then moves from 1.")
     gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.")
     # generation
     max_prompt_length: Optional[int] = knob(512, "Prompts longer than this many tokens lose their start (left truncation).")
     max_completion_length: int = knob(512, "Most tokens generated per completion. A completion that reaches it without EOS is truncated.")
-    temperature: float = knob(1.0, "Sampling temperature; the training log-probs are divided by the same value.")
-    top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.")
-    top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.")
-    min_p: Optional[float] = knob(None, "Drop tokens less likely than min_p times the most likely one.")
-    repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.")
+    temperature: float = knob(1.0, "Sampling temperature; the training logits are divided by the same value.")
     # the loss
     beta: float = knob(0.0, "β: weight of the KL penalty to the reference model. 0 loads no reference model.")
-    use_bias_correction_kl: bool = knob(True, "Multiply the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2), which makes its gradient the unbiased gradient of KL(π_θ||π_ref). Changes the gradient whenever β ≠ 0, on-policy too.")
+    use_bias_correction_kl: bool = knob(True, "Weigh the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2): the unbiased gradient of KL(π_θ||π_ref).")
     epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.")
     epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.")
-    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (generation-batch tokens).")
+    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
-    # rewards
-    reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
-    reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
-    # optimisation
+    # the loop
     learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
-    weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
-    lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
-    warmup_ratio: float = knob(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
     max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
     max_steps: int = knob(-1, "Optimizer steps to run; -1 means num_train_epochs passes over the dataset.")
     num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
     seed: int = knob(42, "Seed for the sampler, the shuffles, the initial weights of the demo, and generation.")
-    # the model and the data
-    model_name_or_path: Optional[str] = knob(None, "Policy to train: a hub name, a local folder, or a .gguf file. Unset: the embedded tiny demo.")
-    dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
-    dataset_config: Optional[str] = knob(None, "Hub dataset configuration name (for example `main` for openai/gsm8k).")
-    dataset_train_split: str = knob("train", "Split to train on.")
-    dataset_test_split: Optional[str] = knob(None, "Split of dataset_name to evaluate on (for example `test`), or a local .json/.jsonl/.csv/.parquet eval file. Unset: no evaluation.")
-    output_dir: str = knob("grpo_output", "Where metrics.jsonl, metrics.png, checkpoints and the final model go.")
-    # precision and memory (TRL's ModelConfig names)
-    dtype: str = knob("float32", "dtype the weights are loaded in: float32, bfloat16, float16 or auto (the checkpoint's). bfloat16 halves the weights' memory, and the optimizer then updates bf16 weights, which loses updates below bf16's resolution (about 1/256 of a weight). --bf16 instead keeps float32 weights and runs the forward passes under bf16 autocast. Log-probs and the loss are float32 either way.")
-    bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32). Fast on GPUs and on CPUs with AMX or AVX-512-BF16; on other CPUs float32 is faster, and the run says so.")
-    gradient_checkpointing: bool = knob(False, "Recompute each decoder layer's activations in the backward pass instead of keeping them: far less memory for about one more forward pass of time, and the same gradients.")
-    use_peft: bool = knob(False, "Train a LoRA adapter instead of every weight. The reference model is then the policy with the adapter switched off, and checkpoints hold the adapter only.")
-    lora_r: int = knob(16, "LoRA rank.")
-    lora_alpha: int = knob(32, "LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r.")
-    lora_dropout: float = knob(0.05, "LoRA dropout (set to 0 by disable_dropout, like every dropout).")
-    lora_target_modules: Optional[list[str]] = knob(None, "Module names that get an adapter, for example q_proj v_proj. Default: peft's choice for the architecture.")
-    disable_dropout: bool = knob(True, "Turn dropout off: with dropout on, the same tokens get different log-probs in each pass and the ratio is noise.")
-    # logging, evaluation and checkpoints
-    logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.")
-    log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging (and send them to --report_to as a table).")
-    num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
-    log_unique_prompts: bool = knob(False, "With log_completions, keep only the first completion of each prompt in what is printed and sent (TRL's name).")
-    wandb_log_unique_prompts: Optional[bool] = knob(None, "The seed's (and earlier TRL's) name for log_unique_prompts.")
-    report_to: list[str] = knob(["none"], "Also send every logged row to these experiment trackers: none, tensorboard (event files in output_dir/runs), wandb, trackio. Each is an optional install (pip install tensorboard / wandb / trackio); names are transformers', e.g. train/reward and eval/reward.")
-    eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
-    per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Larger is faster until memory runs out. Default: the generation batch, N·S.")
-    eval_on_start: bool = knob(True, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so every run has its 'before'.")
-    save_steps: int = knob(500, "Save a checkpoint (model, optimizer, scheduler, sampler position, random states) every this many optimizer steps (0: only the final model).")
-    save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
-    resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or in the newest one under output_dir with `latest`. The result is the same as a run that never stopped.")
-    # the log-prob passes: memory and speed (Part II), and shape checks
-    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, recomputing each chunk's projection to the vocabulary in the backward pass, so that the (N, C, V) logits never exist at once. 0: all at once. Well below N*C, e.g. 256: the peak is about 5 x chunk x V floats.")
-    use_liger_loss: bool = knob(False, "TRL's switch for Liger's fused loss, whose point is memory: here it turns on the chunked log-probs of logits_chunk_size (256 unless set), which bound the logits' memory the same way.")
-    padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs. Off: always the padded rows of section 7.")
-    check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
-    trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
-    # TRL's vLLM knobs, which the seed's examples use: accepted at their defaults, refused otherwise (check_config)
-    use_vllm: bool = knob(False, "Generate with vLLM. Not part of grpo.py, which samples with the loop you can read in section 4: True is refused.")
-    vllm_mode: str = knob("colocate", "vLLM's mode in TRL (colocate or server); only its default is accepted, since there is no vLLM here.")
-    vllm_gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory in TRL; only its default is accepted, since there is no vLLM here.")
-    vllm_tensor_parallel_size: int = knob(1, "vLLM's tensor parallelism in TRL; only its default is accepted, since there is no vLLM here.")
 
-    def __post_init__(self):
-        # Defaults that follow other knobs, as in TRL; Part II then refuses every combination that cannot work.
+    def __post_init__(self):  # defaults that follow other knobs, as in TRL
         self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
         self.epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-        self.eval_steps = self.eval_steps or self.logging_steps
-        check_config(self)
 
     @property
     def generation_batch_size(self) -> int:
@@ -213,9 +131,9 @@ class GRPOConfig:
 # 2. RepeatSampler: which dataset rows each step sees.
 #
 # A generation batch holds B prompts, each repeated G times in adjacent rows, so that a group never straddles
-# two batches (or, under torchrun, two processes). The same B*G indices are then yielded μ*S times in a row:
-# one copy for every micro-step that will train on that generation batch. The trainer generates on the first
-# copy and serves the rest from its buffer, so the number of micro-steps in an epoch is len(sampler) / (B*G).
+# two batches (or, under torchrun, two processes). TRL's dataloader asks for one micro-batch at a time, so TRL
+# also repeats each generation batch's indices μ*S times (repeat_count), once per micro-step that trains on it.
+# Our loop takes a whole generation batch at once and trains on it in μ*S micro-steps: repeat_count=1.
 
 
 class RepeatSampler(torch.utils.data.Sampler):
@@ -268,13 +186,10 @@ def is_conversational(prompt: Any) -> bool:
 
 
 def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text of a prompt; for messages, the chat template's, ending with the header of the assistant's turn. (Part
+    II checks every prompt of a dataset before the model loads.)"""
     if isinstance(prompt, str):
         return prompt
-    if not is_conversational(prompt):
-        raise ValueError(f"A prompt must be a string or a list of {{'role', 'content'}} messages; got {prompt!r:.200}.")
-    if tokenizer.chat_template is None:
-        raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
-                         "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
@@ -291,10 +206,8 @@ def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prom
     string_prompts = not is_conversational(prompts[0])  # a dataset column holds one kind
     if string_prompts and tokenizer.bos_token and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
         texts = [text.removeprefix(tokenizer.bos_token) for text in texts]  # the tokenizer adds it back
-    unique = {text: i for i, text in enumerate(dict.fromkeys(texts))}  # G copies of each: tokenize it once
-    enc = tokenizer(list(unique), return_tensors="pt", padding=True, add_special_tokens=string_prompts)
-    rows = torch.tensor([unique[text] for text in texts])
-    prompt_ids, prompt_mask = enc["input_ids"][rows], enc["attention_mask"][rows]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=string_prompts)
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
     if max_prompt_length is not None and prompt_ids.size(1) > max_prompt_length:
         too_long = int((prompt_mask.sum(1) > max_prompt_length).sum())
         warn_once("truncate", f"{too_long} of {len(texts)} prompts are longer than max_prompt_length="
@@ -311,52 +224,18 @@ def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prom
 # EOS), written out so that each step can be read.
 
 
-def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
-                      repetition_penalty: float, prompt_mask: Tensor) -> LogitsProcessorList:
-    """transformers' sampling filters, in the order generate() applies them: the repetition penalty, then the
-    temperature (the training log-probs divide the logits by the same one), then top-k, top-p and min-p."""
-    processors = LogitsProcessorList()
-    if repetition_penalty != 1.0:  # penalises tokens already in the prompt (left padding excluded) or completion
-        processors.append(RepetitionPenaltyLogitsProcessor(
-            repetition_penalty, prompt_ignore_length=(prompt_mask != 0).int().argmax(dim=1)))
-    if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k != 0:
-        processors.append(TopKLogitsWarper(top_k=top_k))
-    if top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p=top_p))
-    if min_p is not None:
-        processors.append(MinPLogitsWarper(min_p=min_p))
-    return processors
-
-
 def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
-    """One token per row, by inverting the cumulative distribution at a uniform draw: the sum in float64 gives each
-    token its probability to ~1e-16, and a token of probability 0 (cut by top-k or top-p) is never drawn. (On a
-    CPU, generate()'s torch.multinomial takes 12 ms per token for 16 rows at V = 49,152; this takes 3.)"""
+    """torch.multinomial(probs, 1), by inverting the cumulative distribution at a uniform draw: 4× faster on a CPU
+    at V = 49,152, and in float64 a token of probability 0 (cut by top-k or top-p) is never drawn."""
     cdf = probs.double().cumsum(dim=-1)
     u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
 def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
-    """Position ids that count real tokens only, so a left-padded row starts at 0 like an unpadded one (sampling
-    and the log-prob passes both use these)."""
+    """Position ids that count real tokens only (L: any length), so a left-padded row starts at 0 like an
+    unpadded one. Sampling and the log-prob passes both use these, so both see the same positions."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
-@shape_checked
-def shared_prompts(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"]
-                   ) -> Optional[tuple[Int[Tensor, "U"], Int[Tensor, "N"]]]:
-    """One row of each of the U distinct prompts and, for every row, its prompt's index among the U (None when no
-    two rows share one), wherever equal prompts are: adjacent in a generation batch, scattered in a micro-batch."""
-    key = prompt_ids.masked_fill(prompt_mask == 0, -1)  # the same ids under another mask are another prompt
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    if len(unique) == len(key):
-        return None
-    rows = torch.arange(len(key), device=key.device)
-    first = torch.full((len(unique),), len(key), device=key.device).scatter_reduce(0, inverse, rows, "amin")
-    return first, inverse
 
 
 @shape_checked
@@ -365,41 +244,27 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
                       pad_token_id: int) -> tuple[Int[Tensor, "BG C"], Float[Tensor, "BG C"]]:
     """Sample up to max_new_tokens tokens after each (left-padded) prompt, one at a time with the KV cache.
     Returns the tokens, padded after each row's first EOS, and the log-prob each had under the distribution it
-    was drawn from (after the processors). Stops once every row has ended, so C <= max_new_tokens. Two savings
-    change no draw (the tests check both): each group's prompt runs once and its keys and values are copied to
-    its G rows; and an ended row leaves the model's batch (it still draws, as generate()'s rows do, but pads)."""
-    BG, device = prompt_ids.size(0), prompt_ids.device
-    position_ids = positions(prompt_mask)
-    groups = shared_prompts(prompt_ids, prompt_mask)
-    first, group = groups if groups is not None else (slice(None), None)
-    cache = DynamicCache(config=_causal_lm(model).config)
-    logits = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=position_ids[first],
-                   **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1].float()
-    if group is not None:
-        cache.batch_select_indices(group)  # row i gets the keys and values of its group's prompt
-        logits = logits[group]
-    eos = torch.tensor(eos_token_ids, device=device)
-    sequences, attention_mask, position = prompt_ids, prompt_mask, position_ids[:, -1:]
-    ended = torch.zeros(BG, dtype=torch.bool, device=device)
-    live = torch.arange(BG, device=device)  # the rows that have not ended, in the order the cache holds them
+    was drawn from (after the processors). Stops once every row has ended, so C <= max_new_tokens."""
+    cache = DynamicCache(config=model.config)
+    eos = torch.tensor(eos_token_ids, device=prompt_ids.device)
+    sequences, attention_mask = prompt_ids, prompt_mask
+    input_ids, position_ids = prompt_ids, positions(prompt_mask)  # the first pass reads the whole prompt
+    ended = torch.zeros(prompt_ids.size(0), dtype=torch.bool, device=prompt_ids.device)
     tokens, logps = [], []
     for _ in range(max_new_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1].float()
         log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
-        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)  # an ended row only pads
+        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)  # a row that has ended only pads
         tokens.append(token)
         logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
         ended |= torch.isin(token, eos)
         if ended.all():
             break
+        # The next pass reads one new token per row; the cache holds the keys and values of all before it.
         sequences = torch.cat([sequences, token[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(BG, 1)], dim=1)
-        position = position + 1
-        if ended[live].any():  # rows that ended at this token leave the batch
-            keep = (~ended[live]).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            live = live[keep]
-        logits[live] = model(input_ids=token[live, None], attention_mask=attention_mask[live],
-                             position_ids=position[live], **kv_cache(model, cache), use_cache=True).logits[:, -1].float()
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+        input_ids, position_ids = token[:, None], position_ids[:, -1:] + 1
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
@@ -430,23 +295,6 @@ def completion_mask_from_eos(completion_ids: Int[Tensor, "BG C"], eos_token_ids:
 
 
 @shape_checked
-def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                        prompts: list, completions: list) -> Float[Tensor, "BG"]:
-    """Score prompt+completion with a sequence classifier (num_labels=1): reward = logits[:, 0]."""
-    if is_conversational(prompts[0]):
-        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if tokenizer.chat_template
-                 else "".join(m["content"] for m in p + c) for p, c in zip(prompts, completions)]
-    else:
-        texts = [p + c for p, c in zip(prompts, completions)]
-    tokenizer.padding_side = "right"
-    # No special tokens added: the chat template already wrote them (TRL scores the same token sequence).
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                    add_special_tokens=False).to(reward_model.device)
-    with torch.no_grad():
-        return reward_model(**enc).logits[:, 0].float()
-
-
-@shape_checked
 def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Float[Tensor, "F"]
                      ) -> Float[Tensor, "BG"]:
     """r = Σ_f w_f r_f over the functions that apply (None was turned into NaN and is skipped). A row where no
@@ -459,13 +307,14 @@ def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Fl
 # 6. Group-relative advantages: the one idea GRPO adds to PPO.
 
 
-def _nanstd(x: Tensor, dim: Optional[int] = None, keepdim: bool = False) -> Tensor:
-    """Unbiased (Bessel-corrected, like Tensor.std) standard deviation that ignores NaN."""
+def nanstd(x: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Unbiased (Bessel-corrected, like Tensor.std) standard deviation that ignores NaN; NaN where fewer than two
+    values are left, as TRL's nanstd."""
     if dim is None:
         x, dim = x.flatten(), 0
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    count = (~x.isnan()).sum(dim=dim, keepdim=keepdim)
-    return (torch.nansum((x - mean) ** 2, dim=dim, keepdim=keepdim) / (count - 1)).sqrt()
+    count = (~x.isnan()).sum(dim=dim)
+    squares = torch.nansum((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim)
+    return (squares / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
 
 
 @shape_checked
@@ -483,7 +332,7 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
     """
     grouped_rewards = rearrange(rewards, "(b g) -> b g", g=num_generations)
     group_mean = torch.nanmean(grouped_rewards, dim=1)
-    group_std = _nanstd(grouped_rewards, dim=1)
+    group_std = nanstd(grouped_rewards, dim=1)
     trace("advantages", "grouped_rewards", grouped_rewards, "B G")
     trace("advantages", "group_mean", group_mean, "B")
     trace("advantages", "group_std", group_std, "B")
@@ -491,7 +340,7 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
     if scale_rewards == "group":
         centred = centred / (group_std[:, None] + 1e-4)
     elif scale_rewards == "batch":
-        centred = centred / ((_nanstd(rewards) if batch_std is None else batch_std) + 1e-4)
+        centred = centred / ((nanstd(rewards) if batch_std is None else batch_std) + 1e-4)
     # A completion no reward applied to (NaN) gets advantage 0; so does every row of a group whose std is NaN.
     advantages = torch.nan_to_num(rearrange(centred, "b g -> (b g)"), nan=0.0)
     trace("advantages", "advantages", advantages, "BG")
@@ -502,11 +351,10 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 # 7. Per-token log-probabilities of the completion tokens.
 
 
-def _pieces(logits: Tensor) -> tuple[Tensor, ...]:
-    """The positions of (N, C, V) logits as (n, V) pieces of about 8 MB in float32: small enough that the memory
-    allocator reuses the space of the last piece. (A larger tensor is mapped fresh from the system each time,
-    and faulting its pages in costs more than the arithmetic.)"""
-    return logits.flatten(0, 1).split(max(1, 2**21 // logits.size(-1)))
+def row_pieces(logits: Tensor) -> list[Tensor]:
+    """The (C, V) logits of each row, in pieces of about 8 MB in float32: views, never copies (the allocator then
+    reuses one piece's space for the next: faulting in fresh pages costs more than the arithmetic)."""
+    return [piece for row in logits for piece in row.split(max(1, 2**21 // logits.size(-1)))]
 
 
 @shape_checked
@@ -517,22 +365,13 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
     the one logit we need and compute logsumexp a few positions at a time. In bfloat16 logsumexp loses too much
     precision, so there we take log_softmax a few positions at a time instead, in float32.
     """
-    pieces = _pieces(logits)
+    pieces = row_pieces(logits)
     if logits.dtype in (torch.float32, torch.float64):
         selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
         return selected - torch.cat([torch.logsumexp(piece, dim=-1) for piece in pieces]).view_as(index)
-    ids = index.flatten().split(len(pieces[0]))
+    ids = index.flatten().split([len(piece) for piece in pieces])
     return torch.cat([piece.float().log_softmax(dim=-1).gather(-1, i[:, None]).squeeze(-1)
                       for piece, i in zip(pieces, ids)]).view_as(index)
-
-
-@shape_checked
-def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
-    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time (a diagnostic: no gradient).
-    einsum sums p·l without building their product."""
-    with torch.no_grad():  # each piece in float32 on its own: converting a bf16 tensor whole allocates (N, C, V) anew
-        return torch.cat([torch.logsumexp(piece, -1) - torch.einsum("cv,cv->c", piece.softmax(-1), piece)
-                          for piece in (p.float() for p in _pieces(logits))]).view(logits.shape[:2])
 
 
 def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
@@ -560,7 +399,7 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
                    use_cache=False, logits_to_keep=C + 1).logits
     # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
     # that end one before the sequence does.
-    logits = logits[:, -(C + 1):-1, :]  # (N, C, V), a view: no copy yet
+    logits = logits[:, :-1, :]  # (N, C, V), a view: each row's C positions lie together in memory
     trace("log-probs", "input_ids", input_ids, "N P+C")
     trace("log-probs", "logits (completion positions)", logits, "N C V")
     return logps_from_logits(logits, completion_ids, temperature, with_entropy)
@@ -568,6 +407,9 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
 
 # ----------------------------------------------------------------------------------------------------------
 # 8. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @shape_checked
@@ -578,7 +420,9 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
               max_completion_length: Optional[int] = None, gradient_accumulation_steps: int = 1,
               steps_per_generation: int = 1, num_items_in_batch: Optional[float] = None, world_size: int = 1,
               use_bias_correction_kl: bool = True) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
-    """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL)."""
+    """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL). For "dapo",
+    num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
+    for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
     log_ratio = per_token_logps - old_per_token_logps
@@ -587,8 +431,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
         log_ratio = log_ratio.expand_as(per_token_logps)
     # r_{i,t}: exactly 1 in value when θ = θ_old, yet its gradient is ∇log π_θ. That is why the logged loss is
-    # about 0 on the first pass over a batch while the model still learns: the loss is A·r averaged, and A
-    # averages to 0 within each group.
+    # about 0 on the first pass over a batch while the model still learns: A averages to 0 within each group.
     ratio = torch.exp(log_ratio)
     # clip(r, 1-ε_low, 1+ε_high)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -604,21 +447,17 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         ref_minus_logp = ref_per_token_logps - per_token_logps
         per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
         if use_bias_correction_kl:
-            # D_KL ≈ r_{i,t} · k3 (DeepSeek-V3.2; TRL's default). The tokens were sampled from π_θ_old, but the
-            # KL we penalise is that of π_θ, so the estimate is importance-weighted by r. That changes the
-            # gradient even where r = 1 in value: ∇(r·k3) = r·(k3 + 1 - π_ref/π_θ)·∇logp, which at r = 1 is
-            # (logp - ref)·∇logp; averaged over samples it is exactly ∇KL(π_θ || π_ref), the KL we meant. Plain k3
-            # gives (1 - π_ref/π_θ)·∇logp, whose average is ∇KL(π_ref || π_θ): the other direction of the KL.
-            # (tests/test_loss.py pins both gradients with numbers.) At sequence level (GSPO) the sequence's
-            # ratio weighs each of its tokens.
+            # D_KL ≈ r_{i,t}·k3 (DeepSeek-V3.2, TRL's default): the tokens came from π_θ_old, and r makes the
+            # gradient that of KL(π_θ || π_ref) even where r = 1 in value; plain k3's gradient is that of the
+            # other direction, KL(π_ref || π_θ). tests/test_loss.py and tutorial 04 show both with numbers.
             per_token_kl = per_token_kl * ratio
         trace("loss", "per_token_kl", per_token_kl, "N C")
         # L_{i,t} += β·D_KL
         per_token_loss = per_token_loss + beta * per_token_kl
-        metrics["kl"] = _masked_mean(per_token_kl, mask)
+        metrics["kl"] = masked_mean(per_token_kl, mask)
 
     if loss_type == "grpo":
-        # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the seed's original. A long completion's tokens each weigh less, so
+        # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the paper's form. A long completion's tokens each weigh less, so
         # long wrong answers are punished less per token than short ones (the length bias Dr. GRPO names).
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
         loss = loss / gradient_accumulation_steps
@@ -627,61 +466,42 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / gradient_accumulation_steps
     elif loss_type == "dr_grpo":
         # Σ_{i,t} L_{i,t} / (N · max_completion_length): a constant, so no length bias
-        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_completion_length) / gradient_accumulation_steps
+        length = max_completion_length or mask.size(1)
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * length) / gradient_accumulation_steps
     elif loss_type == "dapo":
         # Σ_{i,t} L_{i,t} / (T · GA / S), T = completion tokens of the whole generation batch, over all
-        # processes. One optimizer step accumulates GA micro-batches, and a generation batch is S of them, so
-        # T·GA/S is the number of tokens one optimizer step sees (on average): summed over the GA micro-steps,
-        # the step's gradient is the token mean of all of them, whatever S and GA are. (S = GA: one generation
-        # batch per step and the divisor is T; GA = 2S: two batches and 2T; S = 2·GA: half a batch and T/2.)
-        # Dividing T by the world size undoes DDP's averaging of the ranks' gradients.
-        loss = (per_token_loss * mask).sum() / (
-            num_items_in_batch / world_size * gradient_accumulation_steps / steps_per_generation)
+        # processes: T·GA/S is the number of tokens one optimizer step sees, so its gradient is the token mean of
+        # all of them, whatever S and GA are. Dividing T by the world size undoes DDP's averaging of gradients.
+        # T is at least 1, as in TRL: a batch whose every token is masked trains on nothing, with loss 0.
+        tokens = max(1.0, mask.sum().item() if num_items_in_batch is None else num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / (tokens / world_size * gradient_accumulation_steps / steps_per_generation)
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
-
-    # How often clipping took effect, counted where it removes the gradient: below 1-ε_low for A<0,
-    # above 1+ε_high for A>0. Near 0 when μ=1; rising values mean the policy moves fast between passes.
     trace("loss", "per_token_loss", per_token_loss, "N C")
     trace("loss", "loss", loss, "")
+    # How often clipping took effect, counted where it removes the gradient: below 1-ε_low for A<0, above
+    # 1+ε_high for A>0 (PPO's clip fraction, split by side). 0 while no optimizer step falls inside a generation
+    # batch (μ = 1, S = GA); rising: the policy moves fast between steps.
     is_low_clipped = ((ratio < 1 - epsilon_low) & (A < 0)).float()
     is_high_clipped = ((ratio > 1 + epsilon_high) & (A > 0)).float()
-    counted = mask
     if importance_sampling_level == "sequence":  # one ratio per completion: count completions, not tokens (as TRL)
-        is_low_clipped, is_high_clipped = is_low_clipped[:, :1], is_high_clipped[:, :1]
-        counted = torch.ones_like(mask[:, :1])
-    metrics["clip_ratio/low_mean"] = _masked_mean(is_low_clipped, counted)
-    metrics["clip_ratio/high_mean"] = _masked_mean(is_high_clipped, counted)
-    metrics["clip_ratio/region_mean"] = _masked_mean(torch.maximum(is_low_clipped, is_high_clipped), counted)
+        is_low_clipped, is_high_clipped, mask = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(A)
+    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped, mask)
+    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped, mask)
+    metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(is_low_clipped, is_high_clipped), mask)
     # The extremes over completions of the share of each one's tokens that were clipped.
-    metrics["clip_ratio/low_min"] = _nanmin((is_low_clipped * counted).sum(-1) / counted.sum(-1))
-    metrics["clip_ratio/high_max"] = -_nanmin(-(is_high_clipped * counted).sum(-1) / counted.sum(-1))
+    metrics["clip_ratio/low_min"] = nanmin((is_low_clipped * mask).sum(-1) / mask.sum(-1))
+    metrics["clip_ratio/high_max"] = -nanmin(-(is_high_clipped * mask).sum(-1) / mask.sum(-1))
     return loss, metrics
 
 
-# The diagnostics are measured as TRL measures them: under torchrun, over every rank's rows (section 10), as one
-# process would see the whole micro-batch. With one process the sums over ranks do nothing.
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Σ x·mask / Σ mask, summed over the ranks before dividing: each rank weighs by its own count."""
-    total, count = sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]).detach().float()).unbind()
-    return total / count.clamp(min=1.0)
-
-
-def _nanmin(x: Tensor) -> Tensor:
-    """The smallest value over the ranks that is not NaN (a completion the mask left empty gives 0/0), or NaN."""
-    smallest = sum_over_ranks(x.detach().nan_to_num(nan=math.inf).min(), op=dist.ReduceOp.MIN)
-    return smallest.nan_to_num(posinf=math.nan)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 9. The trainer: generation batch -> rewards -> advantages -> S micro-batches × μ passes -> optimizer steps.
+# 9. The trainer: generation batch -> rewards -> advantages -> μ passes × S micro-batches -> optimizer steps.
 
 
 @dataclass
 class GenerationBatch:
-    """Everything the loss needs about B*G completions, kept on the device while μ·S micro-steps use it."""
+    """Everything the loss needs about B*G completions, kept while μ·S micro-steps train on them."""
     prompt_ids: Int[Tensor, "BG P"]
     prompt_mask: Int[Tensor, "BG P"]
     completion_ids: Int[Tensor, "BG C"]
@@ -691,40 +511,35 @@ class GenerationBatch:
     ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
     num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
 
-    def rows(self, index: Union[slice, Tensor]) -> "GenerationBatch":
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
-
     def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
         """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each holds rows
         of many prompts, so that with S > GA no optimizer step trains on some prompts only. The permutation comes
         from torch's global generator, which checkpoints save: a resumed run shuffles alike."""
         order = torch.randperm(self.prompt_ids.size(0)).to(self.prompt_ids.device)
-        n = len(order) // num_parts
-        return [self.rows(order[i * n:(i + 1) * n]) for i in range(num_parts)]
+        return [replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
+                                 if isinstance(getattr(self, f.name), Tensor)})
+                for rows in order.chunk(num_parts)]
 
 
 class GRPOTrainer:
     """Train `model` with GRPO on the prompts of `train_dataset`, scored by `reward_funcs`.
 
     model: a hub name, a local path, or a PreTrainedModel. reward_funcs: a callable, a built-in reward's name,
-    a reward model (PreTrainedModel or path), or a list of these. reward_weights may be given here (as in the
-    seed's example) or in `args`.
+    a reward model (PreTrainedModel or path), or a list of these. reward_weights may be given here or in `args`.
     """
 
-    def __init__(self, model: Union[str, PreTrainedModel], reward_funcs, args: Optional[GRPOConfig] = None,
+    def __init__(self, model: Union[str, PreTrainedModel], reward_funcs, args: Optional["GRPOConfig"] = None,
                  train_dataset=None, eval_dataset=None, processing_class: Optional[PreTrainedTokenizerBase] = None,
                  reward_processing_classes=None, optimizers=(None, None), peft_config=None,
                  reward_weights: Optional[list[float]] = None):
         self.args = args = args or GRPOConfig()
         self.rank, self.world_size, self.device = init_distributed()  # one process, or one of torchrun's ranks
         self.is_main_process = self.rank == 0  # the one that prints, logs and saves
-        # The batch arithmetic (REFERENCE.md): B*G = N*S completions of B prompts are generated at once.
+        # B*G = N*S completions of B prompts are generated at once; S micro-batches of N rows train on them.
         self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
         self.B = args.generation_batch_size // self.G
-        # Everything that can be checked without the model is checked first: a typo should cost seconds.
-        check_datasets(train_dataset, eval_dataset, self.B, self.world_size)
-        resume = find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        # Everything that can be checked before the model loads is checked first: a typo should cost seconds.
+        check_inputs(args, train_dataset, eval_dataset, reward_funcs, self.B, self.world_size)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.tokenizer = load_tokenizer(model, processing_class, train_dataset, eval_dataset)
         seed_everything(args.seed)
@@ -736,11 +551,11 @@ class GRPOTrainer:
         self.reward_funcs, self.reward_tokenizers, self.reward_names, self.reward_weights = load_rewards(
             reward_funcs, reward_processing_classes, reward_weights, args, self.device)
 
-        # Which prompts each step sees (section 2). Every rank builds this same sampler with the same seed, so
-        # all agree on the global batch of W·B prompts, and each takes its own B.
+        # Which prompts each generation batch holds (section 2). Every rank builds this same sampler with the same
+        # seed, so all agree on the global batch of W·B prompts, and each takes its own B.
         self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * self.world_size,
-                                     repeat_count=self.mu * self.S, shuffle=True, seed=args.seed)
-        micro_steps_per_epoch = len(self.sampler) // (args.generation_batch_size * self.world_size)
+                                     repeat_count=1, shuffle=True, seed=args.seed)
+        micro_steps_per_epoch = len(self.sampler) // (self.G * self.B * self.world_size) * self.S * self.mu
         self.max_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(
             args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
         # π_θ_old must be computed only when an optimizer step can fall between generating a batch and training
@@ -758,15 +573,14 @@ class GRPOTrainer:
         self.history: list[dict] = []
         self.report = Report(self)  # metrics.jsonl, the printed log, trackers, the picture, warnings
         self.checkpoints = Checkpoints(self)  # save and load everything a resumed run needs
-        # Where the loop stands: a checkpoint saves exactly this, and the random states.
-        self.global_step = self.micro_step = self.epoch_position = self.bad_steps = 0
-        self.epoch_rng = self.sampler.generator.get_state()  # the sampler's state when this pass began
-        self.buffer: list[GenerationBatch] = []  # the S micro-batches of the current generation batch
+        # Where the loop stands: a checkpoint saves this, the current generation batch and the random states.
+        self.global_step = self.micro_step = self.bad_steps = 0
+        self.micro_batches: list[GenerationBatch] = []  # the S micro-batches of the current generation batch
         self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
         if self.world_size > 1:  # ranks sample their completions from different random streams
             seed_everything(args.seed + self.rank)
-        if resume is not None:
-            self.checkpoints.load(resume)
+        if args.resume_from_checkpoint is not None:
+            self.checkpoints.load(find_checkpoint(args.resume_from_checkpoint, args.output_dir))
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
@@ -796,7 +610,7 @@ class GRPOTrainer:
         trace("rewards", "rewards", rewards, "BG")
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 10).
         all_rewards = gather(rewards) if mode == "train" else rewards
-        advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=_nanstd(all_rewards))
+        advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
         # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
@@ -825,8 +639,10 @@ class GRPOTrainer:
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
                                        args.repetition_penalty, prompt_mask)
-        with torch.inference_mode(), self.autocast():  # no autograd bookkeeping: SmolLM2 samples 6% faster
-            completion_ids, _ = self.sample(_unwrap(self.model), prompt_ids, prompt_mask, processors,
+        with torch.inference_mode(), self.autocast():  # no autograd bookkeeping while sampling
+            # The sampler's own log-probs are left: π_θ_old is recomputed by the same forward pass as π_θ's, so
+            # that the ratio is exactly 1 where nothing changed (sampling's kernels round differently).
+            completion_ids, _ = self.sample(unwrap(self.model), prompt_ids, prompt_mask, processors,
                                             args.max_completion_length, self.eos_token_ids,
                                             self.tokenizer.pad_token_id)
         completion_ids = completion_ids.clone()  # a tensor made in inference mode cannot be saved for backward
@@ -864,7 +680,7 @@ class GRPOTrainer:
     def logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
         N = self.args.per_device_train_batch_size
         with torch.no_grad(), self.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
-            return torch.cat([self.per_token_logps(_unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
+            return torch.cat([self.per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
                                                    completion_ids[i:i + N], completion_mask[i:i + N],
                                                    self.args.temperature)[0]
                               for i in range(0, prompt_ids.size(0), N)]).float()
@@ -873,19 +689,21 @@ class GRPOTrainer:
         if self.ref_model is not None:
             return self.logps_no_grad(self.ref_model, *batch)
         # With LoRA the reference is the same network with the adapter switched off: no second copy in memory.
-        with _unwrap(self.model).disable_adapter():
+        with unwrap(self.model).disable_adapter():
             return self.logps_no_grad(self.model, *batch)
 
-    # -- one micro-step and the loop ----------------------------------------------------------------------
+    # -- the loss of one micro-batch, and the loop ----------------------------------------------------------
 
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
+        """The loss of one micro-batch (N of the generation batch's rows), and its diagnostics."""
         per_token_logps, entropies = self.per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
             self.args.temperature, with_entropy=True)
         per_token_logps = per_token_logps.float()
         trace("log-probs", "per_token_logps", per_token_logps, "N C")
         trace("loss", "advantages (micro-batch)", batch.advantages, "N")
-        # On the first pass over a batch π_θ_old = π_θ: old is the same log-probs, detached from the graph.
+        # None when no optimizer step falls between generating and training (needs_old_logps): then π_θ_old = π_θ,
+        # and old is the same log-probs, detached from the graph.
         old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
         args = self.args
         loss, metrics = grpo_loss(
@@ -896,81 +714,63 @@ class GRPOTrainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
             use_bias_correction_kl=args.use_bias_correction_kl)
-        metrics["entropy"] = _masked_mean(entropies, batch.completion_mask.float())
+        metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
         for name, value in metrics.items():
             self.metrics[name].append(float(value))
         return loss
 
     def train(self, stop_after: Optional[int] = None, resume_from_checkpoint: Optional[str] = None) -> list[dict]:
-        """Run the optimizer steps of the config (or stop after `stop_after` of them); return the logged rows.
-        The final model is saved when the run is complete. Ctrl-C or SIGTERM saves a checkpoint after the
-        optimizer step under way and returns (self.stop_signal says which signal came)."""
+        """Run the optimizer steps of the config (or stop at step `stop_after`); return the logged rows. The final
+        model is saved when the run is complete; Ctrl-C or SIGTERM stops after the optimizer step under way."""
         if resume_from_checkpoint is not None:
             self.checkpoints.load(find_checkpoint(resume_from_checkpoint, self.args.output_dir))
-        args, BG, W = self.args, self.args.generation_batch_size, self.world_size
         last_step = min(self.max_steps, stop_after or self.max_steps)
+        GA, step_loss = self.args.gradient_accumulation_steps, 0.0
         with self.report.progress_bar(), catch_stop_signals(self):
             self.report.evaluate_before_training()
-            step_loss, step_start = 0.0, time.perf_counter()
-            while self.global_step < last_step and self.stop_signal is None:
-                if self.epoch_position == 0:
-                    self.epoch_rng = self.sampler.generator.get_state()
-                self.sampler.generator.set_state(self.epoch_rng)  # a resumed run redraws the pass it stopped in
-                epoch = list(self.sampler)  # a new permutation each pass
-                for start in range(self.epoch_position * W * BG, len(epoch), W * BG):
-                    self.epoch_position += 1
-                    # The sampler yields the global generation batch, W*B prompts each repeated G times in
-                    # adjacent rows; rank r takes rows [r*BG, (r+1)*BG), which are B whole groups (the seed's
-                    # example with 2 ranks: rank 0 trains on prompts 0, 1, then 4, 5; rank 1 on 2, 3, then 6, 7).
-                    indices = epoch[start:start + W * BG][self.rank * BG:(self.rank + 1) * BG]
-                    # Every (μ·S)-th micro-step starts a new generation batch; the μ·S - 1 identical copies of
-                    # these indices that the sampler yields next are served from the buffer.
-                    if self.micro_step % (self.S * self.mu) == 0:
-                        prompts = [self.train_dataset[i] for i in indices[::self.G]]  # one read per prompt
-                        batch = self.generate_and_score([row for row in prompts for _ in range(self.G)])
-                        self.buffer = batch.shuffled_split(self.S)
-                    micro_batch = self.buffer[self.micro_step % self.S]
-                    self.micro_step += 1
-                    # DDP all-reduces the gradients in every backward; while they only accumulate that is
-                    # wasted traffic, so no_sync skips it until the last micro-step before the optimizer step.
-                    accumulating = self.micro_step % args.gradient_accumulation_steps != 0
-                    with self.model.no_sync() if accumulating and W > 1 else contextlib.nullcontext():
-                        with self.autocast():
+            for rows in prompt_batches(self, last_step):  # this rank's B prompts × G, batch after batch
+                trained = self.micro_step % (self.S * self.mu)  # > 0 only in the batch a resumed run stopped in
+                if trained == 0:
+                    batch = self.generate_and_score(rows)  # G completions per prompt, rewards, advantages
+                    self.micro_batches = batch.shuffled_split(self.S)  # once, as TRL: every pass sees these
+                for iteration in range(self.mu):  # μ passes over the batch: PPO's update epochs
+                    for s, micro_batch in enumerate(self.micro_batches):  # every GA of them: one optimizer step
+                        if iteration * self.S + s < trained:
+                            continue
+                        self.micro_step += 1
+                        # DDP all-reduces the gradients only on the micro-step that ends an optimizer step (it
+                        # decides in the forward pass, so backward may sit outside, as outside autocast).
+                        with gradient_sync(self.model, self.micro_step % GA == 0), self.autocast():
                             loss = self.compute_loss(micro_batch)
                         loss.backward()
-                    step_loss += loss.item()
-                    if accumulating:
-                        continue
-                    self.optimizer_step(step_loss, time.perf_counter() - step_start)
-                    step_loss, step_start = 0.0, time.perf_counter()
-                    if self.global_step >= last_step or self.stop_signal is not None:
-                        break
-                else:
-                    self.epoch_position = 0
-        if self.global_step == self.max_steps:
-            self.checkpoints.save_model(args.output_dir)
-        self.report.finish()
+                        step_loss += loss.item()
+                        if self.micro_step % GA == 0:
+                            self.optimizer_step(step_loss)
+                            step_loss = 0.0
+                            if self.global_step >= last_step or self.stop_signal is not None:
+                                return self.finish()
+            return self.finish()  # reached only when no step was left to take
+
+    def finish(self) -> list[dict]:
+        if self.global_step == self.max_steps:  # a run that stopped early leaves its checkpoint, no final model
+            self.checkpoints.save_model()
+        self.report.finish()  # metrics.png, the trackers closed
         return self.history
 
-    def optimizer_step(self, loss: float, seconds: float) -> None:
+    def optimizer_step(self, loss: float) -> None:
         """Clip the gradient and step (unless the loss or gradient is not finite), then log, evaluate and save as
         scheduled."""
-        args = self.args
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
-        # The ranks decide together: the gradient is the same on all of them after DDP's all-reduce, but the
-        # loss and a signal are each rank's own.
-        flags = sum_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(self.stop_signal is not None)],
-                                            device=self.device)).tolist()
-        finite, stop = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
+        finite, stop = agree_on_step(self, loss, grad_norm)  # every rank decides alike (section 10)
         self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
         if finite:
             self.optimizer.step()
-        self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight (Part II says so)
+        self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        for name, value in (("loss", loss), ("grad_norm", grad_norm), ("step_time", seconds)):
-            self.metrics[name].append(value)
+        self.metrics["loss"].append(loss)
+        self.metrics["grad_norm"].append(grad_norm)
         self.report.after_step(loss, grad_norm)  # log and evaluate when it is time
         self.checkpoints.after_step(stop)  # save when it is time, on a signal, or after too many bad steps
 
@@ -981,10 +781,107 @@ class GRPOTrainer:
 
 # ==========================================================================================================
 # Part II: running it for real. A reader who came to learn GRPO may stop here: everything above is the
-# algorithm. Below is what Part I calls by name: several processes (10), faster paths that prove themselves
-# (11), validation (12), checkpoints and signals (13), metrics and the picture (14), loading (15), shape
-# tracing (16), the demo and its rewards (17), and the command line (18).
+# algorithm. Below is what Part I calls by name: the rest of the configuration (9b), several processes (10),
+# faster paths that prove themselves (11), validation (12), checkpoints, resume and signals (13), metrics and the
+# picture (14), loading (15), shape tracing (16), the demo and its rewards (17), and the command line (18).
 # ==========================================================================================================
+
+import importlib
+import importlib.util
+import inspect
+import itertools
+import json
+import numbers
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import namedtuple
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+import torch.distributed as dist
+import torch.utils.checkpoint
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser,
+                          MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper, get_scheduler)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9b. The knobs of running GRPO for real, and GRPOConfig: Part I's knobs of the algorithm, then these.
+
+
+@dataclass
+class RunConfig:
+    # sampling filters (logits_processors)
+    top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.")
+    top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.")
+    min_p: Optional[float] = knob(None, "Drop tokens less likely than min_p times the most likely one.")
+    repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.")
+    # rewards by name, for the command line
+    reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
+    reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
+    # optimisation
+    weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
+    lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
+    warmup_ratio: float = knob(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
+    # the model and the data
+    model_name_or_path: Optional[str] = knob(None, "Policy to train: a hub name, a local folder, or a .gguf file. Unset: the embedded tiny demo.")
+    dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
+    dataset_config: Optional[str] = knob(None, "Hub dataset configuration name (for example `main` for openai/gsm8k).")
+    dataset_train_split: str = knob("train", "Split to train on.")
+    dataset_test_split: Optional[str] = knob(None, "Split of dataset_name to evaluate on (for example `test`), or a local data file. Unset: no evaluation.")
+    output_dir: str = knob("grpo_output", "Where metrics.jsonl, metrics.png, checkpoints and the final model go.")
+    # precision and memory (TRL's ModelConfig names)
+    dtype: str = knob("float32", "dtype of the weights: float32, bfloat16, float16 or auto (the checkpoint's). bfloat16 halves their memory, but the optimizer then loses updates below bf16's resolution; --bf16 keeps float32 weights.")
+    bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32). Fast on GPUs and on CPUs with AMX or AVX-512-BF16; elsewhere float32 is faster, and the run says so.")
+    gradient_checkpointing: bool = knob(False, "Recompute each decoder layer's activations in the backward pass: far less memory, about one more forward pass of time, the same gradients.")
+    use_peft: bool = knob(False, "Train a LoRA adapter instead of every weight. The reference model is then the policy with the adapter off, and checkpoints hold the adapter only.")
+    lora_r: int = knob(16, "LoRA rank.")
+    lora_alpha: int = knob(32, "LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = knob(0.05, "LoRA dropout (set to 0 by disable_dropout, like every dropout).")
+    lora_target_modules: Optional[list[str]] = knob(None, "Module names that get an adapter, for example q_proj v_proj. Default: peft's choice for the architecture.")
+    disable_dropout: bool = knob(True, "Turn dropout off: with dropout on, the same tokens get different log-probs in each pass and the ratio is noise.")
+    # logging, evaluation and checkpoints
+    logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.")
+    log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging (and send them to --report_to as a table).")
+    num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
+    log_unique_prompts: bool = knob(False, "With log_completions, keep only the first completion of each prompt in what is printed and sent (TRL's name).")
+    wandb_log_unique_prompts: Optional[bool] = knob(None, "Earlier TRL's name for log_unique_prompts.")
+    report_to: list[str] = knob(["none"], "Also send every logged row to these trackers: none, tensorboard (output_dir/runs), wandb, trackio (each an optional install), under transformers' names such as train/reward.")
+    eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
+    per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Default: the generation batch, N·S.")
+    eval_on_start: bool = knob(True, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so every run has its 'before'.")
+    save_steps: int = knob(500, "Save a checkpoint (everything a resumed run needs) every this many optimizer steps (0: only the final model).")
+    save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
+    resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or the newest under output_dir with `latest`: the same run as one that never stopped.")
+    # the log-prob passes: memory and speed (section 11), and shape checks (section 16)
+    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, so that the (N, C, V) logits never exist at once (peak about 5 x chunk x V floats). 0: all at once.")
+    use_liger_loss: bool = knob(False, "TRL's switch for Liger's fused loss, whose point is memory: here it turns on the chunked log-probs of logits_chunk_size (256 unless set).")
+    padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs.")
+    check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
+    trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
+    # TRL's vLLM knobs: accepted at their defaults, refused otherwise (check_config)
+    use_vllm: bool = knob(False, "Generate with vLLM (TRL's knob). grpo.py samples with its own loop (section 4): True is refused.")
+    vllm_mode: str = knob("colocate", "vLLM's mode in TRL (colocate or server); only its default is accepted, since there is no vLLM here.")
+    vllm_gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory in TRL; only its default is accepted, since there is no vLLM here.")
+    vllm_tensor_parallel_size: int = knob(1, "vLLM's tensor parallelism in TRL; only its default is accepted, since there is no vLLM here.")
+
+
+@dataclass
+class GRPOConfig(RunConfig, AlgorithmConfig):
+    """Every knob, with TRL's names: the algorithm's (Part I) first, then those of running it."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.eval_steps = self.eval_steps or self.logging_steps
+        check_config(self)  # refuse every combination that cannot work, naming the numbers that disagree
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1042,10 +939,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Σ x·mask / Σ mask over every rank's rows, as TRL measures its diagnostics: each rank weighs by its count."""
+    total, count = sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]).detach().float()).unbind()
+    return total / count.clamp(min=1.0)
+
+
+def nanmin(x: Tensor) -> Tensor:
+    """The smallest value over every rank's rows that is not NaN (a completion the mask left empty gives 0/0)."""
+    smallest = sum_over_ranks(x.detach().nan_to_num(nan=math.inf).min(), op=dist.ReduceOp.MIN)
+    return smallest.nan_to_num(posinf=math.nan)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """DDP all-reduces the gradients in every backward; while they only accumulate that is wasted traffic, so
+    no_sync skips it until the micro-step before the optimizer step."""
+    return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else contextlib.nullcontext()
+
+
+def agree_on_step(trainer: "GRPOTrainer", loss: float, grad_norm: float) -> tuple[bool, bool]:
+    """Whether every rank's loss and the gradient are finite, and whether any rank got a stop signal: the ranks
+    must decide alike, and only the gradient is the same on all of them after DDP's all-reduce."""
+    flags = sum_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(trainer.stop_signal is not None)],
+                                        device=trainer.device)).tolist()
+    return flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 11. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
-# pays (by the model's width and the rows sampled, as measured in each docstring, on an Intel Xeon with AMX and
-# 2 cores) and where it holds: the log-prob passes are compared with Part I's at setup, and the CPU's prepacked
+# paid (measured on 2-core CPUs, as each docstring says; on a GPU only the chunking asked for) and where it holds:
+# the grouped sampler and the log-prob passes are compared with Part I's at setup, and the CPU's prepacked
 # weights are tried on one layer. Otherwise Part I's path runs, and one line says which paths run and why.
 
 PACK_FROM_WIDTH = 256  # from this width on a step is matmuls, which packing saves; below, it is Python overhead
@@ -1079,20 +1002,120 @@ def use_fast_paths(trainer: "GRPOTrainer") -> None:
                      f"({cpu_description()}), which has neither AMX nor AVX-512-BF16: PyTorch emulates bf16 here, "
                      f"and float32 is many times faster. It runs, but consider dropping it.")
     said = []
+    if on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
+        problem = sampling_problem(sample_grouped, unwrap(trainer.model))
+        if problem is None:
+            trainer.sample = sample_grouped
+        said.append("sampling each group's prompt once" if problem is None else f"plain sampling: {problem}")
     if on_cpu and wide:
         problem = prepacking_problem(model, bf16)
         if problem is None:
-            trainer.sample = functools.partial(sample_prepacked, autocast_dtype=bf16)
-        said.append(f"sampling with {'prepacked weights' if problem is None else f'plain weights ({problem})'}")
-    pack, chunk = args.padding_free and wide and can_pack(model), args.logits_chunk_size
+            trainer.sample = functools.partial(sample_prepacked, sample=trainer.sample, autocast_dtype=bf16)
+        said.append(f"{'prepacked weights' if problem is None else f'plain weights ({problem})'}")
+    # Packing was measured on CPUs only; on a GPU its dense (L, L) mask would also take SDPA off its flash kernel.
+    pack, chunk = args.padding_free and on_cpu and wide and can_pack(model), args.logits_chunk_size
     if pack or chunk:
         fast = functools.partial(hidden_state_logps, pack=pack, chunk_size=chunk)
         what = " and ".join(["packed rows"] * pack + [f"chunks of {chunk} tokens"] * (chunk > 0))
-        problem = logps_problem(fast, _unwrap(trainer.model))
+        problem = logps_problem(fast, unwrap(trainer.model))
         if problem is None:
             trainer.per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
     say(trainer, "[grpo] " + ("; ".join(said) if said else "Part I's plain paths") + ".")
+
+
+def shared_prompts(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"]
+                   ) -> Optional[tuple[Int[Tensor, "U"], Int[Tensor, "N"]]]:
+    """For the U distinct prompts among the rows, one row of each and, for every row, its prompt's index among the
+    U (None when no two rows share one), wherever equal prompts are: adjacent or scattered in a micro-batch."""
+    key = prompt_ids.masked_fill(prompt_mask == 0, -1)  # the same ids under another mask are another prompt
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(unique) == len(key):
+        return None
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(unique),), len(key), device=key.device).scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
+
+
+@shape_checked
+def sample_grouped(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"],
+                   processors: LogitsProcessorList, max_new_tokens: int, eos_token_ids: list[int],
+                   pad_token_id: int) -> tuple[Int[Tensor, "BG C"], Float[Tensor, "BG C"]]:
+    """sample_with_cache with two savings that change no draw: each group's prompt runs once and its keys and
+    values are copied to its G rows; and a row that has ended leaves the model's batch (it still draws, as every
+    row of Part I's loop does, and pads)."""
+    BG, device = prompt_ids.size(0), prompt_ids.device
+    position_ids = positions(prompt_mask)
+    groups = shared_prompts(prompt_ids, prompt_mask)
+    first, group = groups if groups is not None else (slice(None), None)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=position_ids[first],
+                   **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    if group is not None:
+        cache.batch_select_indices(group)  # row i gets the keys and values of its group's prompt
+        logits = logits[group]
+    eos = torch.tensor(eos_token_ids, device=device)
+    sequences, attention_mask, position = prompt_ids, prompt_mask, position_ids[:, -1:]
+    ended = torch.zeros(BG, dtype=torch.bool, device=device)
+    live = torch.arange(BG, device=device)  # the rows that have not ended, in the order the cache holds them
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
+        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)
+        tokens.append(token)
+        logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
+        ended |= torch.isin(token, eos)
+        if ended.all():
+            break
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(BG, 1)], dim=1)
+        position = position + 1
+        if ended[live].any():  # rows that ended at this token leave the batch
+            keep = (~ended[live]).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live = live[keep]
+        logits[live] = model(input_ids=token[live, None], attention_mask=attention_mask[live],
+                             position_ids=position[live], **kv_cache(model, cache), use_cache=True).logits[:, -1].float()
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def probe_batch(model: torch.nn.Module, completion_length: int = 0) -> list[Tensor]:
+    """Two random prompts of 5 tokens, one left-padded, each in two rows; with completion_length, random
+    completions of that many tokens whose masks end at other lengths."""
+    g, V, device = torch.Generator().manual_seed(0), model.get_output_embeddings().weight.size(0), model.device
+    prompt_ids = torch.randint(0, V, (2, 5), generator=g)[[0, 0, 1, 1]]
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1]] * 2 + [[1] * 5] * 2)
+    batch = [prompt_ids, prompt_mask]
+    if completion_length:
+        lengths = torch.tensor([[4], [2], [3], [1]]).clamp(max=completion_length)
+        batch += [torch.randint(0, V, (4, completion_length), generator=g),
+                  (torch.arange(completion_length)[None] < lengths).long()]
+    return [x.to(device) for x in batch]
+
+
+def sampling_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
+    """None if `fast` draws the tokens sample_with_cache draws, with the same log-probs, on a probe batch in
+    which one row ends early (its EOS is the token it drew second); otherwise why not. In the weights' dtype
+    without autocast, as logps_problem's probe."""
+    prompt_ids, prompt_mask = probe_batch(_causal_lm(model))
+
+    def sample(how, eos):
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
+                return how(model, prompt_ids, prompt_mask, LogitsProcessorList(), 6, eos, 0)
+
+    try:
+        eos = [int(sample(sample_with_cache, [-1])[0][0, 1])]
+        (plain, plain_logps), (faster, faster_logps) = sample(sample_with_cache, eos), sample(fast, eos)
+    except Exception as e:
+        return f"failed on this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if not torch.equal(plain, faster):
+        return "drew other tokens than Part I's loop on a probe batch"
+    mask = completion_mask_from_eos(plain, eos)[0].bool()  # after its EOS a row's log-probs are never read
+    error = float((plain_logps - faster_logps)[mask].abs().max())
+    tolerance = 1e-3 if _causal_lm(model).dtype in (torch.float32, torch.float64) else 5e-2
+    return None if error <= tolerance else f"log-probs differ from Part I's loop by {error:.2g} on a probe batch"
 
 
 def logps_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
@@ -1105,13 +1128,9 @@ def logps_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
     for name, neutral in HEAD_TRANSFORMS:
         if getattr(lm.config, name, None) not in (None, neutral):
             return f"would skip the {name}={getattr(lm.config, name)} this model applies after its LM head"
-    g, V, device = torch.Generator().manual_seed(0), lm.get_output_embeddings().weight.size(0), lm.device
-    prompt_ids = torch.randint(0, V, (2, 5), generator=g)[[0, 0, 1, 1]]
-    prompt_mask = torch.tensor([[0, 0, 1, 1, 1]] * 2 + [[1] * 5] * 2)
-    completion_mask = (torch.arange(4)[None] < torch.tensor([[4], [2], [3], [1]])).long()
-    batch = [x.to(device) for x in (prompt_ids, prompt_mask, torch.randint(0, V, (4, 4), generator=g), completion_mask)]
+    batch = probe_batch(lm, completion_length=4)
     try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(lm.device.type, enabled=False):
             plain, faster = get_per_token_logps(model, *batch, 0.7)[0], fast(model, *batch, 0.7)[0]
     except Exception as e:  # a model whose forward takes no packed mask, for example
         return f"failed on this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
@@ -1133,7 +1152,7 @@ def can_pack(model: torch.nn.Module) -> bool:
 # A micro-batch laid out by pack_rows, R rows of L tokens: input_ids and position_ids (R, L), each token's position
 # in its own unpadded sequence; allowed (R, L, L), may the query token attend to the key token; predictors (K,), for
 # each completion token (row by row), the position in the flattened (R·L) hidden states whose logits predict it.
-PackedRows = __import__("collections").namedtuple("PackedRows", "input_ids position_ids allowed predictors")
+PackedRows = namedtuple("PackedRows", "input_ids position_ids allowed predictors")
 
 
 @shape_checked
@@ -1281,15 +1300,15 @@ def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperat
 PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
 
 
-def sample_prepacked(model: torch.nn.Module, prompt_ids: Tensor, *args, autocast_dtype: Optional[torch.dtype] = None,
-                     **kwargs) -> tuple[Tensor, Tensor]:
-    """sample_with_cache, with every nn.Linear multiplying by a copy of its weight that oneDNN reordered once,
+def sample_prepacked(model: torch.nn.Module, prompt_ids: Tensor, *args, sample: Callable = sample_with_cache,
+                     autocast_dtype: Optional[torch.dtype] = None, **kwargs) -> tuple[Tensor, Tensor]:
+    """`sample` (Part I's loop or sample_grouped), with every nn.Linear multiplying by a copy of its weight that oneDNN reordered once,
     when at most PREPACK_ROWS rows are sampled. PyTorch's CPU matmul otherwise repacks the weight at every call,
     and for the few rows of a decoding step that is most of its time: a 576 → 2304 linear on 16 rows took 749 µs
     plain and 437 prepacked in float32 (269 and 156 under bf16 autocast); on 128 rows, 2,137 and 2,252 in
     float32; on a 64-wide layer prepacking doubled the time, hence PACK_FROM_WIDTH and PREPACK_ROWS."""
     with prepacked_linears(model, prompt_ids.size(0) if prompt_ids.size(0) <= PREPACK_ROWS else 0, autocast_dtype):
-        return sample_with_cache(model, prompt_ids, *args, **kwargs)
+        return sample(model, prompt_ids, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -1342,9 +1361,9 @@ LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
 
 
 def check_config(args: GRPOConfig) -> None:
-    """Fill in the aliases the seed's examples use, and refuse every combination that cannot work, naming the
+    """Fill in the aliases of earlier TRL releases, and refuse every combination that cannot work, naming the
     numbers that disagree."""
-    if args.wandb_log_unique_prompts is not None:  # the seed's name for TRL's log_unique_prompts
+    if args.wandb_log_unique_prompts is not None:  # earlier TRL's name for log_unique_prompts
         args.log_unique_prompts = args.wandb_log_unique_prompts
     if args.use_liger_loss and args.logits_chunk_size == 0:
         args.logits_chunk_size = LIGER_CHUNK
@@ -1394,8 +1413,10 @@ def check_config(args: GRPOConfig) -> None:
                 f"functions ({', '.join(names)}): give one weight per function.")
 
 
-def check_datasets(train_dataset, eval_dataset, B: int, world_size: int) -> None:
-    """A prompt column, rows, and enough prompts for one generation batch on every rank."""
+def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B: int, world_size: int) -> None:
+    """What can be checked before any model loads: the datasets (a prompt column, rows, enough prompts for one
+    generation batch on every rank) and the checkpoint to resume from."""
+    find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if train_dataset is None:
         raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
     for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
@@ -1513,8 +1534,30 @@ def _check_json_rows(path: str, extension: str) -> None:
 # the same samples and writes the same rows (the tests check this bitwise). Every file is written under a
 # temporary name and renamed once complete, so a crash or a kill in the middle of a save loses nothing saved.
 
+def prompt_batches(trainer: "GRPOTrainer", last_step: int) -> Iterator[list[dict]]:
+    """The dataset rows of each generation batch, this rank's share, pass after pass over the data, until the
+    trainer reaches last_step. Resumed at micro-step k, it starts with batch k // (S·μ): the one the saved run
+    stopped in, or the next, replaying the sampler's permutations from its seed to get there.
+
+    The sampler yields the global generation batch, W·B prompts each repeated G times in adjacent rows; rank r takes
+    rows [r·B·G, (r+1)·B·G), which are B whole groups (with 2 ranks and B = 2: rank 0 trains on prompts 0, 1, then
+    4, 5; rank 1 on 2, 3, then 6, 7)."""
+    BG, W, G = trainer.args.generation_batch_size, trainer.world_size, trainer.G
+    batches_per_pass = len(trainer.sampler) // (W * BG)
+    first = trainer.micro_step // (trainer.S * trainer.mu)
+    trainer.sampler.generator.manual_seed(trainer.args.seed)
+    for number in itertools.count(0, batches_per_pass):  # the number of the first batch of each pass
+        indices = list(trainer.sampler)  # a new permutation each pass
+        for k in range(max(0, first - number), batches_per_pass):
+            if trainer.global_step >= last_step:
+                return
+            mine = indices[(k * W + trainer.rank) * BG:(k * W + trainer.rank + 1) * BG]
+            rows = [trainer.train_dataset[i] for i in mine[::G]]  # one read per prompt
+            yield [row for row in rows for _ in range(G)]
+
+
 MAX_BAD_STEPS_IN_A_ROW = 3  # non-finite losses or gradients in a row before the run stops
-LOOP_STATE = ("global_step", "micro_step", "epoch_position", "bad_steps", "num_tokens", "generation_batches",
+LOOP_STATE = ("global_step", "micro_step", "bad_steps", "num_tokens", "generation_batches",
               "silent_batches")  # the trainer's and its Report's counters
 # The settings a resumed run must share with the saved one: they fix what each step's batch is.
 RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "num_iterations",
@@ -1564,14 +1607,14 @@ class Checkpoints:
                "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None}
         torch.save({"rng": rng, "metrics": dict(trainer.metrics),
-                    "buffer": [{f.name: getattr(b, f.name) for f in fields(b)} for b in trainer.buffer]},
+                    "micro_batches": [{f.name: getattr(b, f.name) for f in fields(b)} for b in trainer.micro_batches]},
                    os.path.join(tmp, f"rank{trainer.rank}.pt"))
         barrier()
         if trainer.is_main_process:
-            _unwrap(trainer.model).save_pretrained(tmp)
+            unwrap(trainer.model).save_pretrained(tmp)
             trainer.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                        "epoch_rng": trainer.epoch_rng, "history": trainer.history}, os.path.join(tmp, "state.pt"))
+                        "history": trainer.history}, os.path.join(tmp, "state.pt"))
             loop = {name: getattr(self._owner(name), name) for name in LOOP_STATE}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({**loop, "world_size": trainer.world_size, "config": asdict(args)}, f, indent=2)
@@ -1596,15 +1639,15 @@ class Checkpoints:
         if mismatched:
             raise ValueError(f"Cannot resume from {path}: these settings decide which completions each step trains "
                              f"on and must not change, but they did ({'; '.join(mismatched)}).")
-        _load_weights(_unwrap(trainer.model), path)
+        _load_weights(unwrap(trainer.model), path)
         state = torch.load(os.path.join(path, "state.pt"), map_location=trainer.device)
         mine = torch.load(os.path.join(path, f"rank{trainer.rank}.pt"), map_location=trainer.device)
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.epoch_rng, trainer.history = state["epoch_rng"].cpu(), state["history"]
+        trainer.history = state["history"]
         for name in LOOP_STATE:
             setattr(self._owner(name), name, saved[name])
-        trainer.buffer = [GenerationBatch(**b) for b in mine["buffer"]]
+        trainer.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
         trainer.metrics = defaultdict(list, mine["metrics"])
         rng = mine["rng"]
         random.setstate(rng["python"])
@@ -1615,13 +1658,14 @@ class Checkpoints:
         trainer.report.write_metrics_file()  # as it was at the checkpoint: rows logged after it are gone
         say(trainer, f"Resumed from {path} at step {trainer.global_step}.")
 
-    def save_model(self, directory: str) -> None:
-        """save_pretrained through a temporary folder: a crash mid-save never leaves a half-written model."""
-        trainer = self.trainer
+    def save_model(self, directory: Optional[str] = None) -> None:
+        """save_pretrained (into output_dir unless told) through a temporary folder: a crash mid-save never leaves a
+        half-written model."""
+        trainer, directory = self.trainer, directory or self.args.output_dir
         if trainer.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
             tmp = directory.rstrip("/") + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            _unwrap(trainer.model).save_pretrained(tmp)
+            unwrap(trainer.model).save_pretrained(tmp)
             trainer.tokenizer.save_pretrained(tmp)
             _fsync_folder(tmp)
             if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
@@ -1719,6 +1763,15 @@ def catch_stop_signals(trainer: "GRPOTrainer"):
 # 14. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
 
 
+@shape_checked
+def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
+    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time (a diagnostic: no gradient).
+    einsum sums p·l without building their product."""
+    with torch.no_grad():  # each piece in float32 on its own: converting a bf16 tensor whole allocates (N, C, V) anew
+        return torch.cat([torch.logsumexp(piece, -1) - torch.einsum("cv,cv->c", piece.softmax(-1), piece)
+                          for piece in (p.float() for p in row_pieces(logits))]).view(logits.shape[:2])
+
+
 def say(trainer: "GRPOTrainer", message: str) -> None:
     if trainer.is_main_process:
         tqdm.write(message)
@@ -1766,10 +1819,10 @@ class Report:
             m["completions/clipped_ratio"].append(float(truncated.mean()))
         for f, name in enumerate(trainer.reward_names):
             m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(all_per_func[:, f])))
-            m[f"{prefix}rewards/{name}/std"].append(float(_nanstd(all_per_func[:, f])))
-        group_std = _nanstd(rearrange(all_rewards, "(b g) -> b g", g=trainer.G), dim=1)
+            m[f"{prefix}rewards/{name}/std"].append(float(nanstd(all_per_func[:, f])))
+        group_std = nanstd(rearrange(all_rewards, "(b g) -> b g", g=trainer.G), dim=1)
         m[f"{prefix}reward"].append(float(torch.nanmean(all_rewards)))
-        m[f"{prefix}reward_std"].append(float(_nanstd(all_rewards)))  # over the whole batch, as TRL; not in groups
+        m[f"{prefix}reward_std"].append(float(nanstd(all_rewards)))  # over the whole batch, as TRL; not in groups
         # Groups whose G rewards are all equal give every member advantage 0: no learning signal at all.
         zero_std = torch.isclose(group_std, torch.zeros_like(group_std))
         m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
@@ -1814,7 +1867,9 @@ class Report:
                       f"on one answer per prompt); frac_reward_zero_std follows it. Said once.")
 
     def after_step(self, loss: float, grad_norm: float) -> None:
+        """After an optimizer step: its time (generation and the optimizer included), the log and evaluation."""
         trainer, args = self.trainer, self.args
+        trainer.metrics["step_time"].append(time.perf_counter() - self.step_start)
         if trainer.bad_steps:  # one bad batch should not wreck the weights: the step was skipped
             say(trainer, f"step {trainer.global_step:>5} | loss {loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
                          f"optimizer step skipped ({trainer.bad_steps} in a row)")
@@ -1824,6 +1879,7 @@ class Report:
             self.log()
         if trainer.eval_dataset is not None and trainer.global_step % args.eval_steps == 0:
             self.write_row({"step": trainer.global_step, **trainer.evaluate()})
+        self.step_start = time.perf_counter()
 
     def log(self) -> dict:
         """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
@@ -1910,6 +1966,7 @@ class Report:
         interactive = sys.stderr.isatty() or os.environ.get("GRPO_PROGRESS") == "1"
         self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="GRPO", dynamic_ncols=True,
                         disable=not (interactive and trainer.is_main_process))
+        self.step_start = time.perf_counter()
         try:
             yield
         finally:
@@ -2031,9 +2088,12 @@ def load_tokenizer(model, processing_class, *datasets) -> PreTrainedTokenizerBas
             if not (isinstance(prompt, str) or is_conversational(prompt)):
                 raise ValueError(f"Prompt {i} of the dataset is {prompt!r:.200}; a prompt must be a string or a list "
                                  f"of {{'role': ..., 'content': ...}} messages.")
-        chat = next((p for p in prompts if not isinstance(p, str)), None)
-        if chat is not None:
-            prompt_to_text(chat, tokenizer)  # raises if the tokenizer has no chat template
+            if isinstance(prompt, str) and not prompt.strip():  # zero tokens: nothing for a completion to follow
+                raise ValueError(f"Prompt {i} of the dataset is empty ({prompt!r}); remove the rows whose prompt is "
+                                 f"empty or only whitespace (dataset.filter(lambda row: row['prompt'].strip())).")
+        if any(not isinstance(p, str) for p in prompts) and tokenizer.chat_template is None:
+            raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
+                             "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
     return tokenizer
 
 
@@ -2079,7 +2139,7 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, opt
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a completion, as TRL 1.16 sets them: every EOS of the model's generation config (chat
     models often list several), and the tokenizer's EOS if it is not among them."""
-    eos = getattr(_unwrap(model).generation_config, "eos_token_id", None)
+    eos = getattr(unwrap(model).generation_config, "eos_token_id", None)
     eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos = [tokenizer.eos_token_id, *eos]
@@ -2163,13 +2223,13 @@ def _from_pretrained(cls, name: str, **kwargs):
     return loaded
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel wraps the model
 
 
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model under any DDP or PEFT wrapper (it has get_output_embeddings)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -2184,13 +2244,49 @@ def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
     return {"cache" if _accepts(type(_causal_lm(model)).forward, "cache") else "past_key_values": cache}
 
 
+def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
+                      repetition_penalty: float, prompt_mask: Tensor) -> LogitsProcessorList:
+    """transformers' sampling filters, in the order generate() applies them: the repetition penalty, then the
+    temperature (the training log-probs divide the logits by the same one), then top-k, top-p and min-p."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:  # penalises tokens already in the prompt (left padding excluded) or completion
+        processors.append(RepetitionPenaltyLogitsProcessor(
+            repetition_penalty, prompt_ignore_length=(prompt_mask != 0).int().argmax(dim=1)))
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        processors.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p))
+    if min_p is not None:
+        processors.append(MinPLogitsWarper(min_p=min_p))
+    return processors
+
+
+@shape_checked
+def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        prompts: list, completions: list) -> Float[Tensor, "BG"]:
+    """Score prompt+completion with a sequence classifier (num_labels=1): reward = logits[:, 0]."""
+    if is_conversational(prompts[0]):
+        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if tokenizer.chat_template
+                 else "".join(m["content"] for m in p + c) for p, c in zip(prompts, completions)]
+    else:
+        texts = [p + c for p, c in zip(prompts, completions)]
+    tokenizer.padding_side = "right"
+    # No special tokens added: the chat template already wrote them (TRL scores the same token sequence).
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    add_special_tokens=False).to(reward_model.device)
+    with torch.no_grad():
+        return reward_model(**enc).logits[:, 0].float()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 16. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
 # tensors it produces with the shape its letters promise, and the tracer checks the two agree. Outside it,
 # trace() is one test of a global: tracing costs nothing when it is off.
 
 
-ShapeRecord = __import__("collections").namedtuple("ShapeRecord", "stage name symbolic shape dtype")  # symbolic: "BG C"
+ShapeRecord = namedtuple("ShapeRecord", "stage name symbolic shape dtype")  # symbolic: "BG C"
 
 
 class ShapeTrace:

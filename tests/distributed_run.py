@@ -11,6 +11,7 @@ clipping, so that the parameters move by the gradient itself. Each rank writes O
 with its prompts, advantages, logged losses and final parameters.
 """
 
+import dataclasses
 import os
 import sys
 import zlib
@@ -109,12 +110,14 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
     shuffled_split = grpo.GenerationBatch.shuffled_split
     if unshuffled:  # the rows cut in their order (see CONFIGS)
         grpo.GenerationBatch.shuffled_split = lambda batch, S: [
-            batch.rows(slice(i * len(batch.advantages) // S, (i + 1) * len(batch.advantages) // S)) for i in range(S)]
+            dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)
+                                          if isinstance(getattr(batch, f.name), torch.Tensor)})
+            for rows in torch.arange(len(batch.advantages)).chunk(S)]
     try:
         history = trainer.train()
     finally:
         grpo.GenerationBatch.shuffled_split = shuffled_split
-    params = torch.cat([p.detach().flatten().cpu() for p in grpo._unwrap(trainer.model).parameters()])
+    params = torch.cat([p.detach().flatten().cpu() for p in grpo.unwrap(trainer.model).parameters()])
     torch.save({**seen, "loss": [row["loss"] for row in history], "reward": [row.get("reward") for row in history],
                 "params": params}, os.path.join(out_dir, f"{name}-rank{trainer.rank}.pt"))
 

@@ -191,13 +191,13 @@ def test_small_models_keep_part_one_paths_and_wide_ones_take_the_fast_ones(tmp_p
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_steps=1)
     data = Dataset.from_dict({"prompt": ["a=", "b="] * 4})
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data)
-    assert trainer.sample is grpo.sample_with_cache and trainer.per_token_logps is get_per_token_logps
-    assert "[grpo] Part I's plain paths." in capsys.readouterr().out
+    assert trainer.sample is grpo.sample_grouped and trainer.per_token_logps is get_per_token_logps
+    assert "[grpo] sampling each group's prompt once." in capsys.readouterr().out
     monkeypatch.setattr(grpo, "PACK_FROM_WIDTH", 64)  # as if the demo's model were wide enough to pay
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data)
     assert trainer.per_token_logps.func is hidden_state_logps
-    prepacks = grpo.prepacking_problem(grpo._unwrap(trainer.model), None) is None
-    assert (trainer.sample.func is grpo.sample_prepacked) if prepacks else (trainer.sample is grpo.sample_with_cache)
+    prepacks = grpo.prepacking_problem(grpo.unwrap(trainer.model), None) is None
+    assert (trainer.sample.func is grpo.sample_prepacked) if prepacks else (trainer.sample is grpo.sample_grouped)
 
 
 def test_a_cpu_whose_onednn_refuses_bf16_samples_with_plain_weights(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -211,8 +211,8 @@ def test_a_cpu_whose_onednn_refuses_bf16_samples_with_plain_weights(tmp_path, ti
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_steps=1,
                       bf16=True, max_completion_length=4)
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=Dataset.from_dict({"prompt": ["a="] * 4}))
-    assert trainer.sample is grpo.sample_with_cache
-    assert "sampling with plain weights (oneDNN refused: mkldnn_reorder_linear_weight: bf16 path needs" in \
+    assert trainer.sample is grpo.sample_grouped
+    assert "plain weights (oneDNN refused: mkldnn_reorder_linear_weight: bf16 path needs" in \
         capsys.readouterr().out
     trainer.train()
     assert trainer.global_step == 1

@@ -102,21 +102,17 @@ def test_sampling_loop_follows_generate_with_the_same_processors(model, tokenize
     assert torch.equal(logps, torch.zeros_like(logps))  # top-1 leaves one token, of probability 1
 
 
-def test_a_group_shares_one_prompt_pass(model, tokenizer, monkeypatch):
-    """G copies of a prompt: one prompt pass whose keys and values are copied G times gives the same draws and
-    log-probs as G passes (same random stream; the numbers differ only by float rounding)."""
+def test_a_group_shares_one_prompt_pass(model, tokenizer):
+    """G copies of a prompt: sample_grouped runs one prompt pass whose keys and values are copied G times, and draws
+    what Part I's loop draws with G passes (same random stream; the log-probs differ only by float rounding)."""
     prompt_ids, prompt_mask = tokenize_prompts(["a="] * 3 + ["hgf="] * 3, tokenizer, None)
     processors = logits_processors(1.0, 0, 1.0, None, 1.0, prompt_mask)
     rows, runs = [], []
     hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
-    for share_prompts in (False, True):
-        if not share_prompts:  # as if every row had a prompt of its own
-            monkeypatch.setattr(grpo, "shared_prompts", lambda *args: None)
+    for sample in (sample_with_cache, grpo.sample_grouped):
         torch.manual_seed(0)
         with torch.no_grad():
-            runs.append(sample_with_cache(model, prompt_ids, prompt_mask, processors, 6, [tokenizer.eos_token_id],
-                                          tokenizer.pad_token_id))
-        monkeypatch.undo()
+            runs.append(sample(model, prompt_ids, prompt_mask, processors, 6, [-1], tokenizer.pad_token_id))
         rows.append("|")
     hook.remove()
     assert rows[0] == 6 and rows[rows.index("|") + 1] == 2  # the prompt pass: 6 rows, then the 2 distinct prompts
@@ -125,18 +121,18 @@ def test_a_group_shares_one_prompt_pass(model, tokenizer, monkeypatch):
 
 
 def test_rows_that_end_leave_the_batch_and_sample_what_they_would_have(model, tokenizer):
-    """The loop runs the model on the rows that have not ended. It still draws a random number for every row
+    """sample_grouped runs the model on the rows that have not ended. It still draws a random number for every row
     at every step, so with EOS it draws the tokens it draws without, up to each row's end; and the log-probs it
     drew with equal those recomputed by one forward pass, for the rows that kept going after others ended."""
     prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf=", "bc=", "dd="], tokenizer, None)
     processors = logits_processors(1.5, 0, 1.0, None, 1.0, prompt_mask)
 
-    def sample(eos):
+    def sample(eos, how=grpo.sample_grouped):
         torch.manual_seed(0)
-        return sample_with_cache(model, prompt_ids, prompt_mask, processors, 8, eos, tokenizer.pad_token_id)
+        return how(model, prompt_ids, prompt_mask, processors, 8, eos, tokenizer.pad_token_id)
 
     with torch.no_grad():
-        free, _ = sample([-1])  # no EOS: every row runs 8 tokens
+        free, _ = sample([-1], sample_with_cache)  # Part I's loop without EOS: every row runs 8 tokens
         eos = [int(free[0, 2]), int(free[2, 0])]  # row 2 ends at its first token, row 0 by its third
         rows = []
         hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
@@ -148,3 +144,13 @@ def test_rows_that_end_leave_the_batch_and_sample_what_they_would_have(model, to
     assert mask.sum(1).tolist()[2] == 1 and mask.sum(1).max() > 3
     assert torch.equal(got * mask, free[:, :got.size(1)] * mask)
     torch.testing.assert_close(recomputed * mask, sampled * mask, atol=1e-5, rtol=0)
+
+
+def test_the_grouped_sampler_is_checked_against_part_one_loop(model):
+    assert grpo.sampling_problem(grpo.sample_grouped, model) is None
+
+    def one_token_off(*args, **kwargs):  # a planted fault: the first token of every row shifted by one
+        ids, logps = grpo.sample_grouped(*args, **kwargs)
+        return torch.cat([(ids[:, :1] + 1) % model.config.vocab_size, ids[:, 1:]], 1), logps
+
+    assert grpo.sampling_problem(one_token_off, model) == "drew other tokens than Part I's loop on a probe batch"

@@ -212,12 +212,12 @@ def test_a_checkpoint_holds_everything_needed_to_continue(straight):
             "rank0.pt"} <= set(os.listdir(path))
     with open(os.path.join(path, "trainer_state.json")) as f:
         saved = json.load(f)
-    assert (saved["global_step"], saved["micro_step"], saved["epoch_position"]) == (6, 6, 6)
+    assert (saved["global_step"], saved["micro_step"]) == (6, 6)
     assert saved["config"]["num_iterations"] == 2
     mine = torch.load(os.path.join(path, "rank0.pt"))
     assert set(mine["rng"]) == {"python", "numpy", "torch", "cuda"}
-    assert len(mine["buffer"]) == 2  # the S micro-batches of the generation batch under way
-    assert mine["buffer"][0]["old_per_token_logps"] is not None
+    assert len(mine["micro_batches"]) == 2  # the S micro-batches of the generation batch under way
+    assert mine["micro_batches"][0]["old_per_token_logps"] is not None
     state = torch.load(os.path.join(path, "state.pt"))
     assert len(state["optimizer"]["state"]) > 0 and state["scheduler"]["last_epoch"] == 6
 
@@ -312,9 +312,9 @@ def test_non_finite_steps_are_skipped_and_three_in_a_row_stop_with_the_last_good
     weights = {}
     original_step = trainer.optimizer_step
 
-    def recording_step(loss, seconds):
+    def recording_step(loss):
         weights[trainer.global_step] = params(trainer.model)  # before the step
-        original_step(loss, seconds)
+        original_step(loss)
 
     trainer.optimizer_step = recording_step
     with pytest.raises(RuntimeError, match=r"not finite for 3 optimizer steps in a row \(up to step 6\).*"

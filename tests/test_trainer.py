@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import grpo
 from grpo import GRPOConfig, GRPOTrainer
+from test_prose import check_demo_result
 
 TRL_METRICS = ["reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/low_mean",
                "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
@@ -252,6 +253,7 @@ def test_default_run_learns(tmp_path, capsys):
     # the margin is for another CPU's float rounding, which sends the run along another path.
     assert evals[-1] > 4.8, evals
     assert "before training ->" in out and "Completions before -> after" in out
+    check_demo_result(evals)  # and README's log of the demo says what this run did
 
 
 def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path, tiny_model_dir):
@@ -375,7 +377,7 @@ def test_lora_from_the_command_line(tmp_path, tiny_model_dir):
     # Seed 1 samples completions whose rewards differ within both groups; with equal rewards there would be no
     # gradient to move the adapter (a sampler that draws other numbers may need another seed).
     assert trainer.history[-1]["frac_reward_zero_std"] < 1
-    model = grpo._unwrap(trainer.model)
+    model = grpo.unwrap(trainer.model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}  # ...q_proj.lora_A.default.weight

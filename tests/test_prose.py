@@ -1,0 +1,86 @@
+"""The prose states facts; these tests hold it to them. README.md, shapes.md, the notebooks and grpo.py's own
+docstring say things about defaults, step counts, the paths that run and the results of the demo: each such fact
+is read out of the text here and compared with the code or with a run, so that a change cannot make it silently
+false."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import grpo
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SHAPES = (ROOT / "shapes.md").read_text()
+NOTEBOOKS = {path.name: "\n".join("".join(cell["source"]) for cell in json.loads(path.read_text())["cells"])
+             for path in sorted((ROOT / "tutorials").glob("*.ipynb"))}
+
+
+def demo_numbers() -> dict:
+    """What the demo's settings make of the batch, as its start-up line states them."""
+    a = grpo.DEMO_ARGS
+    B = a["per_device_train_batch_size"] // a["num_generations"]  # S = GA = 1
+    return dict(B=B, G=a["num_generations"], steps=a["max_steps"], beta=a["beta"])
+
+
+@pytest.mark.parametrize("name", ["grpo.py", "README.md", "shapes.md", "bench.py", *NOTEBOOKS])
+def test_nothing_cites_documents_a_reader_does_not_have(name):
+    text = NOTEBOOKS.get(name) or (ROOT / name).read_text()
+    for phrase in ("REFERENCE.md", "the seed", "seed's", "seed document", "GRPO-seed", "../shared"):
+        assert phrase not in text, f"{name} cites {phrase!r}"
+
+
+def test_the_docstring_states_the_objective_of_the_default_loss():
+    default = grpo.GRPOConfig.__dataclass_fields__["loss_type"].default
+    assert re.search(r'default loss_type="(\w+)"', grpo.__doc__).group(1) == default
+
+
+def test_the_readme_demo_log_states_the_demo_settings():
+    n = demo_numbers()
+    line = (f"B={n['B']} prompts × G={n['G']}\ncompletions per generation batch, S=1, μ=1, {n['steps']} optimizer steps, "
+            f"rewards ['letters_reward']")
+    assert line in README
+    assert f"Trained {n['steps']} steps in" in README
+    assert f"The demo's β = {n['beta']} keeps" in README
+
+
+def test_the_readme_names_the_paths_the_demo_runs(tmp_path, capsys):
+    model = grpo.save_demo_model(str(tmp_path / "model"), characters=grpo.DEMO_ALPHABET + "=")
+    args = grpo.GRPOConfig(output_dir=str(tmp_path), **{**grpo.DEMO_ARGS, "max_steps": 1})
+    grpo.GRPOTrainer(model, "letters", args=args, train_dataset=grpo.build_demo_dataset())
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[grpo] ")]
+    assert said and said[0] in README, said
+
+
+def readme_held_out_rewards() -> tuple[float, float]:
+    before, after = re.search(r"held-out prompts × \d+ completions: (-?[\d.]+) before training -> (-?[\d.]+) after",
+                              README).groups()
+    return float(before), float(after)
+
+
+def check_demo_result(eval_rewards: list[float]) -> None:
+    """Called by test_trainer.py's test_default_run_learns with the run's held-out rewards: the README's log shows
+    the reward before training that the run starts from, and an end reward that clears the bound the test asserts."""
+    before, after = readme_held_out_rewards()
+    assert abs(before - eval_rewards[0]) < 0.01, (before, eval_rewards[0])
+    assert after > 4.8 and abs(after - eval_rewards[-1]) < 0.2, (after, eval_rewards[-1])
+
+
+def test_every_shape_letter_the_code_uses_is_defined_in_shapes_md():
+    source = (ROOT / "grpo.py").read_text()
+    shapes = re.findall(r'(?:Tensor, |trace\("[^"]*", "[^"]*", \w+(?:\.\w+)*, )"([^"]*)"', source)
+    letters = {token for shape in shapes for token in re.findall(r"[A-Z]+", shape)}
+    table = set(re.findall(r"^\| ([A-Z, μ]+) \|", SHAPES, re.M))
+    defined = {letter.strip() for row in table for letter in row.split(",")} | {"BG"}
+    assert letters and letters <= defined, f"shapes.md does not define {sorted(letters - defined)}"
+
+
+def test_the_tutorials_describe_the_split_the_trainer_makes():
+    batch = grpo.GenerationBatch(*(grpo.torch.arange(8).reshape(8, 1),) * 4, grpo.torch.arange(8.0), None, None, 8.0)
+    grpo.torch.manual_seed(0)
+    rows = [part.advantages.tolist() for part in batch.shuffled_split(2)]
+    assert rows != [[0, 1, 2, 3], [4, 5, 6, 7]]  # shuffled first, so the notebook must not say "consecutive slices"
+    assert "consecutive slices" not in NOTEBOOKS["01_sampling_and_batches.ipynb"]
+    assert "shuffles the B·G rows" in NOTEBOOKS["01_sampling_and_batches.ipynb"]
+
