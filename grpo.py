@@ -26,7 +26,8 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
     S  steps_per_generation (micro-batches per generation batch)     μ  num_iterations (passes per batch)
     N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
     C  completion length (right padded)               V  vocabulary size
-    F  number of reward functions                     W  processes (ranks) under torchrun
+    F  number of reward functions                     H  the model's hidden size
+    W  processes (ranks) under torchrun
 A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them: S·μ/GA
 optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and the clip
 never acts; they matter once a step falls inside a batch (μ > 1 or S > GA), as PPO's update epochs do.
@@ -333,9 +334,6 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
     grouped_rewards = rearrange(rewards, "(b g) -> b g", g=num_generations)
     group_mean = torch.nanmean(grouped_rewards, dim=1)
     group_std = nanstd(grouped_rewards, dim=1)
-    trace("advantages", "grouped_rewards", grouped_rewards, "B G")
-    trace("advantages", "group_mean", group_mean, "B")
-    trace("advantages", "group_std", group_std, "B")
     centred = grouped_rewards - group_mean[:, None]
     if scale_rewards == "group":
         centred = centred / (group_std[:, None] + 1e-4)
@@ -343,7 +341,7 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
         centred = centred / ((nanstd(rewards) if batch_std is None else batch_std) + 1e-4)
     # A completion no reward applied to (NaN) gets advantage 0; so does every row of a group whose std is NaN.
     advantages = torch.nan_to_num(rearrange(centred, "b g -> (b g)"), nan=0.0)
-    trace("advantages", "advantages", advantages, "BG")
+    trace("advantages", locals(), grouped_rewards="B G", group_mean="B", group_std="B", advantages="BG")
     return advantages
 
 
@@ -351,10 +349,10 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 # 7. Per-token log-probabilities of the completion tokens.
 
 
-def row_pieces(logits: Tensor) -> list[Tensor]:
-    """The (C, V) logits of each row, in pieces of about 8 MB in float32: views, never copies (the allocator then
-    reuses one piece's space for the next: faulting in fresh pages costs more than the arithmetic)."""
-    return [piece for row in logits for piece in row.split(max(1, 2**21 // logits.size(-1)))]
+def few_rows(logits: Tensor) -> tuple[Tensor, ...]:
+    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32: never copied whole, and the memory
+    allocator reuses one chunk's space for the next (faulting in fresh pages costs more than the arithmetic)."""
+    return logits.split(max(1, 2**21 // (logits.size(1) * logits.size(2))))
 
 
 @shape_checked
@@ -362,16 +360,10 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
     """log_softmax(logits)[..., index] without building the (N, C, V) log_softmax tensor beside the logits.
 
     log p(x) = logit_x - logsumexp(logits). At V = 151,936 a float32 (8, 1024, V) tensor is 5 GB, so we gather
-    the one logit we need and compute logsumexp a few positions at a time. In bfloat16 logsumexp loses too much
-    precision, so there we take log_softmax a few positions at a time instead, in float32.
+    the one logit we need and take logsumexp a few rows at a time, in float32 (in bf16 it loses too much).
     """
-    pieces = row_pieces(logits)
-    if logits.dtype in (torch.float32, torch.float64):
-        selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        return selected - torch.cat([torch.logsumexp(piece, dim=-1) for piece in pieces]).view_as(index)
-    ids = index.flatten().split([len(piece) for piece in pieces])
-    return torch.cat([piece.float().log_softmax(dim=-1).gather(-1, i[:, None]).squeeze(-1)
-                      for piece, i in zip(pieces, ids)]).view_as(index)
+    selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1).float()
+    return selected - torch.cat([torch.logsumexp(rows.float(), dim=-1) for rows in few_rows(logits)])
 
 
 def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
@@ -400,8 +392,7 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
     # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
     # that end one before the sequence does.
     logits = logits[:, :-1, :]  # (N, C, V), a view: each row's C positions lie together in memory
-    trace("log-probs", "input_ids", input_ids, "N P+C")
-    trace("log-probs", "logits (completion positions)", logits, "N C V")
+    trace("log-probs", locals(), input_ids="N P+C", logits="N C V")
     return logps_from_logits(logits, completion_ids, temperature, with_entropy)
 
 
@@ -435,8 +426,6 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     ratio = torch.exp(log_ratio)
     # clip(r, 1-ε_low, 1+ε_high)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    trace("loss", "ratio", ratio, "N C")
-    trace("loss", "clipped_ratio", clipped_ratio, "N C")
     A = advantages.unsqueeze(1)  # (N, 1): one advantage for every token of a completion
     # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
@@ -451,7 +440,6 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
             # gradient that of KL(π_θ || π_ref) even where r = 1 in value; plain k3's gradient is that of the
             # other direction, KL(π_ref || π_θ). tests/test_loss.py and tutorial 04 show both with numbers.
             per_token_kl = per_token_kl * ratio
-        trace("loss", "per_token_kl", per_token_kl, "N C")
         # L_{i,t} += β·D_KL
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = masked_mean(per_token_kl, mask)
@@ -477,8 +465,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         loss = (per_token_loss * mask).sum() / (tokens / world_size * gradient_accumulation_steps / steps_per_generation)
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
-    trace("loss", "per_token_loss", per_token_loss, "N C")
-    trace("loss", "loss", loss, "")
+    trace("loss", locals(), ratio="N C", clipped_ratio="N C", per_token_kl="N C", per_token_loss="N C", loss="")
     # How often clipping took effect, counted where it removes the gradient: below 1-ε_low for A<0, above
     # 1+ε_high for A>0 (PPO's clip fraction, split by side). 0 while no optimizer step falls inside a generation
     # batch (μ = 1, S = GA); rising: the policy moves fast between steps.
@@ -594,8 +581,7 @@ class GRPOTrainer:
         prompts = [row["prompt"] for row in rows]
         prompt_ids, prompt_mask, completion_ids = self.generate(prompts)
         completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
-        trace("generation", "completion_mask", completion_mask, "BG C")
-        trace("generation", "is_truncated", is_truncated, "BG")
+        trace("generation", locals(), completion_mask="BG C", is_truncated="BG")
         completion_lengths = completion_mask.sum(1)
         if args.mask_truncated_completions:
             # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
@@ -606,8 +592,7 @@ class GRPOTrainer:
 
         rewards_per_func = self.compute_rewards(rows, prompts, completions, completion_ids, completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
-        trace("rewards", "rewards_per_func", rewards_per_func, "BG F")
-        trace("rewards", "rewards", rewards, "BG")
+        trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 10).
         all_rewards = gather(rewards) if mode == "train" else rewards
         advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
@@ -619,10 +604,9 @@ class GRPOTrainer:
             batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             if self.needs_old_logps:
                 old_per_token_logps = self.logps_no_grad(self.model, *batch)
-                trace("log-probs", "old_per_token_logps", old_per_token_logps, "BG C")
             if args.beta != 0.0:
                 ref_per_token_logps = self.reference_logps(*batch)
-                trace("log-probs", "ref_per_token_logps", ref_per_token_logps, "BG C")
+            trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
         self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
         # loss_type="dapo" divides by the completion tokens of the global generation batch, every rank's.
@@ -646,9 +630,8 @@ class GRPOTrainer:
                                             args.max_completion_length, self.eos_token_ids,
                                             self.tokenizer.pad_token_id)
         completion_ids = completion_ids.clone()  # a tensor made in inference mode cannot be saved for backward
-        trace("prompts", "prompt_ids", prompt_ids, "BG P")
-        trace("prompts", "prompt_mask", prompt_mask, "BG P")
-        trace("generation", "completion_ids", completion_ids, "BG C")
+        trace("prompts", locals(), prompt_ids="BG P", prompt_mask="BG P")
+        trace("generation", locals(), completion_ids="BG C")
         return prompt_ids, prompt_mask, completion_ids
 
     def decode(self, completion_ids: Tensor, completion_lengths: Tensor) -> list[str]:
@@ -700,8 +683,8 @@ class GRPOTrainer:
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
             self.args.temperature, with_entropy=True)
         per_token_logps = per_token_logps.float()
-        trace("log-probs", "per_token_logps", per_token_logps, "N C")
-        trace("loss", "advantages (micro-batch)", batch.advantages, "N")
+        trace("log-probs", locals(), per_token_logps="N C")
+        trace("loss", vars(batch), advantages="N")  # the micro-batch's rows
         # None when no optimizer step falls between generating and training (needs_old_logps): then π_θ_old = π_θ,
         # and old is the same log-probs, detached from the graph.
         old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
@@ -1239,7 +1222,7 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
             width //= 2
         packed = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask,
                            max_length=max(prompt_ids.size(1) + C, width))
-        trace("log-probs", "packed input_ids", packed.input_ids, "R L")
+        trace("log-probs", {"packed_input_ids": packed.input_ids}, packed_input_ids="R L")
         mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
         if causal_lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
             dtype = causal_lm.dtype
@@ -1251,8 +1234,8 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
                       position_ids=positions(attention_mask))
     # logits_to_keep=1: the forward's own logits are one position; hidden_states[-1] is what the head reads.
     hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    if pack:  # (1, K, H) and (1, K): the state before each of the K completion tokens, and the tokens, as one row
-        hidden, ids = rearrange(hidden, "r l h -> (r l) h")[packed.predictors][None], completion_ids[real][None]
+    if pack:  # (K, 1, H) and (K, 1): the state before each of the K completion tokens, and the tokens, as K rows
+        hidden, ids = rearrange(hidden, "r l h -> (r l) 1 h")[packed.predictors], completion_ids[real][:, None]
     else:
         hidden, ids = hidden[:, -(C + 1):-1], completion_ids  # position t predicts token t+1
     lm_head = causal_lm.get_output_embeddings()
@@ -1260,11 +1243,11 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
         logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
     else:
         logits = lm_head(hidden)
-        trace("log-probs", "logits (completion tokens)", logits, "1 K V" if pack else "N C V")
+        trace("log-probs", {"completion_logits": logits}, completion_logits="K 1 V" if pack else "N C V")
         logps, entropies = logps_from_logits(logits, ids, temperature, with_entropy)
     if not pack:
         return logps, entropies
-    unpack = lambda x: torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_scatter(real, x[0])  # noqa: E731
+    unpack = lambda x: torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_scatter(real, x[:, 0])  # noqa: E731
     return unpack(logps), unpack(entropies) if with_entropy else None
 
 
@@ -1291,10 +1274,9 @@ def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N
 
 def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: bool
                  ) -> tuple[Tensor, Optional[Tensor]]:
-    # float32 even under bf16: the chunk is small, and selective_log_softmax then uses logsumexp.
-    logits = lm_head(hidden).float()[None]  # (1, chunk, V): one "row" for the functions above
-    logps, entropies = logps_from_logits(logits, ids[None], temperature, with_entropy)
-    return logps[0], entropies[0] if with_entropy else None
+    logits = lm_head(hidden)[:, None]  # (chunk, 1, V): a row per token for the functions above
+    logps, entropies = logps_from_logits(logits, ids[:, None], temperature, with_entropy)
+    return logps[:, 0], entropies[:, 0] if with_entropy else None
 
 
 PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
@@ -1767,9 +1749,9 @@ def catch_stop_signals(trainer: "GRPOTrainer"):
 def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
     """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time (a diagnostic: no gradient).
     einsum sums p·l without building their product."""
-    with torch.no_grad():  # each piece in float32 on its own: converting a bf16 tensor whole allocates (N, C, V) anew
-        return torch.cat([torch.logsumexp(piece, -1) - torch.einsum("cv,cv->c", piece.softmax(-1), piece)
-                          for piece in (p.float() for p in row_pieces(logits))]).view(logits.shape[:2])
+    with torch.no_grad():  # a few rows at a time in float32: converting a bf16 tensor whole allocates (N, C, V) anew
+        return torch.cat([torch.logsumexp(rows, -1) - torch.einsum("ncv,ncv->nc", rows.softmax(-1), rows)
+                          for rows in (r.float() for r in few_rows(logits))])
 
 
 def say(trainer: "GRPOTrainer", message: str) -> None:
@@ -2327,9 +2309,13 @@ class ShapeTrace:
 _TRACE: Optional[ShapeTrace] = None
 
 
-def trace(stage: str, name: str, tensor: Tensor, symbolic: str) -> None:
+def trace(stage: str, scope: dict, **shapes: str) -> None:
+    """Record the tensors of `scope` (a function's locals()) that `shapes` names, each with the shape its letters
+    promise. A name that is None or not defined there (per_token_kl when β = 0) is left out."""
     if _TRACE is not None:
-        _TRACE.add(stage, name, tensor, symbolic)
+        for name, symbolic in shapes.items():
+            if scope.get(name) is not None:
+                _TRACE.add(stage, name, scope[name], symbolic)
 
 
 @contextlib.contextmanager
@@ -2368,12 +2354,12 @@ def text_of(message: Union[str, list[dict]]) -> str:
 
 
 def length_reward(completions, **kwargs) -> list[float]:
-    """The seed's example: best at 20 characters, one point lost per character away from 20."""
+    """A classic first reward: best at 20 characters, one point lost per character away from 20."""
     return [-abs(20 - len(text_of(c))) for c in completions]
 
 
 def diversity_reward(completions, **kwargs) -> list[float]:
-    """The seed's example: number of distinct whitespace-separated words."""
+    """A classic first reward: the number of distinct whitespace-separated words."""
     return [float(len(set(text_of(c).split()))) for c in completions]
 
 

@@ -58,19 +58,20 @@ def test_checks_cost_nothing_when_switched_off(monkeypatch):
 def test_tracer_refuses_a_shape_its_letters_do_not_allow(stage, name, shape, symbolic, fragment):
     """One planted mismatch per stage: the tracer knows B, G, N, S, F from the config and binds C on sight."""
     with grpo.tracing(B=2, G=4, N=4, S=2, F=2) as shape_trace:
-        grpo.trace("generation", "completion_ids", torch.zeros(8, 6, dtype=torch.long), "BG C")  # binds C = 6
+        grpo.trace("generation", {"completion_ids": torch.zeros(8, 6, dtype=torch.long)}, completion_ids="BG C")  # C = 6
         with pytest.raises(ValueError) as err:
-            grpo.trace(stage, name, torch.zeros(shape), symbolic)
+            grpo.trace(stage, {name: torch.zeros(shape)}, **{name: symbolic})
     assert f"{stage}/{name}" in str(err.value) and fragment in str(err.value)
     assert [r.name for r in shape_trace.records] == ["completion_ids"]
 
 
 def test_tracing_is_off_outside_the_block():
     assert grpo._TRACE is None
-    grpo.trace("loss", "ratio", torch.zeros(2), "N C")  # a wrong shape, but nobody is tracing: no error
+    grpo.trace("loss", {"ratio": torch.zeros(2)}, ratio="N C")  # a wrong shape, but nobody is tracing: no error
     with grpo.tracing(N=2) as shape_trace:
-        grpo.trace("loss", "ratio", torch.zeros(2, 3), "N C")
+        grpo.trace("loss", {"ratio": torch.zeros(2, 3)}, ratio="N C", per_token_kl="N C")  # no KL here: left out
     assert grpo._TRACE is None and shape_trace.sizes == {"N": 2, "C": 3}
+    assert [r.name for r in shape_trace.records] == ["ratio"]
 
 
 def test_trace_shapes_from_python_follows_the_data(tmp_path, tiny_model_dir):
@@ -89,7 +90,7 @@ def test_trace_shapes_from_python_follows_the_data(tmp_path, tiny_model_dir):
     assert by_name["grouped_rewards"].shape == (2, 4)
     assert by_name["ref_per_token_logps"].shape == (8, by_name["completion_ids"].shape[1])
     assert "old_per_token_logps" not in by_name  # μ = 1, S = GA: not needed
-    assert by_name["logits (completion positions)"].shape[2] == len(trainer.tokenizer)  # Part I's pass
+    assert by_name["logits"].shape[2] == len(trainer.tokenizer)  # Part I's pass
     assert not os.path.exists(os.path.join(str(tmp_path), "model.safetensors"))  # a partial run saves no final model
 
 
