@@ -531,12 +531,12 @@ class GRPOTrainer:
         self.tokenizer = load_tokenizer(model, processing_class, train_dataset, eval_dataset)
         seed_everything(args.seed)
 
-        # The policy π_θ and, when β ≠ 0, the reference π_ref: a frozen copy of the starting policy.
-        self.model, self.ref_model = load_policy(model, args, self.device, self.world_size, peft_config)
-        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)  # the tokens that end a completion
         # The reward functions, with their names (for the metrics), tokenizers (reward models) and weights.
         self.reward_funcs, self.reward_tokenizers, self.reward_names, self.reward_weights = load_rewards(
             reward_funcs, reward_processing_classes, reward_weights, args, self.device)
+        # The policy π_θ and, when β ≠ 0, the reference π_ref: a frozen copy of the starting policy.
+        self.model, self.ref_model = load_policy(model, args, self.device, self.world_size, peft_config)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)  # the tokens that end a completion
 
         # Which prompts each generation batch holds (section 2). Every rank builds this same sampler with the same
         # seed, so all agree on the global batch of W·B prompts, and each takes its own B.
@@ -862,9 +862,71 @@ class GRPOConfig(RunConfig, AlgorithmConfig):
     """Every knob, with TRL's names: the algorithm's (Part I) first, then those of running it."""
 
     def __post_init__(self):
+        check_ranges(self)  # before the defaults that follow other knobs, so that an error names the knob given
         super().__post_init__()
-        self.eval_steps = self.eval_steps or self.logging_steps
         check_config(self)  # refuse every combination that cannot work, naming the numbers that disagree
+
+
+# Where each numeric knob means something, as an interval; a knob whose default is None may also be None. check_config
+# refuses any other value before anything loads, naming the knob and, where it is not plain, why.
+KNOB_RANGES = {
+    "num_generations": "[2, inf)", "per_device_train_batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+    "steps_per_generation": "[1, inf)", "num_iterations": "[1, inf)", "max_prompt_length": "[1, inf)",
+    "max_completion_length": "[1, inf)", "temperature": "(0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)",
+    "min_p": "[0, 1]", "repetition_penalty": "(0, inf)", "beta": "[0, inf)", "epsilon": "[0, 1)",
+    "epsilon_high": "[0, inf)", "learning_rate": "[0, inf)", "max_grad_norm": "(0, inf)", "weight_decay": "[0, inf)",
+    "warmup_ratio": "[0, 1]", "lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)",
+    "logging_steps": "[1, inf)", "num_completions_to_print": "[0, inf)", "eval_steps": "[1, inf)",
+    "per_device_eval_batch_size": "[1, inf)", "save_steps": "[0, inf)", "save_total_limit": "[1, inf)",
+    "logits_chunk_size": "[0, inf)", "vllm_gpu_memory_utilization": "(0, 1]", "vllm_tensor_parallel_size": "[1, inf)",
+}
+RANGE_REASONS = {
+    "num_generations": "advantages compare a completion with the others of its group, and a group of one has "
+                       "nothing to compare with",
+    "temperature": "GRPO needs G *different* completions per prompt, and greedy decoding makes all G identical, so "
+                   "every advantage would be 0",
+    "top_p": "top_p 0 keeps only the most likely token, which makes all G completions identical (as temperature 0), "
+             "and 1 keeps every token",
+    "min_p": "a share of the most likely token's probability",
+    "repetition_penalty": "1 is none, above 1 penalises repeats",
+    "beta": "a negative β would reward moving away from the reference model",
+    "epsilon": "the ratio is clipped at 1 - epsilon, which must stay above 0 (and a negative epsilon crosses the "
+               "clip bounds, so that positive advantages never teach)",
+    "epsilon_high": "the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross",
+    "max_prompt_length": "0 or less would keep no prompt at all",
+}
+
+
+class KnobError(ValueError):
+    """A knob outside its range; `knob` names it, so that the command line can say it as the user spelled it."""
+
+    def __init__(self, knob: str, message: str):
+        super().__init__(message)
+        self.knob = knob
+
+
+def check_ranges(args) -> None:
+    for name, interval in KNOB_RANGES.items():
+        value = getattr(args, name)
+        if value is None and args.__dataclass_fields__[name].default is None:
+            continue
+        low, high = (float(bound) for bound in interval[1:-1].split(", "))
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+              and (low < value if interval[0] == "(" else low <= value)
+              and (value < high if interval[-1] == ")" else value <= high))
+        if not ok:
+            reason = f": {RANGE_REASONS[name]}" if name in RANGE_REASONS else ""
+            raise KnobError(name, f"{name} must be in {interval}, got {value}{reason}.")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise KnobError("max_steps", f"max_steps must be a number of optimizer steps (1 or more), or -1 for "
+                                     f"num_train_epochs passes over the data; got {args.max_steps}.")
+    if args.max_steps == -1 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise KnobError("num_train_epochs", f"num_train_epochs must be above 0 when max_steps is -1, got "
+                                            f"{args.num_train_epochs}: the run would train on nothing.")
+    if not 0 <= args.seed < 2**32:
+        raise KnobError("seed", f"seed must be in [0, 2**32), got {args.seed} (NumPy's range).")
+    if args.reward_weights is not None and not all(math.isfinite(w) for w in args.reward_weights):
+        raise KnobError("reward_weights", f"reward_weights must be finite numbers, got {args.reward_weights}.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1358,14 +1420,7 @@ def check_config(args: GRPOConfig) -> None:
                          f"with its own loop over the KV cache (section 4), the one you can read; drop use_vllm and "
                          f"the vllm_* options (TRL's GRPOTrainer has them, for fast generation on GPUs).")
     G, N, S = args.num_generations, args.per_device_train_batch_size, args.steps_per_generation
-    for name in ("per_device_train_batch_size", "steps_per_generation", "num_iterations",
-                 "gradient_accumulation_steps", "max_completion_length", "logging_steps", "save_total_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:  # save_total_limit None: keep every checkpoint
-            raise ValueError(f"{name} must be at least 1, got {value}.")
-    if G < 2:
-        raise ValueError(f"num_generations must be at least 2, got {G}: advantages compare a completion with the "
-                         f"others of its group, and a group of one has nothing to compare with (its advantage is 0).")
+    args.eval_steps = args.eval_steps or args.logging_steps
     if (N * S) % G != 0:
         fits = [g for g in range(2, N * S + 1) if (N * S) % g == 0]
         raise ValueError(
@@ -1379,9 +1434,6 @@ def check_config(args: GRPOConfig) -> None:
     unknown = [name for name in args.report_to if name not in ("none", *Trackers.PACKAGES)]
     if unknown:
         raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(Trackers.PACKAGES)}.")
-    if args.temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {args.temperature}: GRPO needs G *different* completions per "
-                         f"prompt, and greedy decoding makes all G identical, so every advantage would be 0.")
     for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", ("group", "batch", "none")),
                           ("dtype", ("float32", "bfloat16", "float16", "auto")),
                           ("importance_sampling_level", ("token", "sequence"))):
@@ -1396,9 +1448,12 @@ def check_config(args: GRPOConfig) -> None:
 
 
 def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B: int, world_size: int) -> None:
-    """What can be checked before any model loads: the datasets (a prompt column, rows, enough prompts for one
-    generation batch on every rank) and the checkpoint to resume from."""
+    """What can be checked before any model loads: output_dir (created, writable), the checkpoint to resume from,
+    the datasets (a prompt column, rows, enough prompts for one generation batch on every rank, the columns each
+    reward function needs)."""
+    check_output_dir(args.output_dir)
     find_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    check_reward_columns(reward_funcs, args, train_dataset, eval_dataset)
     if train_dataset is None:
         raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
     for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
@@ -1415,6 +1470,41 @@ def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B:
                          f"ranks / num_generations); lower the batch size or add prompts.")
     if eval_dataset is not None and len(eval_dataset) < world_size:
         raise ValueError(f"The eval dataset has {len(eval_dataset)} prompts, fewer than the {world_size} ranks.")
+
+
+def check_output_dir(output_dir: str) -> None:
+    probe = os.path.join(output_dir, f".grpo-write-test-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output_dir {output_dir!r} cannot be used ({e.strerror or type(e).__name__}): metrics, "
+                         f"checkpoints and the model are written there. Choose a folder you can write to.") from None
+
+
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every reward function is given
+
+
+def check_reward_columns(reward_funcs, args: GRPOConfig, *datasets) -> None:
+    """A reward function's arguments without a default (accuracy_reward's `answer`) are dataset columns: every
+    dataset must have them, or the run would fail in its first reward, after the model has loaded and sampled."""
+    funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    for func in (BUILTIN_REWARDS.get(f, f) if isinstance(f, str) else f for f in funcs):
+        if not callable(func) or isinstance(func, torch.nn.Module):
+            continue
+        try:
+            parameters = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):  # a callable whose signature Python cannot read
+            continue
+        needed = [p.name for p in parameters if p.default is p.empty and p.name not in REWARD_ARGUMENTS
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for name, dataset in zip(("train", "eval"), datasets):
+            missing = [column for column in needed if dataset is not None and column not in dataset.column_names]
+            if missing:
+                raise ValueError(f"Reward function {reward_name(func)!r} needs the column(s) {missing}, which the "
+                                 f"{name} dataset lacks (its columns: {dataset.column_names}).")
 
 
 def reward_values(values: Any, name: str, prompts: list) -> list[float]:
@@ -1531,6 +1621,10 @@ def prompt_batches(trainer: "GRPOTrainer", last_step: int) -> Iterator[list[dict
     for number in itertools.count(0, batches_per_pass):  # the number of the first batch of each pass
         indices = list(trainer.sampler)  # a new permutation each pass
         for k in range(max(0, first - number), batches_per_pass):
+            if trainer.stop_signal is not None:  # came before this run's first step (in the first evaluation)
+                say(trainer, f"Stopped by {signal.Signals(trainer.stop_signal).name} before step "
+                             f"{trainer.global_step + 1}: no step was taken, so nothing was saved.")
+                return
             if trainer.global_step >= last_step:
                 return
             mine = indices[(k * W + trainer.rank) * BG:(k * W + trainer.rank + 1) * BG]
@@ -1558,9 +1652,17 @@ class Checkpoints:
         return self.trainer if hasattr(self.trainer, name) else self.trainer.report
 
     def after_step(self, stop: bool) -> None:
-        """After an optimizer step: stop the run after too many non-finite steps in a row, or on a signal (any
-        rank's), each with a checkpoint; else save every save_steps."""
+        """After an optimizer step: stop the run at once if the weights are no longer finite (nothing is saved), after
+        too many non-finite steps in a row, or on a signal (any rank's), each with a checkpoint; else save every
+        save_steps."""
         trainer, args = self.trainer, self.args
+        if not weights_are_finite(trainer.model):
+            kept = list_checkpoints(args.output_dir)
+            raise RuntimeError(
+                f"The weights are not finite after optimizer step {trainer.global_step} (learning_rate="
+                f"{args.learning_rate}, max_grad_norm={args.max_grad_norm}); training stopped and nothing was saved. "
+                + (f"The newest checkpoint, {kept[-1]}, has finite weights." if kept else "There is no checkpoint.")
+                + " Lower learning_rate.")
         if trainer.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
             path = self.save()
             raise RuntimeError(
@@ -1578,6 +1680,8 @@ class Checkpoints:
 
     def save(self) -> str:
         trainer, args = self.trainer, self.args
+        if not weights_are_finite(trainer.model):  # every checkpoint is one a run can continue from
+            raise RuntimeError(f"Not saving checkpoint-{trainer.global_step}: its weights are not finite.")
         path = os.path.join(args.output_dir, f"checkpoint-{trainer.global_step}")
         tmp = path + ".tmp"
         if trainer.is_main_process:
@@ -1644,6 +1748,8 @@ class Checkpoints:
         """save_pretrained (into output_dir unless told) through a temporary folder: a crash mid-save never leaves a
         half-written model."""
         trainer, directory = self.trainer, directory or self.args.output_dir
+        if not weights_are_finite(trainer.model):
+            raise RuntimeError(f"Not saving the model to {directory}: its weights are not finite.")
         if trainer.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
             tmp = directory.rstrip("/") + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1658,6 +1764,11 @@ class Checkpoints:
                 shutil.rmtree(directory, ignore_errors=True)
                 os.replace(tmp, directory)
         barrier()
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    """No NaN or infinity in any trainable weight (the same on every rank: DDP keeps them equal)."""
+    return all(bool(p.isfinite().all()) for p in model.parameters() if p.requires_grad)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -2076,6 +2187,11 @@ def load_tokenizer(model, processing_class, *datasets) -> PreTrainedTokenizerBas
         if any(not isinstance(p, str) for p in prompts) and tokenizer.chat_template is None:
             raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
                              "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
+        lengths = [len(ids) for ids in tokenizer([prompt_to_text(p, tokenizer) for p in prompts]).input_ids]
+        if 0 in lengths:  # a completion must follow something
+            i = lengths.index(0)
+            raise ValueError(f"Prompt {i} of the dataset ({prompts[i]!r:.100}) is no tokens at all for this tokenizer "
+                             f"(of {len(tokenizer)} tokens); remove it, or use the model's own tokenizer.")
     return tokenizer
 
 
@@ -2158,8 +2274,7 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
             func.config.pad_token_id = tokenizer.pad_token_id
         tokenizers.append(tokenizer)
     # The metric names, as TRL's: a function's __name__ (rewards/accuracy_reward/mean), a model's last path part.
-    names = [f.config._name_or_path.rstrip("/").split("/")[-1] if isinstance(f, PreTrainedModel) else f.__name__
-             for f in funcs]
+    names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
     if len(weights) != len(funcs):
@@ -2168,13 +2283,33 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
     return funcs, tokenizers, names, torch.tensor(weights, dtype=torch.float32, device=device)
 
 
+def reward_name(func) -> str:
+    """A reward's name in the metrics, as TRL's: a model's last path part, a function's __name__ (through any
+    functools.partial), a callable object's class name."""
+    if isinstance(func, PreTrainedModel):
+        return func.config._name_or_path.rstrip("/").split("/")[-1]
+    while isinstance(func, functools.partial):
+        func = func.func
+    return getattr(func, "__name__", type(func).__name__)
+
+
 def _load_reward_func(func, device: torch.device) -> Union[Callable, PreTrainedModel]:
     if isinstance(func, str):
         if func in BUILTIN_REWARDS:
             return BUILTIN_REWARDS[func]
+        if re.fullmatch(r".+\.py:\w+", func):  # --reward_funcs my_rewards.py:my_function
+            path, name = func.rsplit(":", 1)
+            if not os.path.isfile(path):
+                raise ValueError(f"Reward {func!r}: there is no file {path!r}.")
+            spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if not callable(getattr(module, name, None)):
+                raise ValueError(f"Reward {func!r}: {path} defines no function {name!r}.")
+            return getattr(module, name)
         if not os.path.exists(func) and "/" not in func:
             raise ValueError(f"Unknown reward {func!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
-                             f"and not a local path or hub name of a reward model.")
+                             f"not a file.py:function, and not a local path or hub name of a reward model.")
         func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1)
     if isinstance(func, PreTrainedModel):
         return func.eval().requires_grad_(False).to(device)
@@ -2183,15 +2318,24 @@ def _load_reward_func(func, device: torch.device) -> Union[Callable, PreTrainedM
     return func
 
 
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+
+
 def _from_pretrained(cls, name: str, **kwargs):
     """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded. `name` may also
     be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32."""
     path = name
     if name.endswith(".gguf"):
         name, kwargs["gguf_file"] = os.path.split(os.path.abspath(os.path.expanduser(name)))
+    folder_without_tokenizer = os.path.isdir(name) and not set(os.listdir(name)) & TOKENIZER_FILES
+    if cls is AutoTokenizer and "gguf_file" not in kwargs and folder_without_tokenizer:
+        # transformers would build an empty tokenizer here, and every prompt would become zero tokens
+        raise OSError(f"Cannot load a tokenizer from the folder {path!r}: it has {sorted(os.listdir(name))}, and a "
+                      f"tokenizer needs one of {sorted(TOKENIZER_FILES)}. Save one there with "
+                      f"tokenizer.save_pretrained, or pass processing_class.")
     try:
         loaded = cls.from_pretrained(name, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
     if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
         # transformers marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
@@ -2372,11 +2516,9 @@ def _last_number(text: str) -> Optional[float]:
     return float(numbers[-1].replace(",", "").rstrip(".")) if numbers else None
 
 
-def accuracy_reward(completions, answer=None, **kwargs) -> list[Optional[float]]:
+def accuracy_reward(completions, answer, **kwargs) -> list[Optional[float]]:
     """1 when the completion's last number equals the dataset's `answer` column (its number after `####` for
     GSM8K), else 0; None (not applicable) for rows without an answer."""
-    if answer is None:
-        raise ValueError("The accuracy reward needs an `answer` column in the dataset.")
     golds, guesses = [_last_number(str(gold)) for gold in answer], [_last_number(text_of(c)) for c in completions]
     return [None if gold is None else float(guess is not None and abs(guess - gold) < 1e-6)
             for guess, gold in zip(guesses, golds)]
@@ -2507,17 +2649,26 @@ def sample_completions(trainer: GRPOTrainer, prompts: list, num: int = 2) -> lis
     return [(p, texts[i * num:(i + 1) * num]) for i, p in enumerate(prompts)]
 
 
+def spelled(parser, argv: list[str], knob: str) -> str:
+    """The option of `argv` that the parser reads as `knob` (argparse takes a unique prefix too), or --knob."""
+    for option in (token.split("=")[0] for token in argv if token.startswith("--")):
+        actions = {a.dest for name, a in parser._option_string_actions.items() if name.startswith(option)}
+        if actions == {knob}:
+            return option
+    return f"--{knob}"
+
+
 def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     global CHECK_SHAPES
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(GRPOConfig)
-    values = vars(parser.parse_args(argv))
-    demo = values["model_name_or_path"] is None
-    if demo:  # the demo's settings, except those given on the command line
-        given = {a.lstrip("-").split("=")[0] for a in argv if a.startswith("--")}
-        values.update({k: v for k, v in DEMO_ARGS.items() if k not in given})
+    demo = parser.parse_args(argv).model_name_or_path is None
+    if demo:  # the demo's settings as the parser's defaults: a flag given in any spelling the parser takes wins
+        parser.set_defaults(**DEMO_ARGS)
     try:
-        args = GRPOConfig(**values)
+        args = GRPOConfig(**vars(parser.parse_args(argv)))
+    except KnobError as e:  # named as typed: --top-p, --top_p or a prefix such as --top_
+        parser.error(str(e).replace(e.knob, spelled(parser, argv, e.knob), 1))
     except ValueError as e:
         parser.error(str(e))  # one line and the usage, not a traceback
     CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
@@ -2529,6 +2680,10 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         model = os.path.join(args.output_dir, "demo-base-model")
+        try:
+            check_output_dir(args.output_dir)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         if rank == 0:
             save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS)
         barrier()  # the other ranks load what rank 0 wrote

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("kwargs,fragments", [
-    (dict(num_generations=1), ["num_generations must be at least 2, got 1"]),
+    (dict(num_generations=1), ["num_generations must be in [2, inf), got 1", "a group of one"]),
     (dict(per_device_train_batch_size=6, num_generations=4),
      ["6 × 1 = 6", "not divisible by 4", "num_generations in [2, 3, 6]", "per_device_train_batch_size=8"]),
     (dict(per_device_train_batch_size=3, gradient_accumulation_steps=3, num_generations=2),
@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
     (dict(loss_type="ppo"), ["Unknown loss_type 'ppo'", "grpo, bnpo, dr_grpo, dapo"]),
     (dict(scale_rewards="std"), ["Unknown scale_rewards 'std'", "group, batch, none"]),
     (dict(importance_sampling_level="seq"), ["Unknown importance_sampling_level 'seq'"]),
-    (dict(temperature=0.0), ["temperature must be > 0", "all G identical"]),
+    (dict(temperature=0.0), ["temperature must be in (0, inf), got 0.0", "all G identical"]),
     (dict(reward_funcs=["length", "format"], reward_weights=[1.0]),
      ["reward_weights has 1 values but there are 2 reward functions", "length, format"]),
-    (dict(per_device_train_batch_size=0), ["per_device_train_batch_size must be at least 1"]),
+    (dict(per_device_train_batch_size=0), ["per_device_train_batch_size must be in [1, inf), got 0"]),
+    (dict(gradient_accumulation_steps=0), ["gradient_accumulation_steps must be in [1, inf), got 0"]),
 ])
 def test_invalid_config_is_refused_with_its_numbers(kwargs, fragments):
     with pytest.raises(ValueError) as err:
