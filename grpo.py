@@ -106,6 +106,8 @@ class AlgorithmConfig:
     use_bias_correction_kl: bool = knob(True, "Weigh the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2): the unbiased gradient of KL(π_θ||π_ref).")
     epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.")
     epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.")
+    delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.")
+    top_entropy_quantile: float = knob(1.0, "ρ: the policy term trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in the paper); 1 keeps all.")
     loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
@@ -186,24 +188,26 @@ def is_conversational(prompt: Any) -> bool:
     return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
 
 
-def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase) -> str:
+def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase,
+                   chat_template_kwargs: Optional[dict] = None) -> str:
     """The text of a prompt; for messages, the chat template's, ending with the header of the assistant's turn. (Part
     II checks every prompt of a dataset before the model loads.)"""
     if isinstance(prompt, str):
         return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
 
 
 @shape_checked
-def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prompt_length: Optional[int]
-                     ) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"]]:
+def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prompt_length: Optional[int],
+                     chat_template_kwargs: Optional[dict] = None) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"]]:
     """Left-pad the prompts so that every completion starts at the same column P, and keep at most
     `max_prompt_length` tokens of each, cutting from the left: the end of a prompt (the question, the
     assistant header) is what the completion follows from. As in TRL, a string prompt gets the tokenizer's
     special tokens (Llama's adds a BOS, SmolLM2's none) and a chat prompt none, since its template wrote them;
     a string that already starts with the BOS the tokenizer adds loses it first: one BOS, never two."""
     tokenizer.padding_side = "left"
-    texts = [prompt_to_text(p, tokenizer) for p in prompts]
+    texts = [prompt_to_text(p, tokenizer, chat_template_kwargs) for p in prompts]
     string_prompts = not is_conversational(prompts[0])  # a dataset column holds one kind
     if string_prompts and tokenizer.bos_token and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
         texts = [text.removeprefix(tokenizer.bos_token) for text in texts]  # the tokenizer adds it back
@@ -410,10 +414,12 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
               epsilon_high: float = 0.2, loss_type: str = "dapo", importance_sampling_level: str = "token",
               max_completion_length: Optional[int] = None, gradient_accumulation_steps: int = 1,
               steps_per_generation: int = 1, num_items_in_batch: Optional[float] = None, world_size: int = 1,
-              use_bias_correction_kl: bool = True) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+              use_bias_correction_kl: bool = True, delta: Optional[float] = None,
+              entropy_mask: Optional[Bool[Tensor, "N C"]] = None) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL). For "dapo",
     num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
-    for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C."""
+    for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C. entropy_mask
+    (top_entropy_quantile < 1) keeps the policy term on the high-entropy tokens only; the KL stays on all."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
     log_ratio = per_token_logps - old_per_token_logps
@@ -427,9 +433,13 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # clip(r, 1-ε_low, 1+ε_high)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     A = advantages.unsqueeze(1)  # (N, 1): one advantage for every token of a completion
+    # Two-sided clipping (δ, INTELLECT-2): min(r, δ) also bounds the loss where A < 0 and r has grown large.
+    capped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
     # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
-    per_token_loss = -torch.min(ratio * A, clipped_ratio * A)
+    per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
+    if entropy_mask is not None:  # top_entropy_quantile < 1: the policy term on the high-entropy tokens only
+        per_token_loss = per_token_loss * entropy_mask
     metrics = {}
     if beta != 0.0:
         # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased in value, always >= 0)
@@ -469,8 +479,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # How often clipping took effect, counted where it removes the gradient: below 1-ε_low for A<0, above
     # 1+ε_high for A>0 (PPO's clip fraction, split by side). 0 while no optimizer step falls inside a generation
     # batch (μ = 1, S = GA); rising: the policy moves fast between steps.
-    is_low_clipped = ((ratio < 1 - epsilon_low) & (A < 0)).float()
-    is_high_clipped = ((ratio > 1 + epsilon_high) & (A > 0)).float()
+    is_low_clipped = ((capped_ratio < 1 - epsilon_low) & (A < 0)).float()
+    is_high_clipped = ((capped_ratio > 1 + epsilon_high) & (A > 0)).float()
     if importance_sampling_level == "sequence":  # one ratio per completion: count completions, not tokens (as TRL)
         is_low_clipped, is_high_clipped, mask = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(A)
     metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped, mask)
@@ -528,7 +538,7 @@ class GRPOTrainer:
         # Everything that can be checked before the model loads is checked first: a typo should cost seconds.
         check_inputs(args, train_dataset, eval_dataset, reward_funcs, self.B, self.world_size)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.tokenizer = load_tokenizer(model, processing_class, train_dataset, eval_dataset)
+        self.tokenizer = load_tokenizer(model, processing_class, args, train_dataset, eval_dataset)
         seed_everything(args.seed)
 
         # The reward functions, with their names (for the metrics), tokenizers (reward models) and weights.
@@ -619,7 +629,8 @@ class GRPOTrainer:
         """Sample one completion per prompt (section 4). After its first EOS a row is padded, and sampling
         stops once every row has ended, so C <= max_completion_length."""
         args = self.args
-        prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length)
+        prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
+                                                   args.chat_template_kwargs)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
                                        args.repetition_penalty, prompt_mask)
@@ -696,7 +707,8 @@ class GRPOTrainer:
             max_completion_length=args.max_completion_length,
             gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
-            use_bias_correction_kl=args.use_bias_correction_kl)
+            use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta,
+            entropy_mask=high_entropy_mask(entropies, batch.completion_mask, args.top_entropy_quantile))
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
         for name, value in metrics.items():
             self.metrics[name].append(float(value))
@@ -807,13 +819,16 @@ class RunConfig:
     top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.")
     min_p: Optional[float] = knob(None, "Drop tokens less likely than min_p times the most likely one.")
     repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.")
+    generation_kwargs: Optional[Union[dict, str]] = knob(None, "TRL's dict (or JSON) of sampling settings; it overrides temperature, top_p, top_k, min_p and repetition_penalty. Other keys are refused: the sampler here has no others.")
+    chat_template_kwargs: Optional[Union[dict, str]] = knob(None, "A dict (or JSON) passed to the tokenizer's chat template, for example {\"enable_thinking\": false}.")
     # rewards by name, for the command line
     reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
     reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
     # optimisation
     weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
     lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
-    warmup_ratio: float = knob(0.0, "Fraction of the optimizer steps spent warming the learning rate up from 0.")
+    warmup_steps: float = knob(0, "Optimizer steps spent warming the learning rate up from 0: a number from 1, or below 1 a fraction of all steps (TRL 1.16's meaning).")
+    warmup_ratio: float = knob(0.0, "Another name for a warmup_steps fraction (earlier releases' knob).")
     # the model and the data
     model_name_or_path: Optional[str] = knob(None, "Policy to train: a hub name, a local folder, or a .gguf file. Unset: the embedded tiny demo.")
     dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
@@ -838,9 +853,10 @@ class RunConfig:
     log_unique_prompts: bool = knob(False, "With log_completions, keep only the first completion of each prompt in what is printed and sent (TRL's name).")
     wandb_log_unique_prompts: Optional[bool] = knob(None, "Earlier TRL's name for log_unique_prompts.")
     report_to: list[str] = knob(["none"], "Also send every logged row to these trackers: none, tensorboard (output_dir/runs), wandb, trackio (each an optional install), under transformers' names such as train/reward.")
-    eval_steps: Optional[int] = knob(None, "Evaluate on the eval dataset every this many optimizer steps. Default: logging_steps.")
+    eval_strategy: str = knob("no", "When to evaluate on the eval dataset while training, as TRL's: no, or steps (every eval_steps).")
+    eval_steps: Optional[int] = knob(None, "With eval_strategy=steps, evaluate every this many optimizer steps. Default: logging_steps.")
     per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Default: the generation batch, N·S.")
-    eval_on_start: bool = knob(True, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so every run has its 'before'.")
+    eval_on_start: bool = knob(False, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so that the run has its 'before'.")
     save_steps: int = knob(500, "Save a checkpoint (everything a resumed run needs) every this many optimizer steps (0: only the final model).")
     save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or the newest under output_dir with `latest`: the same run as one that never stopped.")
@@ -862,6 +878,7 @@ class GRPOConfig(RunConfig, AlgorithmConfig):
     """Every knob, with TRL's names: the algorithm's (Part I) first, then those of running it."""
 
     def __post_init__(self):
+        read_dict_knobs(self)  # generation_kwargs sets the sampling knobs it names
         check_ranges(self)  # before the defaults that follow other knobs, so that an error names the knob given
         super().__post_init__()
         check_config(self)  # refuse every combination that cannot work, naming the numbers that disagree
@@ -879,6 +896,7 @@ KNOB_RANGES = {
     "logging_steps": "[1, inf)", "num_completions_to_print": "[0, inf)", "eval_steps": "[1, inf)",
     "per_device_eval_batch_size": "[1, inf)", "save_steps": "[0, inf)", "save_total_limit": "[1, inf)",
     "logits_chunk_size": "[0, inf)", "vllm_gpu_memory_utilization": "(0, 1]", "vllm_tensor_parallel_size": "[1, inf)",
+    "delta": "(1, inf)", "top_entropy_quantile": "[0, 1]", "warmup_steps": "[0, inf)",
 }
 RANGE_REASONS = {
     "num_generations": "advantages compare a completion with the others of its group, and a group of one has "
@@ -895,6 +913,30 @@ RANGE_REASONS = {
     "epsilon_high": "the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross",
     "max_prompt_length": "0 or less would keep no prompt at all",
 }
+
+
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def read_dict_knobs(args) -> None:
+    """generation_kwargs and chat_template_kwargs may come as JSON text (the command line); generation_kwargs then
+    sets the sampling knobs it names, so that the training log-probs use the temperature sampling used."""
+    for name in ("generation_kwargs", "chat_template_kwargs"):
+        value = getattr(args, name)
+        if isinstance(value, str):
+            try:
+                setattr(args, name, json.loads(value))
+            except json.JSONDecodeError as e:
+                raise KnobError(name, f"{name} must be a JSON object such as '{{\"top_p\": 0.9}}', got {value!r} "
+                                      f"({e.msg}).") from None
+        if getattr(args, name) is not None and not isinstance(getattr(args, name), dict):
+            raise KnobError(name, f"{name} must be a dict (a JSON object), got {getattr(args, name)!r}.")
+    unknown = sorted(set(args.generation_kwargs or {}) - set(SAMPLING_KNOBS))
+    if unknown:
+        raise KnobError("generation_kwargs", f"generation_kwargs has {unknown}, which this sampler does not take: it "
+                                             f"takes {', '.join(SAMPLING_KNOBS)} (each also a knob of its own).")
+    for name, value in (args.generation_kwargs or {}).items():
+        setattr(args, name, value)
 
 
 class KnobError(ValueError):
@@ -972,11 +1014,32 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def sum_over_ranks(x: Tensor, op=None) -> Tensor:  # or, with op=dist.ReduceOp.MIN, the smallest
+def reduce_over_ranks(x: Tensor, op) -> Tensor:
     if _several_ranks():
         x = x.clone()
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=op)
     return x
+
+
+def sum_over_ranks(x: Tensor) -> Tensor:
+    return reduce_over_ranks(x, dist.ReduceOp.SUM)
+
+
+def min_over_ranks(x: Tensor) -> Tensor:
+    return reduce_over_ranks(x, dist.ReduceOp.MIN)
+
+
+def max_over_ranks(x: Tensor) -> Tensor:
+    return reduce_over_ranks(x, dist.ReduceOp.MAX)
+
+
+def gather_objects(items: list) -> list:
+    """A list from every rank, concatenated in rank order (texts, for the completions table)."""
+    if not _several_ranks():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 def barrier() -> None:
@@ -992,8 +1055,23 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 def nanmin(x: Tensor) -> Tensor:
     """The smallest value over every rank's rows that is not NaN (a completion the mask left empty gives 0/0)."""
-    smallest = sum_over_ranks(x.detach().nan_to_num(nan=math.inf).min(), op=dist.ReduceOp.MIN)
+    smallest = min_over_ranks(x.detach().nan_to_num(nan=math.inf).min())
     return smallest.nan_to_num(posinf=math.nan)
+
+
+def high_entropy_mask(entropies: Tensor, completion_mask: Tensor, quantile: float) -> Optional[Tensor]:
+    """The completion tokens whose entropy is at least the (1 - quantile) quantile of every rank's completion tokens
+    (TRL's get_high_entropy_mask); None when quantile is 1 (every token)."""
+    if quantile >= 1.0:
+        return None
+    mine = entropies[completion_mask.bool()].detach().float()
+    if _several_ranks():  # ranks hold different token counts: pad to the longest with a value no entropy takes
+        longest = int(max_over_ranks(torch.tensor(len(mine), device=mine.device)))
+        mine = gather(torch.cat([mine, mine.new_full((longest - len(mine),), -1.0)]))
+        mine = mine[mine >= 0]
+    if mine.numel() == 0:
+        return torch.zeros_like(completion_mask, dtype=torch.bool)
+    return (entropies >= torch.quantile(mine, 1 - quantile)) & completion_mask.bool()
 
 
 def gradient_sync(model: torch.nn.Module, sync: bool):
@@ -1435,6 +1513,7 @@ def check_config(args: GRPOConfig) -> None:
     if unknown:
         raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(Trackers.PACKAGES)}.")
     for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", ("group", "batch", "none")),
+                          ("eval_strategy", ("no", "steps")),
                           ("dtype", ("float32", "bfloat16", "float16", "auto")),
                           ("importance_sampling_level", ("token", "sequence"))):
         if getattr(args, name) not in allowed:
@@ -1921,19 +2000,25 @@ class Report:
         m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
         if mode != "train":
             return
-        seen, self.samples = set(), []  # this rank's own rows; on rank 0 the first rows of the global batch
-        for prompt, text, per_func, advantage, reward in zip(prompts, completions_text, rewards_per_func.tolist(),
-                                                             advantages.tolist(), rewards.tolist()):
-            if self.args.log_unique_prompts and str(prompt) in seen:  # TRL: the first row of each prompt
-                continue
-            seen.add(str(prompt))
-            self.samples.append({"prompt": text_of(prompt), "completion": text,
-                                 **{name: float(r) for name, r in zip(trainer.reward_names, per_func)},
-                                 "advantage": float(advantage), "reward": float(reward)})
+        if self.args.log_completions:  # every rank's rows, as TRL's table (all_per_func, all_rewards: gathered)
+            self.keep_samples(gather_objects(prompts), gather_objects(completions_text), all_per_func,
+                              gather(advantages), all_rewards)
         self.generation_batches += 1
         if all_rewards.isnan().all() or zero_std.all():
             self.silent_batches += 1
             self.silent_batch(all_rewards)
+
+    def keep_samples(self, prompts, completions_text, rewards_per_func, advantages, rewards) -> None:
+        """The rows log_completions prints and sends: all of them, or the first of each prompt (log_unique_prompts)."""
+        seen, self.samples = set(), []
+        for prompt, text, per_func, advantage, reward in zip(prompts, completions_text, rewards_per_func.tolist(),
+                                                             advantages.tolist(), rewards.tolist()):
+            if self.args.log_unique_prompts and str(prompt) in seen:
+                continue
+            seen.add(str(prompt))
+            self.samples.append({"prompt": text_of(prompt), "completion": text,
+                                 **{name: float(r) for name, r in zip(self.trainer.reward_names, per_func)},
+                                 "advantage": float(advantage), "reward": float(reward)})
 
     def silent_batch(self, rewards: Tensor) -> None:
         """A generation batch whose advantages are all 0 teaches the policy nothing from its rewards. Early in a
@@ -1970,7 +2055,7 @@ class Report:
         self.bar.set_postfix(reward=f"{trainer.metrics['reward'][-1]:.3f}" if trainer.metrics["reward"] else "")
         if trainer.global_step % args.logging_steps == 0 or trainer.global_step == trainer.max_steps:
             self.log()
-        if trainer.eval_dataset is not None and trainer.global_step % args.eval_steps == 0:
+        if trainer.eval_dataset is not None and args.eval_strategy == "steps" and trainer.global_step % args.eval_steps == 0:
             self.write_row({"step": trainer.global_step, **trainer.evaluate()})
         self.step_start = time.perf_counter()
 
@@ -2171,7 +2256,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_tokenizer(model, processing_class, *datasets) -> PreTrainedTokenizerBase:
+def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreTrainedTokenizerBase:
     """The tokenizer given, or the model's, with a pad token; and every prompt checked before any model loads."""
     tokenizer = processing_class or _from_pretrained(
         AutoTokenizer, model if isinstance(model, str) else model.config._name_or_path)
@@ -2187,7 +2272,8 @@ def load_tokenizer(model, processing_class, *datasets) -> PreTrainedTokenizerBas
         if any(not isinstance(p, str) for p in prompts) and tokenizer.chat_template is None:
             raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
                              "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
-        lengths = [len(ids) for ids in tokenizer([prompt_to_text(p, tokenizer) for p in prompts]).input_ids]
+        texts = [prompt_to_text(p, tokenizer, args.chat_template_kwargs) for p in prompts]
+        lengths = [len(ids) for ids in tokenizer(texts).input_ids]
         if 0 in lengths:  # a completion must follow something
             i = lengths.index(0)
             raise ValueError(f"Prompt {i} of the dataset ({prompts[i]!r:.100}) is no tokens at all for this tokenizer "
@@ -2229,8 +2315,9 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, opt
     0.04 s a step against 0.25-0.5 s for torch's default implementation."""
     optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    warmup = args.warmup_steps or args.warmup_ratio  # from 1 a number of steps, below 1 a share of them
     scheduler = scheduler or get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=max_steps,
-                                           num_warmup_steps=math.ceil(args.warmup_ratio * max_steps))
+                                           num_warmup_steps=int(warmup) if warmup >= 1 else math.ceil(warmup * max_steps))
     return optimizer, scheduler
 
 
@@ -2618,7 +2705,8 @@ def smollm2_gguf() -> Optional[str]:
 # spread: without it, on some seeds every completion of a prompt became "dddddddd" (one reward, no gradient).
 DEMO_ARGS = dict(learning_rate=1.5e-3, beta=0.1, num_generations=16, per_device_train_batch_size=128, max_steps=400,
                  max_completion_length=8, max_prompt_length=16, logging_steps=50, eval_steps=100, save_steps=0,
-                 reward_funcs=["letters"], warmup_ratio=0.05, lr_scheduler_type="constant_with_warmup")
+                 reward_funcs=["letters"], warmup_steps=0.05, lr_scheduler_type="constant_with_warmup",
+                 eval_strategy="steps", eval_on_start=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

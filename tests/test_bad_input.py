@@ -2,8 +2,6 @@
 change, before the model loads wherever the input is known then, and nothing non-finite is ever saved as good."""
 
 import dataclasses
-import functools
-import math
 import os
 import shutil
 import signal
@@ -11,7 +9,6 @@ import sys
 import typing
 
 import pytest
-import torch
 from datasets import Dataset
 
 import grpo
@@ -183,7 +180,7 @@ def test_a_reward_column_that_the_dataset_lacks_is_refused_before_the_model_load
 
 
 def test_ctrl_c_during_the_first_evaluation_says_nothing_was_saved(tmp_path, tiny_model_dir, capsys):
-    args = small_args(tmp_path, max_steps=5, save_steps=1)
+    args = small_args(tmp_path, max_steps=5, save_steps=1, eval_on_start=True)
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data(),
                           eval_dataset=letters_data(8))
     evaluate = trainer.report.evaluate
@@ -198,63 +195,3 @@ def test_ctrl_c_during_the_first_evaluation_says_nothing_was_saved(tmp_path, tin
     assert trainer.global_step == 0 and trainer.stop_signal == signal.SIGINT
     assert "Stopped by SIGINT before step 1: no step was taken, so nothing was saved." in out
     assert grpo.list_checkpoints(args.output_dir) == []
-
-
-# -- TRL's behaviour where ours differed (issue: a careful reader of TRL 1.16) --------------------------------
-
-
-def test_a_batch_whose_every_completion_is_masked_trains_with_loss_zero(tmp_path, tiny_model_dir):
-    """mask_truncated_completions with completions of at most 1 token: every row without EOS is masked, so a whole
-    batch can have no token to train on. dapo divides by max(1, T) as TRL does: loss 0, nothing skipped."""
-    args = small_args(tmp_path, mask_truncated_completions=True, max_completion_length=1, max_steps=4)
-    trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
-    masked = []
-    generate_and_score = trainer.generate_and_score
-    trainer.generate_and_score = lambda rows: masked.append(b := generate_and_score(rows)) or b
-    trainer.train()
-    empty = [b for b in masked if b.completion_mask.sum() == 0]
-    assert empty, "no batch with every completion masked: the test did not reach the case"
-    rows = [r for r in trainer.history if "loss" in r]
-    assert trainer.bad_steps == 0 and all(math.isfinite(r["loss"]) for r in rows)
-    assert 0.0 in [r["loss"] for r in rows]
-    loss, _ = grpo.grpo_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, torch.ones(2), torch.zeros(2, 3, dtype=torch.long),
-                             num_items_in_batch=0.0)
-    assert loss.item() == 0.0
-
-
-def test_grpo_loss_runs_with_its_own_defaults():
-    logps = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
-    loss, metrics = grpo.grpo_loss(logps, logps.detach(), None, torch.tensor([2.0]), torch.tensor([[1, 1, 0]]))
-    assert loss.item() == pytest.approx(-2.0 * 2 / 2)  # dapo over this micro-batch's 2 tokens: -(A·r) summed / 2
-    loss.backward()
-    assert logps.grad.tolist() == [[-1.0, -1.0, 0.0]]  # -A/T on the tokens under the mask
-
-
-def test_a_group_whose_every_reward_is_none_has_no_std():
-    grouped = torch.tensor([[1.0, 2.0, 3.0], [math.nan] * 3, [5.0, math.nan, math.nan]])
-    std = grpo.nanstd(grouped, dim=1)
-    assert std[0].item() == 1.0 and math.isnan(std[1]) and math.isnan(std[2])  # TRL's nanstd: NaN below 2 values
-    assert grpo.group_advantages(grouped.flatten(), 3).tolist()[3:] == [0.0] * 6
-
-
-def test_rewards_without_a_name_are_named_as_trl_names_them(tmp_path, tiny_model_dir):
-    class Scorer:
-        def __call__(self, completions, **kwargs):
-            return [1.0] * len(completions)
-
-    partial = functools.partial(grpo.length_reward)
-    trainer = GRPOTrainer(tiny_model_dir, [partial, Scorer()], args=small_args(tmp_path, max_steps=1),
-                          train_dataset=letters_data())
-    assert trainer.reward_names == ["length_reward", "Scorer"]
-    trainer.train()
-    assert "rewards/Scorer/mean" in trainer.history[-1] and "rewards/length_reward/mean" in trainer.history[-1]
-
-
-@pytest.mark.parametrize("spelling", [["--learning-rate", "0.002"], ["--learning_rate=0.002"], ["--learning_r", "0.002"]])
-def test_the_demo_defaults_never_override_a_flag_however_it_is_spelled(spelling, tmp_path, monkeypatch):
-    seen = {}
-    monkeypatch.setattr(grpo, "GRPOTrainer", lambda **kw: seen.update(kw) or (_ for _ in ()).throw(SystemExit(0)))
-    with pytest.raises(SystemExit):
-        grpo.main([*spelling, "--max_step", "7", "--output_dir", str(tmp_path)])
-    assert seen["args"].learning_rate == 0.002 and seen["args"].max_steps == 7
-    assert seen["args"].beta == grpo.DEMO_ARGS["beta"]  # the demo's own settings stay where nothing was given

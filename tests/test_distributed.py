@@ -127,7 +127,10 @@ def test_resume_under_torchrun_is_the_same_run(tmp_path):
     argv = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--eval_steps", "100",
             "--per_device_train_batch_size", "64", "--steps_per_generation", "2", "--num_iterations", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _run([*TORCHRUN, "grpo.py", "--output_dir", str(straight), *argv])
+    first = _run([*TORCHRUN, "grpo.py", "--output_dir", str(straight), *argv, "--log_completions",
+                  "--num_completions_to_print", "10000"])
+    # The completions table holds every rank's rows, as TRL's: 2 ranks × N·S = 128 at each of the 6 logged steps.
+    assert first.stdout.count(", advantage ") == 6 * 2 * 128
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")  # as if the run had died after step 3
     result = _run([*TORCHRUN, "grpo.py", "--output_dir", str(resumed), *argv, "--resume_from_checkpoint", "latest"])
     assert f"Resumed from {resumed}/checkpoint-3 at step 3." in result.stdout

@@ -154,3 +154,27 @@ def test_the_grouped_sampler_is_checked_against_part_one_loop(model):
         return torch.cat([(ids[:, :1] + 1) % model.config.vocab_size, ids[:, 1:]], 1), logps
 
     assert grpo.sampling_problem(one_token_off, model) == "drew other tokens than Part I's loop on a probe batch"
+
+
+def test_absolute_positions_give_ratio_one_with_left_padding(tokenizer):
+    """GPT-2 adds a learned embedding per position. Sampling counts a left-padded row's positions from its first
+    real token (positions()); so does get_per_token_logps, and its log-probs equal the sampling ones. TRL 1.16 passes
+    no position ids to its log-prob forward, so the padded row is counted from the padding: other numbers."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=64, bos_token_id=0, eos_token_id=0)).eval()
+    prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf="], tokenizer, None)  # "a=" gets 2 pads on the left
+    with torch.no_grad():
+        completion_ids, sampled = sample_with_cache(model, prompt_ids, prompt_mask,
+                                                    logits_processors(1.0, 0, 1.0, None, 1.0, prompt_mask), 5, [-1],
+                                                    tokenizer.pad_token_id)
+        mask = torch.ones_like(completion_ids)
+        ours, _ = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, 1.0)
+        input_ids = torch.cat([prompt_ids, completion_ids], 1)
+        logits = model(input_ids=input_ids, attention_mask=torch.cat([prompt_mask, mask], 1)).logits  # TRL's call
+        trl_like = logits[:, -6:-1].log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(ours, sampled, atol=1e-5, rtol=0)  # ratio = 1 at sampling time
+    assert (trl_like[0] - sampled[0]).abs().max() > 1e-2  # the left-padded row, counted from its padding
+    torch.testing.assert_close(trl_like[1], sampled[1], atol=1e-5, rtol=0)  # the unpadded row agrees

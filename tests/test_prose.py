@@ -84,3 +84,10 @@ def test_the_tutorials_describe_the_split_the_trainer_makes():
     assert "consecutive slices" not in NOTEBOOKS["01_sampling_and_batches.ipynb"]
     assert "shuffles the B·G rows" in NOTEBOOKS["01_sampling_and_batches.ipynb"]
 
+
+
+def test_the_readme_stays_a_readers_guide():
+    assert len(README.encode()) <= 20_000, "README.md is over 20 KB: move the detail next to the code it describes"
+    assert "### From PPO to GRPO" in README and "### A reading path" in README
+    for name in re.findall(r"^\d\. `(?:GRPOTrainer\.)?(\w+)`", README, re.M):  # the reading path names real code
+        assert hasattr(grpo, name) or hasattr(grpo.GRPOTrainer, name), name

@@ -4,7 +4,6 @@ is the same run (bitwise on CPU); Ctrl-C saves and stops; non-finite steps are s
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -182,7 +181,7 @@ def resume_args(tmp_path, out, **kw):
     # 8 steps, so the resumed part crosses into a new pass. β > 0 and evaluation are on.
     base = dict(output_dir=str(tmp_path / out), per_device_train_batch_size=4, steps_per_generation=2,
                 num_iterations=2, gradient_accumulation_steps=1, max_steps=12, save_steps=6, beta=0.04,
-                eval_steps=4)
+                eval_strategy="steps", eval_steps=4, eval_on_start=True)
     return small_args(tmp_path, **{**base, **kw})
 
 

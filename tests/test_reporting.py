@@ -55,7 +55,8 @@ def test_every_tracker_gets_the_rows_of_metrics_jsonl_and_the_completions_table(
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
     trackio = pytest.importorskip("trackio")
     monkeypatch.setenv("TRACKIO_PROJECT", "grpo-test")
-    args = small_args(tmp_path, max_steps=2, beta=0.04, log_completions=True, eval_steps=2,
+    args = small_args(tmp_path, max_steps=2, beta=0.04, log_completions=True, eval_strategy="steps", eval_steps=2,
+                      eval_on_start=True,
                       report_to=["tensorboard", "wandb", "trackio"])
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data(),
                           eval_dataset=letters_data(8))

@@ -116,7 +116,7 @@ def test_seed_example_reward_model(tmp_path, tiny_model_dir, tokenizer):
 
 
 def test_eval_dataset_logs_eval_reward(tmp_path, tiny_model_dir):
-    args = small_args(tmp_path, max_steps=3, eval_steps=2, logging_steps=3)
+    args = small_args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=2, logging_steps=3, eval_on_start=True)
     trainer = GRPOTrainer(tiny_model_dir, ["letters", "length"], args=args, train_dataset=letters_data(),
                           eval_dataset=Dataset.from_dict({"prompt": ["a=", "b=", "c="]}))
     trainer.train()
@@ -133,7 +133,8 @@ def test_eval_dataset_logs_eval_reward(tmp_path, tiny_model_dir):
 def test_evaluation_does_not_change_training(tmp_path, tiny_model_dir):
     runs = []
     for eval_dataset in (None, Dataset.from_dict({"prompt": ["a=", "b="]})):
-        args = small_args(tmp_path / str(len(runs)), max_steps=2, eval_steps=1)
+        args = small_args(tmp_path / str(len(runs)), max_steps=2, eval_strategy="steps", eval_steps=1,
+                          eval_on_start=True)
         trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data(),
                               eval_dataset=eval_dataset)
         trainer.train()
