@@ -139,8 +139,8 @@ def _rss_bytes(field: str) -> int:
 
 def _measure_peak(name: str, model_dir: str, chunk: int, prompt_length: int, temperature: float,
                   checkpointing: bool) -> None:
-    """Print the peak memory (MB) and seconds of one forward+backward of get_per_token_logps over a micro-batch
-    of random tokens: N and C from the config, P = prompt_length."""
+    """Print the peak memory (MB) and seconds of one forward+backward of the log-prob pass (with the entropy) over
+    a micro-batch of random tokens: N and C from the config, P = prompt_length."""
     from transformers import AutoModelForCausalLM
 
     c = CONFIGS[name]
@@ -162,8 +162,11 @@ def _measure_peak(name: str, model_dir: str, chunk: int, prompt_length: int, tem
             f.write("5")  # reset VmHWM, the peak, to the present
         before = _rss_bytes("VmRSS")
     start = time.perf_counter()
-    logps, _ = grpo.get_per_token_logps(model, prompt_ids, ones_p, completion_ids, ones_c, temperature,
-                                        chunk_size=chunk)
+    if chunk:  # Part II's chunked pass; else Part I's, with the entropy the trainer also computes
+        logps, _ = grpo.hidden_state_logps(model, prompt_ids, ones_p, completion_ids, ones_c, temperature, True,
+                                           pack=False, chunk_size=chunk)
+    else:
+        logps, _ = grpo.get_per_token_logps(model, prompt_ids, ones_p, completion_ids, ones_c, temperature, True)
     logps.sum().backward()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes("VmHWM")

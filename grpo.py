@@ -603,7 +603,7 @@ class GRPOTrainer:
         rewards_per_func = self.compute_rewards(rows, prompts, completions, completion_ids, completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
-        # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 10).
+        # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 11).
         all_rewards = gather(rewards) if mode == "train" else rewards
         advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
 
@@ -756,7 +756,7 @@ class GRPOTrainer:
         """Clip the gradient and step (unless the loss or gradient is not finite), then log, evaluate and save as
         scheduled."""
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
-        finite, stop = agree_on_step(self, loss, grad_norm)  # every rank decides alike (section 10)
+        finite, stop = agree_on_step(self, loss, grad_norm)  # every rank decides alike (section 11)
         self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
         if finite:
             self.optimizer.step()
@@ -776,9 +776,9 @@ class GRPOTrainer:
 
 # ==========================================================================================================
 # Part II: running it for real. A reader who came to learn GRPO may stop here: everything above is the
-# algorithm. Below is what Part I calls by name: the rest of the configuration (9b), several processes (10),
-# faster paths that prove themselves (11), validation (12), checkpoints, resume and signals (13), metrics and the
-# picture (14), loading (15), shape tracing (16), the demo and its rewards (17), and the command line (18).
+# algorithm. Below is what Part I calls by name: the rest of the configuration (10), several processes (11),
+# faster paths that prove themselves (12), validation (13), checkpoints, resume and signals (14), metrics and the
+# picture (15), loading (16), shape tracing (17), the demo and its rewards (18), and the command line (19).
 # ==========================================================================================================
 
 import importlib
@@ -809,7 +809,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9b. The knobs of running GRPO for real, and GRPOConfig: Part I's knobs of the algorithm, then these.
+# 10. The knobs of running GRPO for real, and GRPOConfig: Part I's knobs of the algorithm, then these.
 
 
 @dataclass
@@ -860,7 +860,7 @@ class RunConfig:
     save_steps: int = knob(500, "Save a checkpoint (everything a resumed run needs) every this many optimizer steps (0: only the final model).")
     save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or the newest under output_dir with `latest`: the same run as one that never stopped.")
-    # the log-prob passes: memory and speed (section 11), and shape checks (section 16)
+    # the log-prob passes: memory and speed (section 12), and shape checks (section 17)
     logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, so that the (N, C, V) logits never exist at once (peak about 5 x chunk x V floats). 0: all at once.")
     use_liger_loss: bool = knob(False, "TRL's switch for Liger's fused loss, whose point is memory: here it turns on the chunked log-probs of logits_chunk_size (256 unless set).")
     padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs.")
@@ -972,7 +972,7 @@ def check_ranges(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 10. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
+# 11. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
 # whole file on its own device, with its own copy of the policy. They meet only in the collectives below:
 #   - every rank generates, scores and trains on its own B*G rows of a global generation batch of W*B*G rows.
 #     Those rows are whole groups (GRPOTrainer.train says which rank gets which), so the advantages need
@@ -1089,7 +1089,7 @@ def agree_on_step(trainer: "GRPOTrainer", loss: float, grad_norm: float) -> tupl
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 11. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
+# 12. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
 # paid (measured on 2-core CPUs, as each docstring says; on a GPU only the chunking asked for) and where it holds:
 # the grouped sampler and the log-prob passes are compared with Part I's at setup, and the CPU's prepacked
 # weights are tried on one layer. Otherwise Part I's path runs, and one line says which paths run and why.
@@ -1477,7 +1477,7 @@ def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 12. Validation: every bad input is refused before any work is lost, with a message that says what to change.
+# 13. Validation: every bad input is refused before any work is lost, with a message that says what to change.
 
 LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
 
@@ -1681,7 +1681,7 @@ def _check_json_rows(path: str, extension: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 13. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
+# 14. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
 # the same samples and writes the same rows (the tests check this bitwise). Every file is written under a
 # temporary name and renamed once complete, so a crash or a kill in the middle of a save loses nothing saved.
 
@@ -1932,7 +1932,7 @@ def catch_stop_signals(trainer: "GRPOTrainer"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 14. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
+# 15. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
 
 
 @shape_checked
@@ -2246,7 +2246,7 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 15. Loading: the tokenizer, the policy (dtype, activation checkpointing, LoRA, the reference copy, DDP), the
+# 16. Loading: the tokenizer, the policy (dtype, activation checkpointing, LoRA, the reference copy, DDP), the
 # optimizer, the reward functions and models, .gguf files; and what differs between transformers releases.
 
 
@@ -2494,7 +2494,7 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 16. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
+# 17. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
 # tensors it produces with the shape its letters promise, and the tracer checks the two agree. Outside it,
 # trace() is one test of a global: tracing costs nothing when it is off.
 
@@ -2573,7 +2573,7 @@ def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 17. The built-in rewards, and the embedded default task: a tiny Qwen2 with random weights learns, from rewards
+# 18. The built-in rewards, and the embedded default task: a tiny Qwen2 with random weights learns, from rewards
 # alone, to answer "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back
 # through from_pretrained, so the same loading code runs as for a real model. Then where to find the one real
 # model that runs offline here, SmolLM2-135M-Instruct (README, "A real model").
@@ -2710,7 +2710,7 @@ DEMO_ARGS = dict(learning_rate=1.5e-3, beta=0.1, num_generations=16, per_device_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 18. Command line.
+# 19. Command line.
 
 
 def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "train"):
