@@ -153,3 +153,19 @@ def test_evaluation_runs_only_when_eval_strategy_says_so(tmp_path, tiny_model_di
         assert [row["step"] for row in trainer.history if "eval_reward" in row] == evaluated
     with pytest.raises(ValueError, match="Unknown eval_strategy 'epoch'"):
         GRPOConfig(eval_strategy="epoch")
+
+
+def test_on_a_gpu_part_one_paths_run_unless_chunks_are_asked_for(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Every fast-path threshold was measured on CPUs; a packed row's dense (L, L) mask would also take SDPA off its
+    flash kernel. So on CUDA the model keeps Part I's sampling and log-prob pass; chunking, asked for memory, stays."""
+    monkeypatch.setattr(grpo, "PACK_FROM_WIDTH", 64)  # the demo's model, as wide as one where packing pays on a CPU
+    for chunk, expected in ((0, grpo.get_per_token_logps), (32, grpo.hidden_state_logps)):
+        trainer = GRPOTrainer(tiny_model_dir, "letters", args=small_args(tmp_path, logits_chunk_size=chunk),
+                              train_dataset=letters_data())
+        trainer.device = torch.device("cuda")  # what use_fast_paths reads; nothing runs on it here
+        trainer.sample, trainer.per_token_logps = grpo.sample_with_cache, grpo.get_per_token_logps
+        grpo.use_fast_paths(trainer)
+        assert trainer.sample is grpo.sample_with_cache
+        assert getattr(trainer.per_token_logps, "func", trainer.per_token_logps) is expected
+        if expected is grpo.hidden_state_logps:
+            assert trainer.per_token_logps.keywords == {"pack": False, "chunk_size": 32}
