@@ -9,7 +9,7 @@ more reward functions, and use how much better each completion did than its own 
 The policy π_θ then climbs PPO's clipped surrogate objective, with an optional KL penalty that keeps it near a
 frozen reference model π_ref. With the default loss_type="dapo" every completion token of a batch weighs the same:
 
-    J(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/Σ_i|o_i| Σ_i Σ_t ( min( r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i )
+    J(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/Σ_i|o_i| Σ_i Σ_t ( min(r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i)
                                                          - β D_KL[π_θ || π_ref] ) ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
@@ -28,9 +28,9 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
     C  completion length (right padded)               V  vocabulary size
     F  number of reward functions                     H  the model's hidden size
     W  processes (ranks) under torchrun
-A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them: S·μ/GA
-optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and the clip
-never acts; they matter once a step falls inside a batch (μ > 1 or S > GA), as PPO's update epochs do.
+A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them:
+S·μ/GA optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and
+the clip never acts; they matter once a step falls inside a batch (μ > 1 or S > GA), as PPO's update epochs do.
 Tensors carry their shapes as jaxtyping types, for example `Float[Tensor, "BG C"]`. jaxtyping evaluates an
 expression such as `B*G` only once B and G are bound by another argument of the same call, so a flat row axis
 gets the one-word name `BG` (read "B times G"), and the grouped view is written `B G`. The checks run under the
@@ -472,7 +472,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         # all of them, whatever S and GA are. Dividing T by the world size undoes DDP's averaging of gradients.
         # T is at least 1, as in TRL: a batch whose every token is masked trains on nothing, with loss 0.
         tokens = max(1.0, mask.sum().item() if num_items_in_batch is None else num_items_in_batch)
-        loss = (per_token_loss * mask).sum() / (tokens / world_size * gradient_accumulation_steps / steps_per_generation)
+        tokens_per_step = tokens / world_size * gradient_accumulation_steps / steps_per_generation
+        loss = (per_token_loss * mask).sum() / tokens_per_step
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
     trace("loss", locals(), ratio="N C", clipped_ratio="N C", per_token_kl="N C", per_token_loss="N C", loss="")
@@ -562,7 +563,7 @@ class GRPOTrainer:
 
         # Sampling (section 4) and the log-prob pass (section 7) as written above. Part II swaps in a faster
         # version of either only where a check at setup shows it computes the same numbers here.
-        self.sample, self.per_token_logps = sample_with_cache, get_per_token_logps
+        self.sample, self.get_per_token_logps = sample_with_cache, get_per_token_logps
         use_fast_paths(self)
 
         # What the loop measured (averaged and written out every logging_steps), and the rows written so far.
@@ -674,9 +675,9 @@ class GRPOTrainer:
     def logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
         N = self.args.per_device_train_batch_size
         with torch.no_grad(), self.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
-            return torch.cat([self.per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
-                                                   completion_ids[i:i + N], completion_mask[i:i + N],
-                                                   self.args.temperature)[0]
+            return torch.cat([self.get_per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
+                                                       completion_ids[i:i + N], completion_mask[i:i + N],
+                                                       self.args.temperature)[0]
                               for i in range(0, prompt_ids.size(0), N)]).float()
 
     def reference_logps(self, *batch) -> Tensor:
@@ -690,7 +691,7 @@ class GRPOTrainer:
 
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
         """The loss of one micro-batch (N of the generation batch's rows), and its diagnostics."""
-        per_token_logps, entropies = self.per_token_logps(
+        per_token_logps, entropies = self.get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
             self.args.temperature, with_entropy=True)
         per_token_logps = per_token_logps.float()
@@ -742,7 +743,7 @@ class GRPOTrainer:
                         if self.micro_step % GA == 0:
                             self.optimizer_step(step_loss)
                             step_loss = 0.0
-                            if self.global_step >= last_step or self.stop_signal is not None:
+                            if self.global_step >= last_step or self.checkpoints.stopped:  # saved on a signal
                                 return self.finish()
             return self.finish()  # reached only when no step was left to take
 
@@ -1142,7 +1143,7 @@ def use_fast_paths(trainer: "GRPOTrainer") -> None:
         what = " and ".join(["packed rows"] * pack + [f"chunks of {chunk} tokens"] * (chunk > 0))
         problem = logps_problem(fast, unwrap(trainer.model))
         if problem is None:
-            trainer.per_token_logps = fast
+            trainer.get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
     say(trainer, "[grpo] " + ("; ".join(said) if said else "Part I's plain paths") + ".")
 
@@ -1197,8 +1198,8 @@ def sample_grouped(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prom
             keep = (~ended[live]).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             live = live[keep]
-        logits[live] = model(input_ids=token[live, None], attention_mask=attention_mask[live],
-                             position_ids=position[live], **kv_cache(model, cache), use_cache=True).logits[:, -1].float()
+        logits[live] = model(input_ids=token[live, None], attention_mask=attention_mask[live], use_cache=True,
+                             position_ids=position[live], **kv_cache(model, cache)).logits[:, -1].float()
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
@@ -1387,7 +1388,7 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
         logps, entropies = logps_from_logits(logits, ids, temperature, with_entropy)
     if not pack:
         return logps, entropies
-    unpack = lambda x: torch.zeros(real.shape, dtype=x.dtype, device=x.device).masked_scatter(real, x[:, 0])  # noqa: E731
+    unpack = lambda x: torch.zeros_like(real, dtype=x.dtype).masked_scatter(real, x[:, 0])  # noqa: E731
     return unpack(logps), unpack(entropies) if with_entropy else None
 
 
@@ -1424,11 +1425,11 @@ PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
 
 def sample_prepacked(model: torch.nn.Module, prompt_ids: Tensor, *args, sample: Callable = sample_with_cache,
                      autocast_dtype: Optional[torch.dtype] = None, **kwargs) -> tuple[Tensor, Tensor]:
-    """`sample` (Part I's loop or sample_grouped), with every nn.Linear multiplying by a copy of its weight that oneDNN reordered once,
-    when at most PREPACK_ROWS rows are sampled. PyTorch's CPU matmul otherwise repacks the weight at every call,
-    and for the few rows of a decoding step that is most of its time: a 576 → 2304 linear on 16 rows took 749 µs
-    plain and 437 prepacked in float32 (269 and 156 under bf16 autocast); on 128 rows, 2,137 and 2,252 in
-    float32; on a 64-wide layer prepacking doubled the time, hence PACK_FROM_WIDTH and PREPACK_ROWS."""
+    """`sample` (Part I's loop or sample_grouped), with every nn.Linear multiplying by a copy of its weight that
+    oneDNN reordered once, when at most PREPACK_ROWS rows are sampled. PyTorch's CPU matmul otherwise repacks the
+    weight at every call, and for the few rows of a decoding step that is most of its time: a 576 → 2304 linear on
+    16 rows took 749 µs plain and 437 prepacked in float32 (269 and 156 under bf16 autocast); on 128 rows, 2,137
+    and 2,252 in float32; on a 64-wide layer prepacking doubled the time, hence PACK_FROM_WIDTH and PREPACK_ROWS."""
     with prepacked_linears(model, prompt_ids.size(0) if prompt_ids.size(0) <= PREPACK_ROWS else 0, autocast_dtype):
         return sample(model, prompt_ids, *args, **kwargs)
 
@@ -1696,14 +1697,14 @@ def prompt_batches(trainer: "GRPOTrainer", last_step: int) -> Iterator[list[dict
     BG, W, G = trainer.args.generation_batch_size, trainer.world_size, trainer.G
     batches_per_pass = len(trainer.sampler) // (W * BG)
     first = trainer.micro_step // (trainer.S * trainer.mu)
+    if trainer.stop_signal is not None:  # came before this run's first step (in the first evaluation)
+        say(trainer, f"Stopped by {signal.Signals(trainer.stop_signal).name} before step {trainer.global_step + 1}: "
+                     f"no step was taken, so nothing was saved.")
+        return
     trainer.sampler.generator.manual_seed(trainer.args.seed)
     for number in itertools.count(0, batches_per_pass):  # the number of the first batch of each pass
         indices = list(trainer.sampler)  # a new permutation each pass
         for k in range(max(0, first - number), batches_per_pass):
-            if trainer.stop_signal is not None:  # came before this run's first step (in the first evaluation)
-                say(trainer, f"Stopped by {signal.Signals(trainer.stop_signal).name} before step "
-                             f"{trainer.global_step + 1}: no step was taken, so nothing was saved.")
-                return
             if trainer.global_step >= last_step:
                 return
             mine = indices[(k * W + trainer.rank) * BG:(k * W + trainer.rank + 1) * BG]
@@ -1726,6 +1727,7 @@ class Checkpoints:
 
     def __init__(self, trainer: "GRPOTrainer"):
         self.trainer, self.args = trainer, trainer.args
+        self.stopped = False  # a signal stopped the run, with a checkpoint
 
     def _owner(self, name: str):  # the loop counters live on the trainer, the metric counters on its Report
         return self.trainer if hasattr(self.trainer, name) else self.trainer.report
@@ -1751,7 +1753,7 @@ class Checkpoints:
                 f"max_grad_norm, or check the rewards, then resume with --resume_from_checkpoint {path}.")
         if stop:
             trainer.stop_signal = trainer.stop_signal or signal.SIGTERM  # another rank got it
-            path = self.save()
+            path, self.stopped = self.save(), True
             say(trainer, f"Stopped by {signal.Signals(trainer.stop_signal).name} after step {trainer.global_step}; "
                          f"saved {path}. Resume with --resume_from_checkpoint {path} (or latest).")
         elif args.save_steps > 0 and trainer.global_step % args.save_steps == 0:
@@ -2055,7 +2057,8 @@ class Report:
         self.bar.set_postfix(reward=f"{trainer.metrics['reward'][-1]:.3f}" if trainer.metrics["reward"] else "")
         if trainer.global_step % args.logging_steps == 0 or trainer.global_step == trainer.max_steps:
             self.log()
-        if trainer.eval_dataset is not None and args.eval_strategy == "steps" and trainer.global_step % args.eval_steps == 0:
+        evaluating = trainer.eval_dataset is not None and args.eval_strategy == "steps"
+        if evaluating and trainer.global_step % args.eval_steps == 0:
             self.write_row({"step": trainer.global_step, **trainer.evaluate()})
         self.step_start = time.perf_counter()
 
@@ -2316,8 +2319,9 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, opt
     optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     warmup = args.warmup_steps or args.warmup_ratio  # from 1 a number of steps, below 1 a share of them
+    warmup_steps = int(warmup) if warmup >= 1 else math.ceil(warmup * max_steps)
     scheduler = scheduler or get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=max_steps,
-                                           num_warmup_steps=int(warmup) if warmup >= 1 else math.ceil(warmup * max_steps))
+                                           num_warmup_steps=warmup_steps)
     return optimizer, scheduler
 
 

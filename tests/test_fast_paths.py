@@ -178,11 +178,11 @@ def test_a_planted_fault_makes_the_check_choose_the_plain_path(tmp_path, tiny_mo
     monkeypatch.setattr(grpo, "PACK_FROM_WIDTH", 0)  # the tiny model would take the plain path anyway
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_steps=1)
     data = Dataset.from_dict({"prompt": ["a=", "b="] * 4})
-    assert GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data).per_token_logps.func is \
+    assert GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data).get_per_token_logps.func is \
         hidden_state_logps  # the real packed pass passes
     monkeypatch.setattr(grpo, "hidden_state_logps", off_by_a_little)
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data)
-    assert trainer.per_token_logps is get_per_token_logps
+    assert trainer.get_per_token_logps is get_per_token_logps
     assert "plain log-probs: packed rows differ from this model's own forward by 0.01" in capsys.readouterr().out
 
 
@@ -191,11 +191,11 @@ def test_small_models_keep_part_one_paths_and_wide_ones_take_the_fast_ones(tmp_p
     args = GRPOConfig(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_steps=1)
     data = Dataset.from_dict({"prompt": ["a=", "b="] * 4})
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data)
-    assert trainer.sample is grpo.sample_grouped and trainer.per_token_logps is get_per_token_logps
+    assert trainer.sample is grpo.sample_grouped and trainer.get_per_token_logps is get_per_token_logps
     assert "[grpo] sampling each group's prompt once." in capsys.readouterr().out
     monkeypatch.setattr(grpo, "PACK_FROM_WIDTH", 64)  # as if the demo's model were wide enough to pay
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data)
-    assert trainer.per_token_logps.func is hidden_state_logps
+    assert trainer.get_per_token_logps.func is hidden_state_logps
     prepacks = grpo.prepacking_problem(grpo.unwrap(trainer.model), None) is None
     assert (trainer.sample.func is grpo.sample_prepacked) if prepacks else (trainer.sample is grpo.sample_grouped)
 

@@ -371,3 +371,22 @@ def test_a_lora_run_resumes_exactly_from_its_adapter_checkpoint(tmp_path, tiny_m
     resumed.train()
     assert torch.equal(params(resumed.model), params(straight.model))
     assert not torch.equal(params(resumed.model), params(lora_trainer("fresh").model))  # the adapter did train
+
+
+def test_a_signal_that_comes_after_the_ranks_agreed_is_saved_at_the_next_step(tmp_path, tiny_model_dir, capsys):
+    """The ranks decide whether to stop before the step is logged; a signal during the logging (as when a user
+    presses Ctrl-C on seeing a new line) is acted on at the next optimizer step, with a checkpoint, never dropped."""
+    args = small_args(tmp_path, max_steps=5)
+    trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    after_step = trainer.report.after_step
+
+    def logging_then_interrupted(*a):
+        after_step(*a)
+        if trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # after agree_on_step has run for step 1
+
+    trainer.report.after_step = logging_then_interrupted
+    trainer.train()
+    assert trainer.global_step == 2 and trainer.checkpoints.stopped
+    assert grpo.list_checkpoints(args.output_dir) == [os.path.join(args.output_dir, "checkpoint-2")]
+    assert "Stopped by SIGINT after step 2; saved" in capsys.readouterr().out

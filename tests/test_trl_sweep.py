@@ -163,9 +163,9 @@ def test_on_a_gpu_part_one_paths_run_unless_chunks_are_asked_for(tmp_path, tiny_
         trainer = GRPOTrainer(tiny_model_dir, "letters", args=small_args(tmp_path, logits_chunk_size=chunk),
                               train_dataset=letters_data())
         trainer.device = torch.device("cuda")  # what use_fast_paths reads; nothing runs on it here
-        trainer.sample, trainer.per_token_logps = grpo.sample_with_cache, grpo.get_per_token_logps
+        trainer.sample, trainer.get_per_token_logps = grpo.sample_with_cache, grpo.get_per_token_logps
         grpo.use_fast_paths(trainer)
         assert trainer.sample is grpo.sample_with_cache
-        assert getattr(trainer.per_token_logps, "func", trainer.per_token_logps) is expected
+        assert getattr(trainer.get_per_token_logps, "func", trainer.get_per_token_logps) is expected
         if expected is grpo.hidden_state_logps:
-            assert trainer.per_token_logps.keywords == {"pack": False, "chunk_size": 32}
+            assert trainer.get_per_token_logps.keywords == {"pack": False, "chunk_size": 32}
