@@ -2500,7 +2500,7 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
 # ----------------------------------------------------------------------------------------------------------
 # 17. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
 # tensors it produces with the shape its letters promise, and the tracer checks the two agree. Outside it,
-# trace() is one test of a global: tracing costs nothing when it is off.
+# trace() tests one global and returns: off, tracing costs a call and a locals() dict per traced function.
 
 
 ShapeRecord = namedtuple("ShapeRecord", "stage name symbolic shape dtype")  # symbolic: "BG C"
