@@ -538,6 +538,7 @@ class GRPOTrainer:
         self.B = args.generation_batch_size // self.G
         # Everything that can be checked before the model loads is checked first: a typo should cost seconds.
         check_inputs(args, train_dataset, eval_dataset, reward_funcs, self.B, self.world_size)
+        resume = find_checkpoint(args.resume_from_checkpoint, args.output_dir)  # found now, loaded last
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.tokenizer = load_tokenizer(model, processing_class, args, train_dataset, eval_dataset)
         seed_everything(args.seed)
@@ -577,8 +578,8 @@ class GRPOTrainer:
         self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
         if self.world_size > 1:  # ranks sample their completions from different random streams
             seed_everything(args.seed + self.rank)
-        if args.resume_from_checkpoint is not None:
-            self.checkpoints.load(find_checkpoint(args.resume_from_checkpoint, args.output_dir))
+        if resume is not None:
+            self.checkpoints.load(resume)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
@@ -745,7 +746,7 @@ class GRPOTrainer:
                             step_loss = 0.0
                             if self.global_step >= last_step or self.checkpoints.stopped:  # saved on a signal
                                 return self.finish()
-            return self.finish()  # reached only when no step was left to take
+            return self.finish()  # when no step was left to take, or a signal came before the first
 
     def finish(self) -> list[dict]:
         if self.global_step == self.max_steps:  # a run that stopped early leaves its checkpoint, no final model
@@ -1528,11 +1529,9 @@ def check_config(args: GRPOConfig) -> None:
 
 
 def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B: int, world_size: int) -> None:
-    """What can be checked before any model loads: output_dir (created, writable), the checkpoint to resume from,
-    the datasets (a prompt column, rows, enough prompts for one generation batch on every rank, the columns each
-    reward function needs)."""
+    """What can be checked before any model loads: output_dir (created, writable) and the datasets (a prompt column,
+    rows, enough prompts for one generation batch on every rank, the columns each reward function needs)."""
     check_output_dir(args.output_dir)
-    find_checkpoint(args.resume_from_checkpoint, args.output_dir)
     check_reward_columns(reward_funcs, args, train_dataset, eval_dataset)
     if train_dataset is None:
         raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
@@ -1848,8 +1847,9 @@ class Checkpoints:
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    """No NaN or infinity in any trainable weight (the same on every rank: DDP keeps them equal)."""
-    return all(bool(p.isfinite().all()) for p in model.parameters() if p.requires_grad)
+    """No NaN or infinity in any trainable weight (the same on every rank: DDP keeps them equal). One reduction and
+    one read of its result, since this runs after every optimizer step."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters() if p.requires_grad]).all())
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
