@@ -93,20 +93,24 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
         return wrapper
 
     trainer.generate = timed("generation", trainer.generate)
-    trainer.compute_rewards = timed("rewards", trainer.compute_rewards)
-    trainer.logps_no_grad = timed("old/ref log-probs", trainer.logps_no_grad)
     # The optimizer step with what goes with it: gradient clipping, zeroing the gradients, logging the row.
     trainer.optimizer_step = timed("optimizer", trainer.optimizer_step)
     rows = []
-    for _ in range(warmup + steps):
-        clock.clear()
-        trainer.train(stop_after=trainer.global_step + 1)
-        # step_time runs from the start of the step to the end of its optimizer step, as TRL's does (from
-        # on_step_begin to on_step_end). What it spent outside the timed stages is the policy's forward and backward.
-        step_time = trainer.history[-1]["step_time"]
-        clock["forward+backward"] = step_time - sum(clock.values())
-        # Completions differ in length from step to step; the stages are per step, and so is this.
-        rows.append({**clock, "step": step_time, "tokens": trainer.history[-1]["completions/mean_length"]})
+    plain = grpo.compute_rewards, grpo.logps_no_grad  # Part I calls these two by their module-level names
+    grpo.compute_rewards, grpo.logps_no_grad = timed("rewards", plain[0]), timed("old/ref log-probs", plain[1])
+    try:
+        for _ in range(warmup + steps):
+            clock.clear()
+            trainer.train(stop_after=trainer.global_step + 1)
+            # step_time runs from the start of the step to the end of its optimizer step, as TRL's does (from
+            # on_step_begin to on_step_end). What it spent outside the timed stages is the policy's forward and
+            # backward.
+            step_time = trainer.history[-1]["step_time"]
+            clock["forward+backward"] = step_time - sum(clock.values())
+            # Completions differ in length from step to step; the stages are per step, and so is this.
+            rows.append({**clock, "step": step_time, "tokens": trainer.history[-1]["completions/mean_length"]})
+    finally:
+        grpo.compute_rewards, grpo.logps_no_grad = plain
     measured = rows[warmup:]
     return {stage: statistics.median(r[stage] for r in measured) for stage in measured[0]}
 

@@ -14,12 +14,13 @@ frozen reference model π_ref. With the default loss_type="dapo" every completio
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
 The paper's own form (loss_type="grpo") averages each completion over its tokens first, 1/G Σ_i 1/|o_i| Σ_t;
-section 8 has all four. The group mean replaces PPO's learned value function: a completion is good if it beats
-its siblings.
+section 8 has all four.
 
 Part I is GRPO on its plain paths, in the order the data flows, and reads alone. Part II is what running it for
 real takes: several processes, faster paths (each used only where a check at setup shows it computes what Part I
 computes), validation, checkpoints and signals, metrics, loading, shape tracing, the demo and the command line.
+Left out on purpose: transformers.Trainer (the loop is written out), its callbacks, and DeepSpeed/FSDP (several
+processes use plain DDP). Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
 
 Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
@@ -31,13 +32,8 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
 A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them:
 S·μ/GA optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and
 the clip never acts; they matter once a step falls inside a batch (μ > 1 or S > GA), as PPO's update epochs do.
-Tensors carry their shapes as jaxtyping types, for example `Float[Tensor, "BG C"]`. jaxtyping evaluates an
-expression such as `B*G` only once B and G are bound by another argument of the same call, so a flat row axis
-gets the one-word name `BG` (read "B times G"), and the grouped view is written `B G`. The checks run under the
-tests and with --check_shapes (or GRPO_CHECK_SHAPES=1); otherwise the annotations are documentation.
-
-Left out on purpose: transformers.Trainer (the loop is written out), its callbacks, and DeepSpeed/FSDP (several
-processes use plain DDP). Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
+Tensors carry their shapes as jaxtyping types: `Float[Tensor, "BG C"]` is B*G rows (one word, as jaxtyping needs
+it) of C columns, and `B G` is the grouped view. The tests and --check_shapes verify them as the code runs.
 """
 
 import contextlib
@@ -57,20 +53,15 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-# Shape checks are on under the tests, --check_shapes and GRPO_CHECK_SHAPES=1: jaxtyping and beartype then verify
-# every annotated argument and return value, and a mismatch names the function, the argument and both shapes.
-CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"
+CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"  # on under the tests and --check_shapes
 
 
 def shape_checked(fn):
-    # is_pep484_tower: an int is accepted where a float is annotated (beta=0), as PEP 484 says.
+    """fn, with every annotated argument and return value checked by jaxtyping and beartype while CHECK_SHAPES is
+    on: a mismatch names the function, the argument and both shapes. is_pep484_tower: an int is accepted where a
+    float is annotated (beta=0), as PEP 484 says."""
     checked = jaxtyped(typechecker=beartype(conf=BeartypeConf(is_pep484_tower=True)))(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return checked(*args, **kwargs) if CHECK_SHAPES else fn(*args, **kwargs)
-
-    return wrapper
+    return functools.wraps(fn)(lambda *args, **kwargs: (checked if CHECK_SHAPES else fn)(*args, **kwargs))
 
 
 # ==========================================================================================================
@@ -79,7 +70,7 @@ def shape_checked(fn):
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Configuration: the knobs of the algorithm, with TRL's names, defaults and meanings. Part II adds the knobs of
-# running it (model, data, logging, checkpoints, precision, speed) and calls the whole GRPOConfig, as TRL does.
+# running it (optimizer, model, data, logging, checkpoints, precision, speed) and calls the whole GRPOConfig.
 
 
 def knob(default, help):
@@ -113,12 +104,6 @@ class AlgorithmConfig:
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
-    # the loop
-    learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
-    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
-    max_steps: int = knob(-1, "Optimizer steps to run; -1 means num_train_epochs passes over the dataset.")
-    num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
-    seed: int = knob(42, "Seed for the sampler, the shuffles, the initial weights of the demo, and generation.")
 
     def __post_init__(self):  # defaults that follow other knobs, as in TRL
         self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
@@ -131,71 +116,36 @@ class AlgorithmConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. RepeatSampler: which dataset rows each step sees.
-#
-# A generation batch holds B prompts, each repeated G times in adjacent rows, so that a group never straddles
-# two batches (or, under torchrun, two processes). TRL's dataloader asks for one micro-batch at a time, so TRL
-# also repeats each generation batch's indices μ*S times (repeat_count), once per micro-step that trains on it.
-# Our loop takes a whole generation batch at once and trains on it in μ*S micro-steps: repeat_count=1.
+# 2. The generation batch: B prompts, each repeated G times in adjacent rows, so a group never straddles two batches
+# (or, under torchrun, two processes); RepeatSampler (section 14, TRL's) yields the dataset indices in that order.
+# The loop generates B*G completions at once and trains on them in μ passes of S micro-batches.
 
 
-class RepeatSampler(torch.utils.data.Sampler):
-    """Yield each index `mini_repeat_count` times in a row, and each chunk of `batch_size` indices
-    `repeat_count` times in a row.
+@dataclass
+class GenerationBatch:
+    """Everything the loss needs about B*G completions, kept while μ·S micro-steps train on them."""
+    prompt_ids: Int[Tensor, "BG P"]
+    prompt_mask: Int[Tensor, "BG P"]
+    completion_ids: Int[Tensor, "BG C"]
+    completion_mask: Int[Tensor, "BG C"]
+    advantages: Float[Tensor, "BG"]
+    old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
+    ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
+    num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
 
-    Example: 7 items, mini_repeat_count=2, batch_size=3, repeat_count=2, shuffle=False:
-        [0,0,1,1,2,2, 0,0,1,1,2,2, 3,3,4,4,5,5, 3,3,4,4,5,5]   (item 6 is dropped: its chunk is incomplete)
-    """
-
-    def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1,
-                 shuffle: bool = True, seed: Optional[int] = None):
-        self.data_source = data_source
-        self.mini_repeat_count = mini_repeat_count
-        self.batch_size = batch_size
-        self.repeat_count = repeat_count
-        self.shuffle = shuffle
-        self.num_samples = len(data_source)
-        # One generator for the sampler's whole life: each epoch continues its stream, so each epoch gets a new
-        # permutation, and a fixed seed gives the same sequence of permutations on every process.
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            indexes = torch.randperm(self.num_samples, generator=self.generator).tolist()
-        else:
-            indexes = list(range(self.num_samples))
-        chunks = [indexes[i:i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
-        for chunk in chunks:
-            if len(chunk) < self.batch_size:
-                continue  # an incomplete last chunk would make a generation batch of the wrong size
-            for _ in range(self.repeat_count):
-                for index in chunk:
-                    for _ in range(self.mini_repeat_count):
-                        yield index
-
-    def __len__(self) -> int:
-        return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
+    def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
+        """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each holds rows
+        of many prompts, so that with S > GA no optimizer step trains on some prompts only. The permutation comes
+        from torch's global generator, which checkpoints save: a resumed run shuffles alike."""
+        order = torch.randperm(self.prompt_ids.size(0)).to(self.prompt_ids.device)
+        return [replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
+                                 if isinstance(getattr(self, f.name), Tensor)})
+                for rows in order.chunk(num_parts)]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Prompts. A prompt is either a string ("standard") or a list of {"role", "content"} messages
-# ("conversational"), which the tokenizer's chat template turns into text ending with the assistant's turn.
-
-
-def is_conversational(prompt: Any) -> bool:
-    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
-
-
-def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase,
-                   chat_template_kwargs: Optional[dict] = None) -> str:
-    """The text of a prompt; for messages, the chat template's, ending with the header of the assistant's turn. (Part
-    II checks every prompt of a dataset before the model loads.)"""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                         **(chat_template_kwargs or {}))
+# 3. Prompts. A prompt is a string, or a list of {"role", "content"} messages that the tokenizer's chat template
+# turns into text ending with the header of the assistant's turn (Part II's prompt_texts).
 
 
 @shape_checked
@@ -203,22 +153,16 @@ def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prom
                      chat_template_kwargs: Optional[dict] = None) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"]]:
     """Left-pad the prompts so that every completion starts at the same column P, and keep at most
     `max_prompt_length` tokens of each, cutting from the left: the end of a prompt (the question, the
-    assistant header) is what the completion follows from. As in TRL, a string prompt gets the tokenizer's
-    special tokens (Llama's adds a BOS, SmolLM2's none) and a chat prompt none, since its template wrote them;
-    a string that already starts with the BOS the tokenizer adds loses it first: one BOS, never two."""
+    assistant header) is what the completion follows from."""
     tokenizer.padding_side = "left"
-    texts = [prompt_to_text(p, tokenizer, chat_template_kwargs) for p in prompts]
-    string_prompts = not is_conversational(prompts[0])  # a dataset column holds one kind
-    if string_prompts and tokenizer.bos_token and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
-        texts = [text.removeprefix(tokenizer.bos_token) for text in texts]  # the tokenizer adds it back
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=string_prompts)
+    texts, add_special_tokens = prompt_texts(prompts, tokenizer, chat_template_kwargs)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
     if max_prompt_length is not None and prompt_ids.size(1) > max_prompt_length:
         too_long = int((prompt_mask.sum(1) > max_prompt_length).sum())
         warn_once("truncate", f"{too_long} of {len(texts)} prompts are longer than max_prompt_length="
                               f"{max_prompt_length} tokens; their start is cut off (said once).")
-        # With left padding every prompt ends in the last column, so keeping the last columns truncates each
-        # prompt from the left.
+        # Left padded, every prompt ends in the last column: keeping the last columns cuts each from the left.
         prompt_ids, prompt_mask = prompt_ids[:, -max_prompt_length:], prompt_mask[:, -max_prompt_length:]
     return prompt_ids, prompt_mask
 
@@ -227,14 +171,6 @@ def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prom
 # 4. Generation and the completion mask. We sample with our own loop over the KV cache rather than
 # model.generate: the same algorithm (transformers' own logits processors, one token at a time, padding after
 # EOS), written out so that each step can be read.
-
-
-def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
-    """torch.multinomial(probs, 1), by inverting the cumulative distribution at a uniform draw: 4× faster on a CPU
-    at V = 49,152, and in float64 a token of probability 0 (cut by top-k or top-p) is never drawn."""
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
 def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
@@ -260,7 +196,8 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1].float()
         log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
-        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)  # a row that has ended only pads
+        # sample_from is torch.multinomial(probs, 1), 4× faster on a CPU (section 12); a row that has ended only pads
+        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)
         tokens.append(token)
         logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
         ended |= torch.isin(token, eos)
@@ -293,10 +230,9 @@ def completion_mask_from_eos(completion_ids: Int[Tensor, "BG C"], eos_token_ids:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns) with
-# one entry per completion (B*G), where `columns` are the dataset's other columns, and returns one float per
-# completion, or None where it does not apply. A reward model (a sequence classifier with one label) scores the
-# text of prompt + completion. Part II has the built-in functions that --reward_funcs names.
+# 5. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns), one
+# entry per completion (`columns`: the dataset's other columns), and returns a float per completion, or None where
+# it does not apply; a reward model (a one-label sequence classifier) scores prompt + completion (section 16).
 
 
 @shape_checked
@@ -312,24 +248,12 @@ def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Fl
 # 6. Group-relative advantages: the one idea GRPO adds to PPO.
 
 
-def nanstd(x: Tensor, dim: Optional[int] = None) -> Tensor:
-    """Unbiased (Bessel-corrected, like Tensor.std) standard deviation that ignores NaN; NaN where fewer than two
-    values are left, as TRL's nanstd."""
-    if dim is None:
-        x, dim = x.flatten(), 0
-    count = (~x.isnan()).sum(dim=dim)
-    squares = torch.nansum((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim)
-    return (squares / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
-
-
 @shape_checked
 def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_rewards: str = "group",
                      batch_std: Optional[Float[Tensor, ""]] = None) -> Float[Tensor, "BG"]:
     """A_i = (r_i - mean(group)) / (std + 1e-4), where the std is the group's ("group"), the whole batch's
-    ("batch"), or no division at all ("none", Dr. GRPO).
-
-    Under several processes each rank holds whole groups, so the group statistics need nothing from the other
-    ranks; only "batch" does, and the trainer passes the std of the rewards gathered from every rank.
+    ("batch", which under torchrun the trainer passes as batch_std, over every rank's rewards), or no division at
+    all ("none", Dr. GRPO). Each rank holds whole groups, so the group statistics need nothing from other ranks.
 
     Example, G = 3: rewards [1, 2, 3, 5, 5, 5] -> groups [[1,2,3], [5,5,5]], means [2, 5], stds [1, 0]
     -> advantages [-0.9999, 0, 0.9999, 0, 0, 0]. The second group's rewards are all equal: its advantages are
@@ -353,19 +277,11 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 # 7. Per-token log-probabilities of the completion tokens.
 
 
-def few_rows(logits: Tensor) -> tuple[Tensor, ...]:
-    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32: never copied whole, and the memory
-    allocator reuses one chunk's space for the next (faulting in fresh pages costs more than the arithmetic)."""
-    return logits.split(max(1, 2**21 // (logits.size(1) * logits.size(2))))
-
-
 @shape_checked
 def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N C"]) -> Float[Tensor, "N C"]:
-    """log_softmax(logits)[..., index] without building the (N, C, V) log_softmax tensor beside the logits.
-
-    log p(x) = logit_x - logsumexp(logits). At V = 151,936 a float32 (8, 1024, V) tensor is 5 GB, so we gather
-    the one logit we need and take logsumexp a few rows at a time, in float32 (in bf16 it loses too much).
-    """
+    """log_softmax(logits)[..., index] without building the (N, C, V) log_softmax tensor beside the logits:
+    log p(x) = logit_x - logsumexp(logits). At V = 151,936 a float32 (8, 1024, V) tensor is 5 GB, so we gather the
+    one logit we need and take logsumexp a few rows at a time (few_rows), in float32 (bf16 loses too much)."""
     selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1).float()
     return selected - torch.cat([torch.logsumexp(rows.float(), dim=-1) for rows in few_rows(logits)])
 
@@ -404,9 +320,6 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
 # 8. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
 
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-
-
 @shape_checked
 def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[Tensor, "N C"],
               ref_per_token_logps: Optional[Float[Tensor, "N C"]], advantages: Float[Tensor, "N"],
@@ -423,9 +336,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
     log_ratio = per_token_logps - old_per_token_logps
-    if importance_sampling_level == "sequence":
-        # GSPO: log s_i = (1/|o_i|) Σ_t log r_{i,t}, one ratio for the whole completion, applied to each token
-        log_ratio = ((log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
+    if importance_sampling_level == "sequence":  # GSPO: one ratio per completion, log s_i = (1/|o_i|) Σ_t log r_{i,t}
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
         log_ratio = log_ratio.expand_as(per_token_logps)
     # r_{i,t}: exactly 1 in value when θ = θ_old, yet its gradient is ∇log π_θ. That is why the logged loss is
     # about 0 on the first pass over a batch while the model still learns: A averages to 0 within each group.
@@ -477,19 +389,9 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
     trace("loss", locals(), ratio="N C", clipped_ratio="N C", per_token_kl="N C", per_token_loss="N C", loss="")
-    # How often clipping took effect, counted where it removes the gradient: below 1-ε_low for A<0, above
-    # 1+ε_high for A>0 (PPO's clip fraction, split by side). 0 while no optimizer step falls inside a generation
-    # batch (μ = 1, S = GA); rising: the policy moves fast between steps.
-    is_low_clipped = ((capped_ratio < 1 - epsilon_low) & (A < 0)).float()
-    is_high_clipped = ((capped_ratio > 1 + epsilon_high) & (A > 0)).float()
-    if importance_sampling_level == "sequence":  # one ratio per completion: count completions, not tokens (as TRL)
-        is_low_clipped, is_high_clipped, mask = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(A)
-    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped, mask)
-    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped, mask)
-    metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(is_low_clipped, is_high_clipped), mask)
-    # The extremes over completions of the share of each one's tokens that were clipped.
-    metrics["clip_ratio/low_min"] = nanmin((is_low_clipped * mask).sum(-1) / mask.sum(-1))
-    metrics["clip_ratio/high_max"] = -nanmin(-(is_high_clipped * mask).sum(-1) / mask.sum(-1))
+    # How often the clip removed the gradient (PPO's clip fraction, split by side; section 15). 0 while no optimizer
+    # step falls inside a generation batch (μ = 1, S = GA); rising: the policy moves fast between steps.
+    metrics.update(clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level))
     return loss, metrics
 
 
@@ -497,34 +399,10 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
 # 9. The trainer: generation batch -> rewards -> advantages -> μ passes × S micro-batches -> optimizer steps.
 
 
-@dataclass
-class GenerationBatch:
-    """Everything the loss needs about B*G completions, kept while μ·S micro-steps train on them."""
-    prompt_ids: Int[Tensor, "BG P"]
-    prompt_mask: Int[Tensor, "BG P"]
-    completion_ids: Int[Tensor, "BG C"]
-    completion_mask: Int[Tensor, "BG C"]
-    advantages: Float[Tensor, "BG"]
-    old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
-    ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
-    num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
-
-    def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
-        """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each holds rows
-        of many prompts, so that with S > GA no optimizer step trains on some prompts only. The permutation comes
-        from torch's global generator, which checkpoints save: a resumed run shuffles alike."""
-        order = torch.randperm(self.prompt_ids.size(0)).to(self.prompt_ids.device)
-        return [replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
-                                 if isinstance(getattr(self, f.name), Tensor)})
-                for rows in order.chunk(num_parts)]
-
-
 class GRPOTrainer:
-    """Train `model` with GRPO on the prompts of `train_dataset`, scored by `reward_funcs`.
-
-    model: a hub name, a local path, or a PreTrainedModel. reward_funcs: a callable, a built-in reward's name,
-    a reward model (PreTrainedModel or path), or a list of these. reward_weights may be given here or in `args`.
-    """
+    """Train `model` (a hub name, a local path or a PreTrainedModel) with GRPO on the prompts of `train_dataset`,
+    scored by `reward_funcs`: a callable, a built-in reward's name, a reward model or its path, or a list of these
+    (weighted by reward_weights, given here or in `args`)."""
 
     def __init__(self, model: Union[str, PreTrainedModel], reward_funcs, args: Optional["GRPOConfig"] = None,
                  train_dataset=None, eval_dataset=None, processing_class: Optional[PreTrainedTokenizerBase] = None,
@@ -550,13 +428,11 @@ class GRPOTrainer:
         self.model, self.ref_model = load_policy(model, args, self.device, self.world_size, peft_config)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)  # the tokens that end a completion
 
-        # Which prompts each generation batch holds (section 2). Every rank builds this same sampler with the same
-        # seed, so all agree on the global batch of W·B prompts, and each takes its own B.
+        # Which prompts each generation batch holds (section 2; the sampler is in section 14). Every rank builds
+        # this same sampler with the same seed, so all agree on the global batch of W·B prompts, and each takes its B.
         self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * self.world_size,
                                      repeat_count=1, shuffle=True, seed=args.seed)
-        micro_steps_per_epoch = len(self.sampler) // (self.G * self.B * self.world_size) * self.S * self.mu
-        self.max_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(
-            args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
+        self.max_steps = count_max_steps(self)  # args.max_steps, or num_train_epochs passes over the prompts
         # π_θ_old must be computed only when an optimizer step can fall between generating a batch and training
         # on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact.
         self.needs_old_logps = args.gradient_accumulation_steps % (self.S * self.mu) != 0
@@ -584,8 +460,6 @@ class GRPOTrainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
 
-    # -- generation and scoring ---------------------------------------------------------------------------
-
     def generate_and_score(self, rows: list[dict], mode: str = "train") -> GenerationBatch:
         """Generate one completion per row (the rows already repeat each prompt G times), score them, and turn
         the scores into advantages."""
@@ -598,11 +472,10 @@ class GRPOTrainer:
         if args.mask_truncated_completions:
             # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
-        completions_text = self.decode(completion_ids, completion_lengths)
-        completions = ([[{"role": "assistant", "content": text}] for text in completions_text]
-                       if is_conversational(prompts[0]) else completions_text)
+        # Their text, and the completions as reward functions receive them (messages, after conversational prompts)
+        completions_text, completions = decode(self.tokenizer, prompts, completion_ids, completion_lengths)
 
-        rewards_per_func = self.compute_rewards(rows, prompts, completions, completion_ids, completion_lengths)
+        rewards_per_func = compute_rewards(self, rows, prompts, completions, completion_ids, completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 11).
@@ -610,14 +483,14 @@ class GRPOTrainer:
         advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
-        # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
+        # π_ref (β ≠ 0), computed once, N rows at a time, without gradients (section 16).
         old_per_token_logps = ref_per_token_logps = None
         if mode == "train":
             batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             if self.needs_old_logps:
-                old_per_token_logps = self.logps_no_grad(self.model, *batch)
+                old_per_token_logps = logps_no_grad(self, self.model, *batch)
             if args.beta != 0.0:
-                ref_per_token_logps = self.reference_logps(*batch)
+                ref_per_token_logps = reference_logps(self, *batch)
             trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
         self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
@@ -628,8 +501,7 @@ class GRPOTrainer:
 
     @shape_checked
     def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"]]:
-        """Sample one completion per prompt (section 4). After its first EOS a row is padded, and sampling
-        stops once every row has ended, so C <= max_completion_length."""
+        """Tokenize the prompts (section 3), then sample one completion each (section 4): C <= max_completion_length."""
         args = self.args
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
                                                    args.chat_template_kwargs)
@@ -646,49 +518,6 @@ class GRPOTrainer:
         trace("prompts", locals(), prompt_ids="BG P", prompt_mask="BG P")
         trace("generation", locals(), completion_ids="BG C")
         return prompt_ids, prompt_mask, completion_ids
-
-    def decode(self, completion_ids: Tensor, completion_lengths: Tensor) -> list[str]:
-        """The text of the tokens that count (up to and including EOS), special tokens dropped."""
-        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                for ids, n in zip(completion_ids, completion_lengths.tolist())]
-
-    @shape_checked
-    def compute_rewards(self, rows: list[dict], prompts: list, completions: list, completion_ids: Int[Tensor, "BG C"],
-                        completion_lengths: Int[Tensor, "BG"]) -> Float[Tensor, "BG F"]:
-        """One column per reward function; None (does not apply) becomes NaN."""
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-        completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
-        rewards_per_func = torch.zeros(len(rows), len(self.reward_funcs), device=self.device)
-        for f, (func, tokenizer, name) in enumerate(zip(self.reward_funcs, self.reward_tokenizers, self.reward_names)):
-            if isinstance(func, PreTrainedModel):
-                values = reward_model_scores(func, tokenizer, prompts, completions).tolist()
-            else:
-                try:
-                    values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list,
-                                  **columns)
-                except Exception as e:  # name the function: a traceback from inside it may not
-                    raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
-                                       f"(first prompt of the batch: {prompts[0]!r:.200})") from e
-            # Part II refuses what is not one number (or None) per completion, naming the function.
-            rewards_per_func[:, f] = torch.tensor(reward_values(values, name, prompts))
-        return rewards_per_func
-
-    def logps_no_grad(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
-        N = self.args.per_device_train_batch_size
-        with torch.no_grad(), self.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
-            return torch.cat([self.get_per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
-                                                       completion_ids[i:i + N], completion_mask[i:i + N],
-                                                       self.args.temperature)[0]
-                              for i in range(0, prompt_ids.size(0), N)]).float()
-
-    def reference_logps(self, *batch) -> Tensor:
-        if self.ref_model is not None:
-            return self.logps_no_grad(self.ref_model, *batch)
-        # With LoRA the reference is the same network with the adapter switched off: no second copy in memory.
-        with unwrap(self.model).disable_adapter():
-            return self.logps_no_grad(self.model, *batch)
-
-    # -- the loss of one micro-batch, and the loop ----------------------------------------------------------
 
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
         """The loss of one micro-batch (N of the generation batch's rows), and its diagnostics."""
@@ -745,30 +574,21 @@ class GRPOTrainer:
                             self.optimizer_step(step_loss)
                             step_loss = 0.0
                             if self.global_step >= last_step or self.checkpoints.stopped:  # saved on a signal
-                                return self.finish()
-            return self.finish()  # when no step was left to take, or a signal came before the first
-
-    def finish(self) -> list[dict]:
-        if self.global_step == self.max_steps:  # a run that stopped early leaves its checkpoint, no final model
-            self.checkpoints.save_model()
-        self.report.finish()  # metrics.png, the trackers closed
-        return self.history
+                                return finish(self)
+            return finish(self)  # when no step was left to take, or a signal came before the first
 
     def optimizer_step(self, loss: float) -> None:
-        """Clip the gradient and step (unless the loss or gradient is not finite), then log, evaluate and save as
-        scheduled."""
+        """Clip the gradient and step (skipped if the loss or gradient is not finite); log, evaluate and save."""
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
         finite, stop = agree_on_step(self, loss, grad_norm)  # every rank decides alike (section 11)
-        self.metrics["learning_rate"].append(self.scheduler.get_last_lr()[0])
+        learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses
         if finite:
             self.optimizer.step()
         self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        self.metrics["loss"].append(loss)
-        self.metrics["grad_norm"].append(grad_norm)
-        self.report.after_step(loss, grad_norm)  # log and evaluate when it is time
+        self.report.after_step(loss, grad_norm, learning_rate)  # log and evaluate when it is time
         self.checkpoints.after_step(stop)  # save when it is time, on a signal, or after too many bad steps
 
     def evaluate(self) -> dict:
@@ -826,7 +646,12 @@ class RunConfig:
     # rewards by name, for the command line
     reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
     reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
-    # optimisation
+    # the loop and the optimizer
+    learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
+    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
+    max_steps: int = knob(-1, "Optimizer steps to run; -1 means num_train_epochs passes over the dataset.")
+    num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
+    seed: int = knob(42, "Seed for the sampler, the shuffles, the initial weights of the demo, and generation.")
     weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
     lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
     warmup_steps: float = knob(0, "Optimizer steps spent warming the learning rate up from 0: a number from 1, or below 1 a fraction of all steps (TRL 1.16's meaning).")
@@ -1047,6 +872,16 @@ def gather_objects(items: list) -> list:
 def barrier() -> None:
     if _several_ranks():
         dist.barrier()
+
+
+def nanstd(x: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Unbiased (Bessel-corrected, like Tensor.std) standard deviation that ignores NaN; NaN where fewer than two
+    values are left, as TRL's nanstd."""
+    if dim is None:
+        x, dim = x.flatten(), 0
+    count = (~x.isnan()).sum(dim=dim)
+    squares = torch.nansum((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim)
+    return (squares / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -1478,10 +1313,31 @@ def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
     return None
 
 
+# Two helpers Part I always uses, for speed and memory: sample_from draws as torch.multinomial does, and
+# few_rows cuts the logits into chunks for selective_log_softmax.
+
+
+def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
+    """torch.multinomial(probs, 1), by inverting the cumulative distribution at a uniform draw: 4× faster on a CPU
+    at V = 49,152, and in float64 a token of probability 0 (cut by top-k or top-p) is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
+
+
+def few_rows(logits: Tensor) -> tuple[Tensor, ...]:
+    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32: never copied whole, and the memory
+    allocator reuses one chunk's space for the next (faulting in fresh pages costs more than the arithmetic)."""
+    return logits.split(max(1, 2**21 // (logits.size(1) * logits.size(2))))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 13. Validation: every bad input is refused before any work is lost, with a message that says what to change.
 
 LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
+
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def check_config(args: GRPOConfig) -> None:
@@ -1684,6 +1540,59 @@ def _check_json_rows(path: str, extension: str) -> None:
 # 14. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
 # the same samples and writes the same rows (the tests check this bitwise). Every file is written under a
 # temporary name and renamed once complete, so a crash or a kill in the middle of a save loses nothing saved.
+
+
+class RepeatSampler(torch.utils.data.Sampler):
+    """Yield each index `mini_repeat_count` times in a row, and each chunk of `batch_size` indices
+    `repeat_count` times in a row.
+
+    Example: 7 items, mini_repeat_count=2, batch_size=3, repeat_count=2, shuffle=False:
+        [0,0,1,1,2,2, 0,0,1,1,2,2, 3,3,4,4,5,5, 3,3,4,4,5,5]   (item 6 is dropped: its chunk is incomplete)
+
+    TRL's dataloader asks for one micro-batch at a time, so TRL repeats each generation batch's indices μ*S times
+    (repeat_count), once per micro-step that trains on it. Our loop takes a whole generation batch at once and
+    trains on it in μ*S micro-steps: repeat_count=1.
+    """
+
+    def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1,
+                 shuffle: bool = True, seed: Optional[int] = None):
+        self.data_source = data_source
+        self.mini_repeat_count = mini_repeat_count
+        self.batch_size = batch_size
+        self.repeat_count = repeat_count
+        self.shuffle = shuffle
+        self.num_samples = len(data_source)
+        # One generator for the sampler's whole life: each epoch continues its stream, so each epoch gets a new
+        # permutation, and a fixed seed gives the same sequence of permutations on every process.
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            indexes = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        else:
+            indexes = list(range(self.num_samples))
+        chunks = [indexes[i:i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
+        for chunk in chunks:
+            if len(chunk) < self.batch_size:
+                continue  # an incomplete last chunk would make a generation batch of the wrong size
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    for _ in range(self.mini_repeat_count):
+                        yield index
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+def count_max_steps(trainer: "GRPOTrainer") -> int:
+    """args.max_steps, or else the optimizer steps of num_train_epochs passes over the dataset (at least one)."""
+    args, batches_per_epoch = trainer.args, len(trainer.sampler) // (trainer.G * trainer.B * trainer.world_size)
+    micro_steps_per_epoch = batches_per_epoch * trainer.S * trainer.mu
+    return args.max_steps if args.max_steps > 0 else max(1, math.ceil(
+        args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
+
 
 def prompt_batches(trainer: "GRPOTrainer", last_step: int) -> Iterator[list[dict]]:
     """The dataset rows of each generation batch, this rank's share, pass after pass over the data, until the
@@ -1933,6 +1842,15 @@ def catch_stop_signals(trainer: "GRPOTrainer"):
             signal.signal(sig, old)
 
 
+def finish(trainer: "GRPOTrainer") -> list[dict]:
+    """The end of train: the final model when the run is complete (a run that stopped early leaves its checkpoint
+    and no final model), metrics.png, the trackers closed; the logged rows."""
+    if trainer.global_step == trainer.max_steps:
+        trainer.checkpoints.save_model()
+    trainer.report.finish()
+    return trainer.history
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 15. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
 
@@ -1952,6 +1870,22 @@ def say(trainer: "GRPOTrainer", message: str) -> None:
 
 
 _warned: set[str] = set()
+
+
+def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, epsilon_high: float,
+                 importance_sampling_level: str) -> dict[str, Tensor]:
+    """TRL's clip_ratio/*: the share of tokens where the clip took effect, counted where it removes the gradient:
+    below 1-ε_low for A < 0, above 1+ε_high for A > 0; and, over completions, the extremes of the share of each one's
+    tokens that were clipped. With one ratio per completion (GSPO) it counts completions, as TRL does."""
+    is_low_clipped = ((ratio < 1 - epsilon_low) & (A < 0)).float()
+    is_high_clipped = ((ratio > 1 + epsilon_high) & (A > 0)).float()
+    if importance_sampling_level == "sequence":
+        is_low_clipped, is_high_clipped, mask = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(A)
+    return {"clip_ratio/low_mean": masked_mean(is_low_clipped, mask),
+            "clip_ratio/high_mean": masked_mean(is_high_clipped, mask),
+            "clip_ratio/region_mean": masked_mean(torch.maximum(is_low_clipped, is_high_clipped), mask),
+            "clip_ratio/low_min": nanmin((is_low_clipped * mask).sum(-1) / mask.sum(-1)),
+            "clip_ratio/high_max": -nanmin(-(is_high_clipped * mask).sum(-1) / mask.sum(-1))}
 
 
 def warn_once(key: str, message: str) -> None:
@@ -2046,9 +1980,12 @@ class Report:
                       f"and they change nothing. That is usual once the policy has learned the task (or settled "
                       f"on one answer per prompt); frac_reward_zero_std follows it. Said once.")
 
-    def after_step(self, loss: float, grad_norm: float) -> None:
-        """After an optimizer step: its time (generation and the optimizer included), the log and evaluation."""
+    def after_step(self, loss: float, grad_norm: float, learning_rate: float) -> None:
+        """After an optimizer step: its loss, gradient norm, learning rate and time (generation and the optimizer
+        included), the log and evaluation."""
         trainer, args = self.trainer, self.args
+        for name, value in (("learning_rate", learning_rate), ("loss", loss), ("grad_norm", grad_norm)):
+            trainer.metrics[name].append(value)
         trainer.metrics["step_time"].append(time.perf_counter() - self.step_start)
         if trainer.bad_steps:  # one bad batch should not wreck the weights: the step was skipped
             say(trainer, f"step {trainer.global_step:>5} | loss {loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
@@ -2249,14 +2186,51 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 16. Loading: the tokenizer, the policy (dtype, activation checkpointing, LoRA, the reference copy, DDP), the
-# optimizer, the reward functions and models, .gguf files; and what differs between transformers releases.
+# 16. Loading: the tokenizer (and prompts as text, completions decoded), the policy (dtype, activation
+# checkpointing, LoRA, the reference copy, DDP), the optimizer, the reward functions and models and their calls,
+# the no-gradient log-prob passes, .gguf files; and what differs between transformers releases.
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+
+
+def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase,
+                   chat_template_kwargs: Optional[dict] = None) -> str:
+    """The text of a prompt; for messages, the chat template's, ending with the header of the assistant's turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
+
+
+def prompt_texts(prompts: list, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Optional[dict] = None
+                 ) -> tuple[list[str], bool]:
+    """The prompts as text, and whether the tokenizer should add its special tokens. As in TRL, a string prompt gets
+    them (Llama's tokenizer adds a BOS, SmolLM2's none) and a chat prompt none, since its template wrote them; a
+    string that already starts with the BOS the tokenizer adds loses it first: one BOS, never two."""
+    texts = [prompt_to_text(p, tokenizer, chat_template_kwargs) for p in prompts]
+    string_prompts = not is_conversational(prompts[0])  # a dataset column holds one kind
+    if string_prompts and tokenizer.bos_token and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        texts = [text.removeprefix(tokenizer.bos_token) for text in texts]  # the tokenizer adds it back
+    return texts, string_prompts
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, prompts: list, completion_ids: Tensor, completion_lengths: Tensor
+           ) -> tuple[list[str], list]:
+    """The text of the tokens that count (up to and including EOS, special tokens dropped), and the completions as
+    TRL hands them to reward functions: that text, or after a conversational prompt one assistant message."""
+    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True)
+             for ids, n in zip(completion_ids, completion_lengths.tolist())]
+    if is_conversational(prompts[0]):
+        return texts, [[{"role": "assistant", "content": text}] for text in texts]
+    return texts, texts
 
 
 def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreTrainedTokenizerBase:
@@ -2444,6 +2418,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel wraps the model
 
 
+def logps_no_grad(trainer: "GRPOTrainer", model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
+    """log π of every completion token of a generation batch, N rows at a time (the memory of one micro-batch),
+    without gradients: π_θ_old, or π_ref."""
+    N = trainer.args.per_device_train_batch_size
+    with torch.no_grad(), trainer.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
+        return torch.cat([trainer.get_per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
+                                                      completion_ids[i:i + N], completion_mask[i:i + N],
+                                                      trainer.args.temperature)[0]
+                          for i in range(0, prompt_ids.size(0), N)]).float()
+
+
+def reference_logps(trainer: "GRPOTrainer", *batch) -> Tensor:
+    """log π_ref of a generation batch: the frozen copy's, or with LoRA the policy's with its adapter switched off
+    (the same network, so no second copy in memory)."""
+    if trainer.ref_model is not None:
+        return logps_no_grad(trainer, trainer.ref_model, *batch)
+    with unwrap(trainer.model).disable_adapter():
+        return logps_no_grad(trainer, trainer.model, *batch)
+
+
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model under any DDP or PEFT wrapper (it has get_output_embeddings)."""
     model = unwrap(model)
@@ -2495,6 +2489,33 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
                     add_special_tokens=False).to(reward_model.device)
     with torch.no_grad():
         return reward_model(**enc).logits[:, 0].float()
+
+
+@shape_checked
+def compute_rewards(trainer: "GRPOTrainer", rows: list[dict], prompts: list, completions: list,
+                    completion_ids: Int[Tensor, "BG C"], completion_lengths: Int[Tensor, "BG"]
+                    ) -> Float[Tensor, "BG F"]:
+    """One column per reward function (or reward model), called as section 5 says; None (does not apply) is NaN."""
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+    completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
+    funcs = zip(trainer.reward_funcs, trainer.reward_tokenizers, trainer.reward_names)
+    rewards_per_func = [score(func, tokenizer, name, prompts, completions, completion_ids_list, columns)
+                        for func, tokenizer, name in funcs]
+    return torch.tensor(rewards_per_func, device=trainer.device).T  # (F, BG) -> (BG, F)
+
+
+def score(func, tokenizer: Optional[PreTrainedTokenizerBase], name: str, prompts: list, completions: list,
+          completion_ids: list[list[int]], columns: dict) -> list[float]:
+    """One reward function's (or reward model's) values for the batch, as floats with NaN for None; a function
+    that raises, or returns anything but one number (or None) per completion, is named in the error."""
+    if isinstance(func, PreTrainedModel):
+        return reward_model_scores(func, tokenizer, prompts, completions).tolist()
+    try:
+        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except Exception as e:  # name the function: a traceback from inside it may not
+        raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
+                           f"(first prompt of the batch: {prompts[0]!r:.200})") from e
+    return reward_values(values, name, prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -324,7 +324,8 @@ def test_reward_functions_may_return_numpy_and_torch_values(tmp_path, tiny_model
     trainer = GRPOTrainer(tiny_model_dir, numeric, args=small_args(tmp_path, max_steps=1), train_dataset=letters_data())
     rows = [trainer.train_dataset[i] for i in (0, 1) for _ in range(4)]
     batch = trainer.generate_and_score(rows)
-    lengths = [len(t) for t in trainer.decode(batch.completion_ids, batch.completion_mask.sum(1))]
+    texts, _ = grpo.decode(trainer.tokenizer, [r["prompt"] for r in rows], batch.completion_ids, batch.completion_mask.sum(1))
+    lengths = [len(t) for t in texts]
     expected = [float(n > 4) for n in lengths] if kind == "tuple of bools" else [float(n) for n in lengths]
     assert trainer.metrics["rewards/numeric/mean"][-1] == pytest.approx(sum(expected) / len(expected))
 
