@@ -2758,7 +2758,7 @@ def sample_completions(trainer: GRPOTrainer, prompts: list, num: int = 2) -> lis
     with forked_rng(trainer.device):
         _, _, completion_ids = trainer.generate([p for p in prompts for _ in range(num)])
     completion_mask, _ = completion_mask_from_eos(completion_ids, trainer.eos_token_ids)
-    texts = trainer.decode(completion_ids, completion_mask.sum(1))
+    texts, _ = decode(trainer.tokenizer, prompts, completion_ids, completion_mask.sum(1))
     return [(p, texts[i * num:(i + 1) * num]) for i, p in enumerate(prompts)]
 
 
