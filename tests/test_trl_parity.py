@@ -29,13 +29,13 @@ def test_the_seeds_full_config_runs_as_written():
     assert memory.gradient_checkpointing and memory.steps_per_generation == 8
 
 
-def test_the_seeds_vllm_snippet_stops_with_one_clear_line():
-    with pytest.raises(ValueError) as err:
-        GRPOConfig(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.9, vllm_tensor_parallel_size=1)
-    message = str(err.value)
-    assert message.startswith("use_vllm=True: grpo.py has no vLLM") and "drop use_vllm and the vllm_* options" in message
-    with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization=0.9: grpo.py has no vLLM"):
-        GRPOConfig(vllm_gpu_memory_utilization=0.9)  # a vLLM knob that would do nothing is refused too
+def test_the_seeds_vllm_snippet_is_accepted_and_a_vllm_knob_alone_is_refused():
+    """TRL's colocate snippet is a valid config (tests/test_vllm.py trains it where vLLM imports); a vLLM knob set
+    without use_vllm would do nothing, so it is refused in one line."""
+    args = GRPOConfig(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.9, vllm_tensor_parallel_size=1)
+    assert args.vllm_gpu_memory_utilization == 0.9 and args.vllm_importance_sampling_correction
+    with pytest.raises(ValueError, match=r"^vllm_gpu_memory_utilization=0.9 is a vLLM setting, and use_vllm is False"):
+        GRPOConfig(vllm_gpu_memory_utilization=0.9)
 
 
 def test_the_seeds_liger_snippet_selects_the_bounded_memory_log_probs():
