@@ -61,13 +61,15 @@ def make_model_dir(name: str, root: str) -> str:
     return directory
 
 
-def grpo_args(name: str, output_dir: str, chunk: int, steps: int, bf16: bool = False) -> grpo.GRPOConfig:
+def grpo_args(name: str, output_dir: str, chunk: int, steps: int, bf16: bool = False, use_vllm: bool = False
+              ) -> grpo.GRPOConfig:
     c = CONFIGS[name]
     return grpo.GRPOConfig(output_dir=output_dir, num_generations=c["num_generations"],
                            per_device_train_batch_size=c["per_device_train_batch_size"],
                            max_completion_length=c["max_completion_length"], beta=c["beta"],
                            learning_rate=c["learning_rate"], temperature=c["temperature"], max_steps=steps,
-                           logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42, bf16=bf16)
+                           logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42, bf16=bf16,
+                           use_vllm=use_vllm)
 
 
 def dataset(name: str) -> Dataset:
@@ -76,11 +78,11 @@ def dataset(name: str) -> Dataset:
     return grpo.build_demo_dataset(num_prompts=256, seed=0)
 
 
-def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: int, bf16: bool = False
-                    ) -> dict[str, float]:
+def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: int, bf16: bool = False,
+                    use_vllm: bool = False) -> dict[str, float]:
     """Median seconds per optimizer step, stage by stage, over `steps` steps after `warmup`."""
     trainer = grpo.GRPOTrainer(model_dir, CONFIGS[name]["reward"], train_dataset=dataset(name),
-                               args=grpo_args(name, tempfile.mkdtemp(), chunk, warmup + steps, bf16))
+                               args=grpo_args(name, tempfile.mkdtemp(), chunk, warmup + steps, bf16, use_vllm))
     clock: dict[str, float] = {}
 
     def timed(stage, fn):
@@ -93,6 +95,8 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
         return wrapper
 
     trainer.generate = timed("generation", trainer.generate)
+    if use_vllm:  # inside generation: the engine receives the policy's weights before it samples
+        trainer.sample.sync_weights = timed("weight sync", trainer.sample.sync_weights)
     # The optimizer step with what goes with it: gradient clipping, zeroing the gradients, logging the row.
     trainer.optimizer_step = timed("optimizer", trainer.optimizer_step)
     rows = []
@@ -106,11 +110,13 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
             # on_step_begin to on_step_end). What it spent outside the timed stages is the policy's forward and
             # backward.
             step_time = trainer.history[-1]["step_time"]
-            clock["forward+backward"] = step_time - sum(clock.values())
+            clock["forward+backward"] = step_time - sum(t for stage, t in clock.items() if stage != "weight sync")
             # Completions differ in length from step to step; the stages are per step, and so is this.
             rows.append({**clock, "step": step_time, "tokens": trainer.history[-1]["completions/mean_length"]})
     finally:
         grpo.compute_rewards, grpo.logps_no_grad = plain
+        if use_vllm:
+            trainer.sample.close()
     measured = rows[warmup:]
     return {stage: statistics.median(r[stage] for r in measured) for stage in measured[0]}
 
@@ -220,6 +226,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"],
                         help="smollm2 runs both implementations in each (bf16: autocast; TRL's bf16=True)")
+    parser.add_argument("--vllm", action="store_true",
+                        help="smollm2: also time grpo.py with use_vllm=True on the same work (needs vLLM; README)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="only measure one smollm2 training micro-step's peak memory with --gradient_checkpointing off and on")
     args = parser.parse_args()
@@ -252,6 +260,11 @@ def main() -> None:
                     results.append({"config": name, "impl": "grpo.py", "precision": precision, "logits_chunk_size": 0,
                                     **time_grpo_steps(name, model_dir, 0, args.warmup, args.steps, bf16)})
                     print(results[-1], flush=True)
+                    if args.vllm:  # generation by the engine, the weights synced every step
+                        results.append({"config": name, "impl": "grpo.py + vLLM", "precision": precision,
+                                        "logits_chunk_size": 0,
+                                        **time_grpo_steps(name, model_dir, 0, args.warmup, args.steps, bf16, True)})
+                        print(results[-1], flush=True)
                     if trl_version:
                         results.append({"config": name, "impl": f"trl {trl_version}", "precision": precision,
                                         **time_trl_steps(name, model_dir, args.warmup, args.steps, bf16)})
@@ -265,7 +278,7 @@ def main() -> None:
             if trl_version:
                 results.append({"config": name, "impl": f"trl {trl_version}", "precision": "float32",
                                 **time_trl_steps(name, model_dir, args.warmup, args.steps)})
-    stages = ["generation", "rewards", "old/ref log-probs", "forward+backward", "optimizer", "step"]
+    stages = ["generation", "weight sync", "rewards", "old/ref log-probs", "forward+backward", "optimizer", "step"]
     print("\nmedian seconds per optimizer step, median completion length (tokens), and peak memory of the log-prob "
           "stage (one micro-batch, fwd+bwd)\n")
     print("| config | implementation | precision | chunk | " + " | ".join(stages) + " | tokens | log-prob peak |")
@@ -279,6 +292,10 @@ def main() -> None:
     for name in args.configs:
         for precision in ("float32", "bf16"):
             ours = [r for r in results if r["config"] == name and r["impl"] == "grpo.py" and r["precision"] == precision]
+            engine = [r for r in results if r["config"] == name and r["impl"] == "grpo.py + vLLM"
+                      and r["precision"] == precision]
+            if ours and engine:
+                print(f"{name}, {precision}: step time with vLLM / without = {engine[0]['step'] / ours[0]['step']:.2f}")
             theirs = [r for r in results if r["config"] == name and r["impl"].startswith("trl")
                       and r["precision"] == precision]
             if ours and theirs:

@@ -615,7 +615,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -1413,21 +1412,27 @@ class VLLMSampler:
                               f"'vLLM').") from e
         self.trainer, args = trainer, trainer.args
         policy = policy_for_engine(trainer.model)
-        # The engine loads from disk: the starting policy (with LoRA, its base model) and the tokenizer, saved in a
-        # temporary directory that goes when the sampler does.
-        self.directory = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
-        policy.save_pretrained(self.directory.name)
-        trainer.tokenizer.save_pretrained(self.directory.name)
+        # The engine loads from disk: the starting policy (with LoRA, its base model) and the tokenizer, which the
+        # first rank writes (transformers saves on that one only) where every rank can read, and removes once loaded.
+        directory = os.path.join(args.output_dir, "vllm-start")
+        if trainer.is_main_process:
+            shutil.rmtree(directory, ignore_errors=True)  # a run killed before it removed its own
+            policy.save_pretrained(directory)
+            trainer.tokenizer.save_pretrained(directory)
+        barrier()
         self.version = vllm.__version__
         # As TRL 1.16 starts it; processed_logprobs: the log-probs after temperature and the filters, those the
         # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it.
-        self.llm = vllm.LLM(model=self.directory.name, dtype=str(policy.dtype).removeprefix("torch."),
+        self.llm = vllm.LLM(model=directory, dtype=str(policy.dtype).removeprefix("torch."),
                             seed=args.seed + trainer.rank, tensor_parallel_size=args.vllm_tensor_parallel_size,
                             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                             max_model_len=args.vllm_max_model_length, max_num_seqs=args.generation_batch_size,
                             max_num_batched_tokens=4096, logprobs_mode="processed_logprobs",
                             enforce_eager=trainer.device.type == "cpu",
                             **({"distributed_executor_backend": "external_launcher"} if trainer.world_size > 1 else {}))
+        barrier()
+        if trainer.is_main_process:
+            shutil.rmtree(directory)
         VLLM_ENGINES.append(self)
         self.synced_step = 0  # the engine holds the weights of this optimizer step
         self.sampling_logps: Optional[Tensor] = None  # of the last batch sampled, for the correction

