@@ -28,10 +28,10 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
     N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
     C  completion length (right padded)               V  vocabulary size
     F  number of reward functions                     H  the model's hidden size
-    W  processes (ranks) under torchrun
+    W  processes (ranks) under torchrun               #C in a shape: C, or 1 to broadcast over it
 A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them:
 S·μ/GA optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and
-the clip never acts; they matter once a step falls inside a batch (μ > 1 or S > GA), as PPO's update epochs do.
+the clip never acts; they matter once a step falls inside a batch (GA not a multiple of S·μ, say μ = 2, GA = 1).
 Tensors carry their shapes as jaxtyping types: `Float[Tensor, "BG C"]` is B*G rows (one word, as jaxtyping needs
 it) of C columns, and `B G` is the grouped view. The tests and --check_shapes verify them as the code runs.
 """
@@ -135,9 +135,9 @@ class GenerationBatch:
     importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 12)
 
     def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
-        """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each holds rows
-        of many prompts, so that with S > GA no optimizer step trains on some prompts only. The permutation comes
-        from torch's global generator, which checkpoints save: a resumed run shuffles alike."""
+        """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each step then mixes
+        rows of many prompts rather than the whole groups of a few. The permutation comes from torch's global
+        generator, which checkpoints save: a resumed run shuffles alike."""
         order = torch.randperm(self.prompt_ids.size(0)).to(self.prompt_ids.device)
         return [replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
                                  if isinstance(getattr(self, f.name), Tensor)})
@@ -197,7 +197,7 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1].float()
         log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
-        # sample_from is torch.multinomial(probs, 1), 4× faster on a CPU (section 12); a row that has ended only pads
+        # One index per row, as torch.multinomial(probs, 1) draws, 4× faster on a CPU (section 12); ended rows pad
         token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)
         tokens.append(token)
         logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
@@ -253,8 +253,8 @@ def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Fl
 def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_rewards: str = "group",
                      batch_std: Optional[Float[Tensor, ""]] = None) -> Float[Tensor, "BG"]:
     """A_i = (r_i - mean(group)) / (std + 1e-4), where the std is the group's ("group"), the whole batch's
-    ("batch", which under torchrun the trainer passes as batch_std, over every rank's rewards), or no division at
-    all ("none", Dr. GRPO). Each rank holds whole groups, so the group statistics need nothing from other ranks.
+    ("batch": the trainer passes batch_std, the std of every rank's rewards), or no division at all ("none",
+    Dr. GRPO). Each rank holds whole groups, so the group statistics need nothing from other ranks.
 
     Example, G = 3: rewards [1, 2, 3, 5, 5, 5] -> groups [[1,2,3], [5,5,5]], means [2, 5], stds [1, 0]
     -> advantages [-0.9999, 0, 0.9999, 0, 0, 0]. The second group's rewards are all equal: its advantages are
@@ -268,7 +268,7 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
         centred = centred / (group_std[:, None] + 1e-4)
     elif scale_rewards == "batch":
         centred = centred / ((nanstd(rewards) if batch_std is None else batch_std) + 1e-4)
-    # A completion no reward applied to (NaN) gets advantage 0; so does every row of a group whose std is NaN.
+    # A completion no reward applied to (NaN) gets advantage 0; under "group", so does a group of under 2 rewards.
     advantages = torch.nan_to_num(rearrange(centred, "b g -> (b g)"), nan=0.0)
     trace("advantages", locals(), grouped_rewards="B G", group_mean="B", group_std="B", advantages="BG")
     return advantages
@@ -289,8 +289,8 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
 
 def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
                       ) -> tuple[Tensor, Optional[Tensor]]:
-    """Sampling divided the logits by the temperature, so we must too, or the log-probs we train on are not
-    those of the policy that sampled."""
+    """Sampling divided the logits by the temperature, so we must too, or the log-probs we train on are not those of
+    the policy that sampled (top_k, top_p and min_p only filter what is sampled, here as in TRL)."""
     if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
         logits = logits / temperature
     return selective_log_softmax(logits, ids), entropy_from_logits(logits) if with_entropy else None
@@ -371,8 +371,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         metrics["kl"] = masked_mean(per_token_kl, mask)
 
     if loss_type == "grpo":
-        # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the paper's form. A long completion's tokens each weigh less, so
-        # long wrong answers are punished less per token than short ones (the length bias Dr. GRPO names).
+        # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the paper's form (its 1/G, here over N rows). A long completion's tokens each
+        # weigh less, so long wrong answers are punished less per token (the length bias Dr. GRPO names).
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
         loss = loss / gradient_accumulation_steps
     elif loss_type == "bnpo":
@@ -384,8 +384,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         loss = (per_token_loss * mask).sum() / (mask.size(0) * length) / gradient_accumulation_steps
     elif loss_type == "dapo":
         # Σ_{i,t} L_{i,t} / (T · GA / S), T = completion tokens of the whole generation batch, over all
-        # processes: T·GA/S is the number of tokens one optimizer step sees, so its gradient is the token mean of
-        # all of them, whatever S and GA are. Dividing T by the world size undoes DDP's averaging of gradients.
+        # processes: T·GA/S is the mean number of tokens an optimizer step sees, so a step's gradient is about the
+        # token mean of its tokens, whatever S and GA are. Dividing T by the world size undoes DDP's averaging.
         # T is at least 1, as in TRL: a batch whose every token is masked trains on nothing, with loss 0.
         tokens = max(1.0, mask.sum().item() if num_items_in_batch is None else num_items_in_batch)
         tokens_per_step = tokens / world_size * gradient_accumulation_steps / steps_per_generation
@@ -491,7 +491,8 @@ class GRPOTrainer:
                 old_per_token_logps = logps_no_grad(self, self.model, *batch)
             if args.beta != 0.0:
                 ref_per_token_logps = reference_logps(self, *batch)
-            importance_sampling_ratio = vllm_correction(self, old_per_token_logps, completion_mask)  # or None
+            # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 12); otherwise None.
+            importance_sampling_ratio = vllm_correction(self, old_per_token_logps, completion_mask)
             trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
         self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
@@ -510,8 +511,8 @@ class GRPOTrainer:
         processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
                                        args.repetition_penalty, prompt_mask)
         with torch.inference_mode(), autocast(self):  # no autograd bookkeeping while sampling
-            # The sampler's own log-probs are left: π_θ_old is recomputed by the same forward pass as π_θ's, so
-            # that the ratio is exactly 1 where nothing changed (sampling's kernels round differently).
+            # The sampler's log-probs are dropped (vLLM's sampler keeps its own, section 12): π_θ_old is recomputed
+            # by π_θ's forward pass, so the ratio is exactly 1 where nothing changed (sampling rounds differently).
             completion_ids, _ = self.sample(unwrap(self.model), prompt_ids, prompt_mask, processors,
                                             args.max_completion_length, self.eos_token_ids,
                                             self.tokenizer.pad_token_id)
@@ -555,17 +556,17 @@ class GRPOTrainer:
         with self.report.progress_bar(), catch_stop_signals(self):
             self.report.evaluate_before_training()
             for rows in prompt_batches(self, last_step):  # this rank's B prompts × G, batch after batch
-                trained = self.micro_step % (self.S * self.mu)  # > 0 only in the batch a resumed run stopped in
-                if trained == 0:
+                done = self.micro_step % (self.S * self.mu)  # micro-steps of this batch done: > 0 only on resume
+                if done == 0:
                     batch = self.generate_and_score(rows)  # G completions per prompt, rewards, advantages
-                    self.micro_batches = batch.shuffled_split(self.S)  # once, as TRL: every pass sees these
+                    self.micro_batches = batch.shuffled_split(self.S)  # once, as TRL: all μ passes reuse them
                 for iteration in range(self.mu):  # μ passes over the batch: PPO's update epochs
                     for s, micro_batch in enumerate(self.micro_batches):  # every GA of them: one optimizer step
-                        if iteration * self.S + s < trained:
+                        if iteration * self.S + s < done:
                             continue
                         self.micro_step += 1
-                        # DDP all-reduces the gradients only on the micro-step that ends an optimizer step (it
-                        # decides in the forward pass, so backward may sit outside, as outside autocast).
+                        # DDP all-reduces the gradients only on the micro-step that ends an optimizer step; it reads
+                        # no_sync in the forward pass, so backward runs after the `with`, outside autocast too.
                         with gradient_sync(self.model, self.micro_step % GA == 0), autocast(self):
                             loss = self.compute_loss(micro_batch)
                         loss.backward()
@@ -592,8 +593,7 @@ class GRPOTrainer:
         self.checkpoints.after_step(stop)  # save when it is time, on a signal, or after too many bad steps
 
     def evaluate(self) -> dict:
-        """The rewards on the eval dataset: G completions for each of its prompts (Part II, Report.evaluate)."""
-        return self.report.evaluate()
+        return self.report.evaluate()  # the rewards of G completions for each eval prompt (Part II)
 
 
 # ==========================================================================================================
@@ -985,7 +985,7 @@ def use_fast_paths(trainer: "GRPOTrainer") -> None:
         if problem is None:
             trainer.sample = sample_grouped
         said.append("sampling each group's prompt once" if problem is None else f"plain sampling: {problem}")
-    if on_cpu and wide:
+    if on_cpu and wide and not args.use_vllm:  # the engine samples with its own kernels
         problem = prepacking_problem(model, bf16)
         if problem is None:
             trainer.sample = functools.partial(sample_prepacked, sample=trainer.sample, autocast_dtype=bf16)
