@@ -1412,12 +1412,13 @@ class VLLMSampler:
                               f"'vLLM').") from e
         self.trainer, args = trainer, trainer.args
         policy = policy_for_engine(trainer.model)
-        # The engine loads from disk: the starting policy (with LoRA, its base model) and the tokenizer, which the
-        # first rank writes (transformers saves on that one only) where every rank can read, and removes once loaded.
+        # The engine loads from disk: the starting policy (with LoRA, merged under the base model's names) and the
+        # tokenizer, which the first rank writes (transformers saves on that one only) where every rank can read,
+        # and removes once every engine has loaded.
         directory = os.path.join(args.output_dir, "vllm-start")
         if trainer.is_main_process:
             shutil.rmtree(directory, ignore_errors=True)  # a run killed before it removed its own
-            policy.save_pretrained(directory)
+            policy.save_pretrained(directory, state_dict=dict(policy_weights(trainer.model)))
             trainer.tokenizer.save_pretrained(directory)
         barrier()
         self.version = vllm.__version__
@@ -1499,8 +1500,8 @@ class VLLMSampler:
 
 
 def policy_for_engine(model: torch.nn.Module) -> PreTrainedModel:
-    """The policy as a plain transformers model: unwrapped from DDP, and with LoRA the base model (its adapters
-    start at zero, so at setup the merged weights are the base weights)."""
+    """The policy as a transformers model, for its config and save_pretrained: unwrapped from DDP, and with LoRA
+    the base model (saved with policy_weights, so without the adapters' own tensors)."""
     model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -195,3 +195,20 @@ def test_two_cpu_ranks_train_with_vllm(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert all(row["sampling/sampling_logp_difference/mean"] < 1e-4 for row in rows)
+
+
+@needs_vllm
+def test_with_lora_the_engine_gets_the_merged_weights(tmp_path, vllm_model_dir):
+    """With LoRA the engine starts from the base model and, after each step, receives base + BA under the base
+    model's names: its log-probs are then the adapted policy's."""
+    pytest.importorskip("peft")
+    args = vllm_args(tmp_path, use_peft=True, lora_r=8, lora_alpha=16, learning_rate=5e-2, max_steps=2,
+                     warmup_steps=0, beta=0.0)
+    trainer = grpo.GRPOTrainer(vllm_model_dir, "letters", args=args, train_dataset=grpo.build_demo_dataset())
+    start = policy_logps(trainer)
+    trainer.train()
+    trainer.sample.sync_weights()
+    moved = policy_logps(trainer)
+    assert (moved - start).abs().max() > 0.05  # the adapters moved the policy
+    assert torch.allclose(engine_logps(trainer), moved, atol=1e-4)
+    trainer.sample.close()
