@@ -69,7 +69,10 @@ def grpo_args(name: str, output_dir: str, chunk: int, steps: int, bf16: bool = F
                            max_completion_length=c["max_completion_length"], beta=c["beta"],
                            learning_rate=c["learning_rate"], temperature=c["temperature"], max_steps=steps,
                            logging_steps=1, save_steps=0, logits_chunk_size=chunk, seed=42, bf16=bf16,
-                           use_vllm=use_vllm)
+                           use_vllm=use_vllm,
+                           # On a CPU the engine's KV cache comes out of the process's share of memory: the context
+                           # these prompts need, not SmolLM2's 8,192, leaves room for a second engine in one process.
+                           vllm_max_model_length=1024 if use_vllm else None)
 
 
 def dataset(name: str) -> Dataset:
@@ -113,6 +116,8 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
             clock["forward+backward"] = step_time - sum(t for stage, t in clock.items() if stage != "weight sync")
             # Completions differ in length from step to step; the stages are per step, and so is this.
             rows.append({**clock, "step": step_time, "tokens": trainer.history[-1]["completions/mean_length"]})
+            if use_vllm:  # how far the engine's log-probs were from the trainer's, mean over completion tokens
+                rows[-1]["logp gap"] = trainer.history[-1]["sampling/sampling_logp_difference/mean"]
     finally:
         grpo.compute_rewards, grpo.logps_no_grad = plain
         if use_vllm:
@@ -227,7 +232,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"],
                         help="smollm2 runs both implementations in each (bf16: autocast; TRL's bf16=True)")
     parser.add_argument("--vllm", action="store_true",
-                        help="smollm2: also time grpo.py with use_vllm=True on the same work (needs vLLM; README)")
+                        help="smollm2: also time grpo.py with use_vllm=True on the same work (needs vLLM; README). "
+                             "On a CPU give one --precisions per run: a third engine in one process found no memory")
     parser.add_argument("--checkpointing", action="store_true",
                         help="only measure one smollm2 training micro-step's peak memory with --gradient_checkpointing off and on")
     args = parser.parse_args()

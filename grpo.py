@@ -16,11 +16,11 @@ frozen reference model π_ref. With the default loss_type="dapo" every completio
 The paper's own form (loss_type="grpo") averages each completion over its tokens first, 1/G Σ_i 1/|o_i| Σ_t;
 section 8 has all four.
 
-Part I is GRPO on its plain paths, in the order the data flows, and reads alone. Part II is what running it for
-real takes: several processes, faster paths (each used only where a check at setup shows it computes what Part I
-computes), validation, checkpoints and signals, metrics, loading, shape tracing, the demo and the command line.
-Left out on purpose: transformers.Trainer (the loop is written out), its callbacks, and DeepSpeed/FSDP (several
-processes use plain DDP). Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
+Part I is GRPO on its plain paths, in the order the data flows, and reads alone. Part II is what running it for real
+takes: several processes, faster paths (each used only where a check at setup shows it computes what Part I
+computes; vLLM's engine when asked), validation, checkpoints and signals, metrics, loading, shape tracing, the demo
+and the command line. Left out on purpose: transformers.Trainer and its callbacks (the loop is written out),
+DeepSpeed and FSDP (plain DDP). Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
 
 Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
@@ -442,8 +442,8 @@ class GRPOTrainer:
         self.needs_old_logps = args.gradient_accumulation_steps % (self.S * self.mu) != 0
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.max_steps, *optimizers)
 
-        # Sampling (section 4) and the log-prob pass (section 7) as written above. Part II swaps in a faster
-        # version of either only where a check at setup shows it computes the same numbers here.
+        # Sampling (section 4) and the log-prob pass (section 7) as written above. Part II swaps in a faster one only
+        # where a check at setup shows it computes the same numbers here, or, when asked, vLLM's engine (section 12).
         self.sample, self.get_per_token_logps = sample_with_cache, get_per_token_logps
         use_fast_paths(self)
 

@@ -35,8 +35,8 @@ def test_the_importance_sampling_ratio_is_trls(mode, clip_min, clip_max, expecte
 
 
 def test_the_ratio_multiplies_the_policy_term_and_not_the_kl():
-    """TRL: per_token_loss = -min(r·A, clip(r)·A) · IS ratio, then + β·KL. With ratio 1 (θ = θ_old) and β = 0 the
-    dapo loss of one row is -mean(A · IS)."""
+    """TRL: per_token_loss = -min(r·A, clip(r)·A) · IS ratio, then + β·KL. With ratio 1 (θ = θ_old) and β = 0
+    the dapo loss of one row is -mean(A · IS)."""
     logps = torch.tensor([[-1.0, -2.0, -0.5]])
     ratio = torch.tensor([[2.0, 0.5, 0.0]])
     loss, _ = grpo.grpo_loss(logps, logps, None, torch.tensor([1.0]), torch.ones(1, 3, dtype=torch.long),
@@ -158,8 +158,9 @@ def test_a_resumed_vllm_run_draws_what_the_uninterrupted_one_drew(tmp_path, vllm
                             train_dataset=data)
     full.train()
     full.sample.close()
+    checkpoint = str(tmp_path / "full" / "checkpoint-2")
     resumed = grpo.GRPOTrainer(vllm_model_dir, "letters", train_dataset=data, args=vllm_args(
-        tmp_path / "resumed", max_steps=4, save_steps=2, resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
+        tmp_path / "resumed", max_steps=4, save_steps=2, resume_from_checkpoint=checkpoint))
     resumed.train()
     resumed.sample.close()
     for again, first in zip(resumed.history[-2:], full.history[-2:]):
