@@ -1381,10 +1381,9 @@ def vllm_correction(trainer: "GRPOTrainer", old_per_token_logps: Optional[Tensor
     gap = (old_per_token_logps - sampling).abs()
     gap = gap[mask & ~gap.isnan()]
     flat = ratio.flatten() if ratio.size(1) == 1 else ratio[mask]
-    empty = torch.zeros((), device=gap.device)  # TRL's value where a rank has no token
-    mine = torch.stack([gap.mean() if gap.numel() else empty, gap.max() if gap.numel() else empty,
-                        flat.min() if flat.numel() else empty, flat.mean() if flat.numel() else empty,
-                        flat.max() if flat.numel() else empty]).float()
+    stats = [(gap, torch.mean), (gap, torch.max), (flat, torch.min), (flat, torch.mean), (flat, torch.max)]
+    # 0 where a rank has no token, as TRL
+    mine = torch.stack([f(x) if x.numel() else x.new_zeros(()) for x, f in stats]).float()
     ranks = gather(mine[None]).view(-1, 5)  # one row per rank; TRL averages the means, and takes min and max
     m = trainer.metrics
     m["sampling/sampling_logp_difference/mean"].append(float(ranks[:, 0].mean()))
