@@ -79,16 +79,17 @@ def test_each_rank_gets_whole_groups_and_together_the_single_process_batch(runs)
 
 
 def test_torchrun_default_demo_runs_to_the_end_and_learns(tmp_path):
-    """The default demo under torchrun (each of 2 ranks takes B = 8 prompts, 16 in all per step): 42 s here, and
-    seed 42 ended at 4.68 on an Intel Xeon with AMX."""
+    """The default demo under torchrun (each of 2 ranks takes B = 8 prompts, 16 in all per step), cut to 200 of
+    its 400 steps to save CI half a minute: on an Intel Xeon with AVX-512-BF16 (2 vCPU) it went from -8.36 to
+    4.49 in 32 s. (Notebook 05's test holds the whole single-process run to within 0.2 of the best.)"""
     out = tmp_path / "out"
-    result = _run([*TORCHRUN, "grpo.py", "--output_dir", str(out)])
+    result = _run([*TORCHRUN, "grpo.py", "--output_dir", str(out), "--max_steps", "200"])
     assert result.stdout.count("GRPO: ") == 1  # only rank 0 prints
     before, after = map(float, re.search(r"held-out prompts .*: (\S+) before training -> (\S+) after",
                                          result.stdout).groups())
-    assert before < 0 and after > 4.5, result.stdout[-2000:]
+    assert before < -5 and after > 3, result.stdout[-2000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [row["step"] for row in rows] == list(range(0, 401, 50))  # written once, by rank 0; 0: eval on start
+    assert [row["step"] for row in rows] == list(range(0, 201, 50))  # written once, by rank 0; 0: eval on start
     assert os.path.isfile(out / "model.safetensors")
 
 

@@ -63,7 +63,7 @@ def readme_held_out_rewards() -> tuple[float, float]:
 
 
 def check_demo_result(eval_rewards: list[float]) -> None:
-    """Called by test_trainer.py's test_default_run_learns with the run's held-out rewards: the README's log shows
+    """Called by test_tutorials.py with the held-out rewards of notebook 05's run: the README's log shows
     the reward before training that the run starts from, and an end reward that clears the bound the test asserts."""
     before, after = readme_held_out_rewards()
     assert abs(before - eval_rewards[0]) < 0.01, (before, eval_rewards[0])

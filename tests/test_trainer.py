@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import grpo
 from grpo import GRPOConfig, GRPOTrainer
-from test_prose import check_demo_result
 
 TRL_METRICS = ["reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/low_mean",
                "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
@@ -240,21 +239,6 @@ def test_lora_reference_is_the_model_with_the_adapter_disabled(tmp_path, tiny_mo
     trainer.train()
     kls = [r["kl"] for r in read_metrics(args)]
     assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0
-
-
-def test_default_run_learns(tmp_path, capsys):
-    """The learning assertion: `python grpo.py` with its default budget raises the held-out mean reward."""
-    trainer = grpo.main(["--output_dir", str(tmp_path / "demo")])
-    out = capsys.readouterr().out
-    evals = [r["eval_reward"] for r in trainer.history if "eval_reward" in r]
-    train_rows = [r for r in trainer.history if "reward" in r]  # step 0 holds only the evaluation before training
-    first_train, last_train = train_rows[0]["reward"], train_rows[-1]["reward"]
-    assert last_train > first_train + 5, (first_train, last_train)
-    # Out of 5; random weights score about -8. Seeds 42, 0, 1, 2 ended at 4.94-4.96 on an Intel Xeon with AMX;
-    # the margin is for another CPU's float rounding, which sends the run along another path.
-    assert evals[-1] > 4.8, evals
-    assert "before training ->" in out and "Completions before -> after" in out
-    check_demo_result(evals)  # and README's log of the demo says what this run did
 
 
 def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path, tiny_model_dir):
