@@ -1424,15 +1424,13 @@ class VLLMSampler:
         barrier()
         self.version = vllm.__version__
         # As TRL 1.16 starts it; processed_logprobs: the log-probs after temperature and the filters, those the
-        # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it. It runs
-        # as many sequences at once as the larger batch, generation's or evaluation's (TRL: generation's).
+        # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it.
         self.llm = vllm.LLM(model=directory, dtype=str(policy.dtype).removeprefix("torch."),
                             seed=args.seed + trainer.rank, tensor_parallel_size=args.vllm_tensor_parallel_size,
                             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                            max_model_len=args.vllm_max_model_length, max_num_seqs=largest_batch(args),
-                            logprobs_mode="processed_logprobs", **engine_batching(policy.config, args, trainer.device),
+                            max_model_len=args.vllm_max_model_length, logprobs_mode="processed_logprobs",
                             enforce_eager=trainer.device.type == "cpu",
-                            kv_cache_memory_bytes=cpu_kv_cache_bytes(policy.config, args, trainer.device),
+                            **engine_limits(policy.config, args, trainer.device),
                             **({"distributed_executor_backend": "external_launcher"} if trainer.world_size > 1 else {}))
         barrier()
         if trainer.is_main_process:
@@ -1503,42 +1501,29 @@ class VLLMSampler:
         return tokens.to(prompt_ids.device), logps.to(prompt_ids.device)
 
 
-def engine_context(config, args: GRPOConfig) -> int:
-    """The engine's context window, in tokens: vllm_max_model_length, or (as vLLM takes it) the model's."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return args.vllm_max_model_length or getattr(text, "max_position_embeddings", None) or 2**16
-
-
-def engine_batching(config, args: GRPOConfig, device: torch.device) -> dict:
-    """TRL's 4,096 tokens per engine step. On a CPU, without chunked prefill, so at least the context window: a
-    prompt cut in two chunks makes vLLM 0.32 rewind the request's seeded generator, which a CPU generator cannot
-    ('CPU Generator does not use offset', as soon as a batch's prompts passed 4,096 tokens)."""
+def engine_limits(config, args: GRPOConfig, device: torch.device) -> dict:
+    """How many sequences and tokens the engine takes at once, and its memory. As TRL 1.16 on a GPU: 4,096 tokens
+    per engine step, and vLLM sizes the KV cache from vllm_gpu_memory_utilization. On a CPU, vLLM would take that
+    share of the machine's memory for the cache and fill it with zeros (0.9 of 24 GiB here: 40 s before the first
+    sample, for a run that needed 16 MB), so the cache holds one batch of full-length sequences, at most that
+    share. And no chunked prefill: a prompt cut in two chunks makes vLLM 0.32 rewind the request's seeded
+    generator, which a CPU generator cannot ('CPU Generator does not use offset', once a batch's prompts passed
+    4,096 tokens), so a step takes at least the context window. Sequences at once: the larger batch, generation's
+    or evaluation's (TRL: generation's)."""
+    sequences = max(args.generation_batch_size, args.per_device_eval_batch_size or 0)
     if device.type != "cpu":
-        return dict(max_num_batched_tokens=4096)
-    return dict(max_num_batched_tokens=max(4096, engine_context(config, args)), enable_chunked_prefill=False)
-
-
-def largest_batch(args: GRPOConfig) -> int:
-    """The most completions the engine is asked for at once: a generation batch, or an evaluation batch."""
-    return max(args.generation_batch_size, args.per_device_eval_batch_size or 0)
-
-
-def cpu_kv_cache_bytes(config, args: GRPOConfig, device: torch.device) -> Optional[int]:
-    """On a CPU, a KV cache for one generation batch of full-length sequences, at most vllm_gpu_memory_utilization
-    of the machine's memory (None on a GPU: vLLM sizes it from that share, as in TRL). Left to itself, vLLM's CPU
-    backend takes the whole share, 0.9 of 24 GiB here, for the cache and fills it with zeros: 40 s before the first
-    sample, for a run that needed 16 MB."""
-    if device.type != "cpu":
-        return None
+        return dict(max_num_seqs=sequences, max_num_batched_tokens=4096)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = args.vllm_max_model_length or getattr(text, "max_position_embeddings", None) or 2**16  # as vLLM
+    length = context if args.max_prompt_length is None else min(context, args.max_prompt_length +
+                                                                 args.max_completion_length)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * 4  # K and V, float32 at most
-    length = engine_context(config, args)
-    if args.max_prompt_length is not None:
-        length = min(length, args.max_prompt_length + args.max_completion_length)
-    wanted = largest_batch(args) * (length + 128) * per_token  # 128: room to round up to whole blocks
-    return min(wanted, int(args.vllm_gpu_memory_utilization * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+    wanted = sequences * (length + 128) * per_token  # 128: room to round up to whole blocks
+    share = int(args.vllm_gpu_memory_utilization * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return dict(max_num_seqs=sequences, max_num_batched_tokens=max(4096, context), enable_chunked_prefill=False,
+                kv_cache_memory_bytes=min(wanted, share))
 
 
 def policy_for_engine(model: torch.nn.Module) -> PreTrainedModel:

@@ -38,11 +38,11 @@ def test_defaults_follow_trl_and_fill_in_derived_values():
     assert (args.loss_type, args.scale_rewards, args.beta) == ("dapo", "group", 0.0)
 
 
-def test_trainer_refuses_weights_that_do_not_match_the_functions(tiny_model_dir):
+def test_trainer_refuses_weights_that_do_not_match_the_functions(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
     data = Dataset.from_dict({"prompt": ["a="] * 8})
-    args = GRPOConfig(output_dir="unused", per_device_train_batch_size=4, num_generations=4)
+    args = GRPOConfig(output_dir=str(tmp_path / "unused"), per_device_train_batch_size=4, num_generations=4)
     with pytest.raises(ValueError, match=r"Got 3 reward_weights for 1 reward functions \(length_reward\)"):
         GRPOTrainer(tiny_model_dir, "length", args=args, train_dataset=data, reward_weights=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match=r"Unknown reward 'lenght'.*length, diversity"):

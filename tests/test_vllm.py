@@ -68,6 +68,26 @@ def test_the_correction_logs_trls_metrics():
     assert ratio.shape == (2, 3)
 
 
+def test_the_engine_holds_one_batch_of_full_length_sequences_on_a_cpu():
+    """On a CPU: sequences at once = the larger of the generation batch (8) and the eval batch (16); a KV cache of
+    16 sequences × (P_max + C = 24, plus 128 to round up to blocks) × 2 (K, V) × 2 layers × 1 KV head × 32 × 4
+    bytes; a step of at least the context window (256), no chunked prefill. On a GPU, TRL's 4,096 tokens."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=256)
+    args = GRPOConfig(per_device_train_batch_size=8, num_generations=4, per_device_eval_batch_size=16,
+                      max_prompt_length=16, max_completion_length=8, use_vllm=True)
+    assert grpo.engine_limits(config, args, torch.device("cpu")) == dict(
+        max_num_seqs=16, max_num_batched_tokens=4096, enable_chunked_prefill=False,
+        kv_cache_memory_bytes=16 * (24 + 128) * 2 * 2 * 1 * 32 * 4)
+    args.vllm_gpu_memory_utilization = 1e-9  # the cap: that share of the machine's memory
+    assert grpo.engine_limits(config, args, torch.device("cpu"))["kv_cache_memory_bytes"] < 100
+    args.vllm_max_model_length = 8192
+    assert grpo.engine_limits(config, args, torch.device("cpu"))["max_num_batched_tokens"] == 8192
+    assert grpo.engine_limits(config, args, torch.device("cuda")) == dict(max_num_seqs=16, max_num_batched_tokens=4096)
+
+
 @pytest.mark.parametrize("knobs, message", [
     (dict(use_vllm=True, vllm_mode="server"), "vllm_mode='server'"),
     (dict(use_vllm=True, vllm_tensor_parallel_size=2), "vllm_tensor_parallel_size=2"),
@@ -172,8 +192,9 @@ def test_a_resumed_vllm_run_draws_what_the_uninterrupted_one_drew(tmp_path, vllm
 
 @needs_vllm
 def test_the_demo_learns_with_vllm(tmp_path, capsys):
-    """`python grpo.py --use_vllm`: the demo's task, sampled by the engine, is within 0.5 of the best reward (5)
-    after 300 of its 400 steps (4.80 on an Intel Xeon with AVX-512-BF16; 4.95 at step 400, 25 s later)."""
+    """`python grpo.py --use_vllm`, cut to 300 of its 400 steps to save CI 25 s: the demo's task, sampled by the
+    engine, ends within 0.5 of the best reward (5). The whole run, on an Intel Xeon with AVX-512-BF16, was at 4.80
+    at step 300 and 4.95 at step 400."""
     trainer = grpo.main(["--use_vllm", "--output_dir", str(tmp_path), "--max_steps", "300"])
     final = trainer.history[-1]
     assert final["step"] == 300 and final["eval_reward"] >= 4.5
