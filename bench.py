@@ -233,7 +233,8 @@ def main() -> None:
                         help="smollm2 runs both implementations in each (bf16: autocast; TRL's bf16=True)")
     parser.add_argument("--vllm", action="store_true",
                         help="smollm2: also time grpo.py with use_vllm=True on the same work (needs vLLM; README). "
-                             "On a CPU give one --precisions per run: a third engine in one process found no memory")
+                             "On a CPU give one --precisions per run: after an engine had run in the process, bf16 "
+                             "without vLLM took 16.4 s a step, against 10.5 s in a process of its own")
     parser.add_argument("--checkpointing", action="store_true",
                         help="only measure one smollm2 training micro-step's peak memory with --gradient_checkpointing off and on")
     args = parser.parse_args()

@@ -1519,7 +1519,8 @@ def engine_limits(config, args: GRPOConfig, device: torch.device) -> dict:
                                                                  args.max_completion_length)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * 4  # K and V, float32 at most
+    # K and V of every layer, 4 bytes each (float32, the widest dtype the engine runs in)
+    per_token = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim * 4
     wanted = sequences * (length + 128) * per_token  # 128: room to round up to whole blocks
     share = int(args.vllm_gpu_memory_utilization * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return dict(max_num_seqs=sequences, max_num_batched_tokens=max(4096, context), enable_chunked_prefill=False,
