@@ -2672,10 +2672,13 @@ def _from_pretrained(cls, name: str, **kwargs):
         raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
     if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
         # transformers marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
-        # serializable"). Its weights are plain tensors by now: a model built from its config saves them.
+        # serializable"). Its weights are plain tensors by now: a model built from its config saves them. Building
+        # one draws its random initial weights from torch's stream: forked, so that the .gguf and the same weights
+        # saved to a folder start a run from one random state and sample the same completions.
         config = loaded.config
         del config.quantization_config
-        plain = type(loaded)(config).to(loaded.dtype)
+        with torch.random.fork_rng(devices=[]):
+            plain = type(loaded)(config).to(loaded.dtype)
         plain.load_state_dict(loaded.state_dict())
         plain.generation_config = loaded.generation_config
         loaded = plain

