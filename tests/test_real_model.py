@@ -38,14 +38,13 @@ def sgd(model):
 @pytest.fixture(scope="module")
 def straight(smollm2_dir, tmp_path_factory):
     """Two GRPO steps on the sums from the session's SmolLM2 folder (read from the .gguf file by the loader
-    GRPOTrainer uses for a .gguf path), with a checkpoint after each step and the starting point saved too."""
+    GRPOTrainer uses for a .gguf path), with a checkpoint after each step."""
     tmp = tmp_path_factory.mktemp("smollm2")
     sums = grpo.load_data_file(os.path.join(ROOT, "data", "sums_train.jsonl"))
     model = grpo._from_pretrained(AutoModelForCausalLM, smollm2_dir.path)
     tokenizer = grpo._from_pretrained(AutoTokenizer, smollm2_dir.path)
     trainer = GRPOTrainer(model, "accuracy", args=sums_args(tmp / "straight"), train_dataset=sums,
                           processing_class=tokenizer, optimizers=sgd(model))
-    trainer.checkpoints.save_model(str(tmp / "start"))
     start = params(trainer.model)
     trainer.train()
     return trainer, tmp, sums, start
@@ -62,13 +61,12 @@ def test_a_gguf_model_saves_as_a_normal_folder_and_trains(smollm2_dir, straight)
     assert smollm2_dir.random_state_kept
     trainer, tmp, _, start = straight
     assert trainer.global_step == 2 and not torch.equal(start, params(trainer.model))
-    # The folder, the final model and the starting point are plain save_pretrained folders (a model as
+    # The session's folder and the final model are plain save_pretrained folders (a model as
     # transformers reads it from GGUF would refuse to save): config without quantization, the whole vocabulary,
     # and the tokenizer with its template.
     final = AutoModelForCausalLM.from_pretrained(tmp / "straight")
     assert getattr(final.config, "quantization_config", None) is None and final.config.vocab_size == 49_152
     assert torch.equal(params(final), params(trainer.model))
-    assert torch.equal(params(AutoModelForCausalLM.from_pretrained(tmp / "start")), start)
     assert torch.equal(params(AutoModelForCausalLM.from_pretrained(smollm2_dir.path)), start)
     tokenizer = AutoTokenizer.from_pretrained(tmp / "straight")
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template
@@ -150,12 +148,12 @@ def test_trained_log_probs_equal_the_sampling_distribution(smollm2, path, bf16, 
         assert (ratio - 1).abs().mean() < 0.1  # a wrong mask or position moves most tokens by far more
 
 
-def test_two_steps_with_a_checkpoint_resume_exactly(straight):
+def test_two_steps_with_a_checkpoint_resume_exactly(straight, smollm2_dir):
     trainer, tmp, sums, _ = straight
     args = sums_args(tmp / "resumed", resume_from_checkpoint=str(tmp / "straight" / "checkpoint-1"))
-    model = AutoModelForCausalLM.from_pretrained(tmp / "start")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir.path)  # a fresh copy: resuming trains it
     resumed = GRPOTrainer(model, "accuracy", args=args, train_dataset=sums, optimizers=sgd(model),
-                          processing_class=AutoTokenizer.from_pretrained(tmp / "start"))
+                          processing_class=AutoTokenizer.from_pretrained(smollm2_dir.path))
     assert resumed.global_step == 1
     resumed.train()
     assert torch.equal(params(resumed.model), params(trainer.model))  # bitwise: the same run
