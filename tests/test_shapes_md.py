@@ -7,8 +7,6 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Optional
-
 import pytest
 
 import grpo
@@ -19,11 +17,11 @@ NAMES = ["default", "conversational", "smollm2", "vllm"]
 BLOCK = re.compile(r"(<!-- trace: (\w+) -->\n)```\n\$ (python grpo.py [^\n]*)\n(.*?)```\n", re.S)
 
 
-def traced_table(command: str, tmp_dir: str, smollm2: Optional[str] = None) -> str:
+def traced_table(command: str, tmp_dir: str) -> str:
     """Run a documented `python grpo.py --trace_shapes ...` command (in this process, from the repository's
     folder, as main() runs it) and return the table it printed. $SMOLLM2_GGUF in a command is the path of
-    SmolLM2's GGUF file on this machine, or `smollm2`: the same weights and tokenizer saved as a folder."""
-    smollm2 = smollm2 or grpo.smollm2_gguf() or "SmolLM2-is-not-installed"
+    SmolLM2's GGUF file on this machine."""
+    smollm2 = grpo.smollm2_gguf() or "SmolLM2-is-not-installed"
     args = [a.replace("$SMOLLM2_GGUF", smollm2) for a in command.split()[2:]] + ["--output_dir", tmp_dir]
     here = os.getcwd()
     os.chdir(ROOT)
@@ -57,15 +55,11 @@ def missing(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_shapes_md_matches_a_fresh_trace(name, tmp_path, request):
-    """SmolLM2's table was printed by a run from the .gguf; it is rerun from the session's folder of the same
-    weights, which reads in a second where the .gguf takes 30. The two runs are one run: the loader leaves
-    torch's random stream alone (test_real_model checks it)."""
+def test_shapes_md_matches_a_fresh_trace(name, tmp_path):
     if missing(name):
         pytest.skip(missing(name))
     (command, documented), = [(c, t) for n, c, t in documented_blocks() if n == name]
-    smollm2 = request.getfixturevalue("smollm2_dir").path if name == "smollm2" else None
-    fresh = traced_table(command, str(tmp_path), smollm2)
+    fresh = traced_table(command, str(tmp_path))
     assert fresh == documented, (
         f"shapes.md's {name!r} table no longer matches what `{command}` prints. "
         f"If the change is intended, refresh it with: python tests/test_shapes_md.py")
