@@ -35,12 +35,16 @@ def model(tiny_model_dir):
 
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache():
-    """grpo keeps a .gguf file's conversion under $GRPO_CACHE (default ~/.cache/grpo). The tests use a folder of
-    their own, empty at the start (so each session converts once, as a first run does) and removed at the end.
-    Set here, it reaches the processes the tests start: notebook kernels, torchrun ranks, command lines."""
+    """grpo keeps a .gguf file's conversion under $GRPO_CACHE (default ~/.cache/grpo). The tests use the folder
+    GRPO_CACHE names where it is set (.ci/run converts there ahead), else one of their own, empty at the start
+    (so that the session converts, as a first run does) and removed at the end. Set here, it reaches the
+    processes the tests start: notebook kernels, torchrun ranks, command lines."""
     import shutil
     import tempfile
 
+    if os.environ.get("GRPO_CACHE"):
+        yield os.environ["GRPO_CACHE"]
+        return
     folder = tempfile.mkdtemp(prefix="grpo-cache-")
     os.environ["GRPO_CACHE"] = folder
     yield folder
