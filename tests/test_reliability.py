@@ -280,7 +280,7 @@ def test_resuming_with_a_different_batch_is_refused(tmp_path, tiny_model_dir, st
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path, sig, capsys):
     out = tmp_path / "out"
-    argv = ["--output_dir", str(out), "--max_steps", "40", "--logging_steps", "1", "--eval_steps", "1000",
+    argv = ["--output_dir", str(out), "--max_steps", "15", "--logging_steps", "1", "--eval_steps", "1000",
             "--eval_on_start", "False"]  # metrics.jsonl then appears with step 1, when the signal handler is set
     process = subprocess.Popen([sys.executable, "grpo.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -291,13 +291,13 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_pa
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + sig, output[-2000:]
     step = int(output.split(f"Stopped by {sig.name} after step ")[1].split(";")[0])
-    assert 0 < step < 40
+    assert 0 < step < 15
     assert f"saved {out}/checkpoint-{step}. Resume with --resume_from_checkpoint {out}/checkpoint-{step}" in output
     assert not (out / "model.safetensors").exists()  # the final model is only written by a finished run
 
     grpo.main([*argv, "--resume_from_checkpoint", "latest"])  # in this process: its start-up costs 7 s
     assert f"Resumed from {out}/checkpoint-{step} at step {step}." in capsys.readouterr().out
-    assert [row["step"] for row in map(json.loads, open(out / "metrics.jsonl"))] == list(range(1, 41))
+    assert [row["step"] for row in map(json.loads, open(out / "metrics.jsonl"))] == list(range(1, 16))
 
 
 def test_non_finite_steps_are_skipped_and_three_in_a_row_stop_with_the_last_good_weights(tmp_path, tiny_model_dir,
@@ -330,7 +330,7 @@ def test_non_finite_steps_are_skipped_and_three_in_a_row_stop_with_the_last_good
 def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
     # A checkpoint every step; the kill comes as soon as a checkpoint-N.tmp folder appears, in the middle of
     # writing the second checkpoint or a later one.
-    argv = ["--max_steps", "60", "--save_steps", "1", "--save_total_limit", "2", "--logging_steps", "1",
+    argv = ["--max_steps", "25", "--save_steps", "1", "--save_total_limit", "2", "--logging_steps", "1",
             "--eval_steps", "1000"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     grpo.main(["--output_dir", str(straight), *argv])  # the straight run and the resume in this process, to save
