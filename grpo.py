@@ -2692,9 +2692,9 @@ def gguf_folder(path: str) -> Optional[str]:
     """The .gguf file at `path` read by transformers and saved as a plain folder (weights in float32, config,
     tokenizer), once per file and transformers release, under $GRPO_CACHE (default ~/.cache/grpo). transformers
     parses a GGUF file in Python: SmolLM2-135M's model and tokenizer took 35 s (4 of them dequantising) on an
-    Intel Xeon, and its folder loads in under a second. The folder is written under a temporary name and renamed, so a killed conversion leaves no half folder
-    to load. None where the file does not exist (its loading then fails with the usual message) or where the
-    folder cannot be written."""
+    Intel Xeon, and its folder loads in under a second. The folder is written under a temporary name and renamed,
+    so a killed conversion leaves no half folder to load. None where the file does not exist (its loading then
+    fails with the usual message) or where the folder cannot be written."""
     import hashlib
 
     import transformers

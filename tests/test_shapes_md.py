@@ -7,6 +7,7 @@ import io
 import os
 import re
 from pathlib import Path
+
 import pytest
 
 import grpo
