@@ -103,8 +103,9 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
     # The optimizer step with what goes with it: gradient clipping, zeroing the gradients, logging the row.
     trainer.optimizer_step = timed("optimizer", trainer.optimizer_step)
     rows = []
-    plain = grpo.compute_rewards, grpo.logps_no_grad  # Part I calls these two by their module-level names
-    grpo.compute_rewards, grpo.logps_no_grad = timed("rewards", plain[0]), timed("old/ref log-probs", plain[1])
+    plain = grpo.compute_rewards, grpo.GRPOTrainer.logps_no_grad  # Part I calls these two by these names
+    grpo.compute_rewards, grpo.GRPOTrainer.logps_no_grad = timed("rewards", plain[0]), timed("old/ref log-probs",
+                                                                                             plain[1])
     try:
         for _ in range(warmup + steps):
             clock.clear()
@@ -119,7 +120,7 @@ def time_grpo_steps(name: str, model_dir: str, chunk: int, warmup: int, steps: i
             if use_vllm:  # how far the engine's log-probs were from the trainer's, mean over completion tokens
                 rows[-1]["logp gap"] = trainer.history[-1]["sampling/sampling_logp_difference/mean"]
     finally:
-        grpo.compute_rewards, grpo.logps_no_grad = plain
+        grpo.compute_rewards, grpo.GRPOTrainer.logps_no_grad = plain
         if use_vllm:
             trainer.sample.close()
     measured = rows[warmup:]

@@ -13,14 +13,13 @@ frozen reference model π_ref. With the default loss_type="dapo" every completio
                                                          - β D_KL[π_θ || π_ref] ) ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
-The paper's own form (loss_type="grpo") averages each completion over its tokens first, 1/G Σ_i 1/|o_i| Σ_t;
-section 8 has all four.
+The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has all four.
 
-Part I is GRPO on its plain paths, in the order the data flows, and reads alone. Part II is what running it for real
-takes: several processes, faster paths (each used only where a check at setup shows it computes what Part I
-computes; vLLM's engine when asked), validation, checkpoints and signals, metrics, loading, shape tracing, the demo
-and the command line. Left out on purpose: transformers.Trainer and its callbacks (the loop is written out),
-DeepSpeed and FSDP (plain DDP). Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
+Part I is GRPO, complete on its plain paths, in the order the data flows; it reads alone. Part II is what running it
+for real takes (several processes, faster paths proven equal to Part I's, vLLM, validation, checkpoints, metrics,
+loading, the demo, the command line), reached from Part I through a few named services. Left out on purpose:
+transformers.Trainer and its callbacks (the loop is written out), DeepSpeed and FSDP (plain DDP).
+Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
 
 Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
@@ -42,13 +41,11 @@ import functools
 import inspect
 import math
 import os
-import random
 from collections import defaultdict
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from beartype import BeartypeConf, beartype
 from einops import rearrange
@@ -56,7 +53,8 @@ from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import (DynamicCache, LogitsProcessorList, MinPLogitsWarper, PreTrainedModel, PreTrainedTokenizerBase,
-                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+                          set_seed)
 
 CHECK_SHAPES = os.environ.get("GRPO_CHECK_SHAPES", "0") == "1"  # on under the tests and --check_shapes
 
@@ -141,7 +139,7 @@ class AlgorithmConfig:
 
 class RepeatSampler(torch.utils.data.Sampler):
     """Yield each index `mini_repeat_count` times in a row, and each chunk of `batch_size` indices
-    `repeat_count` times in a row.
+    `repeat_count` times in a row; a new permutation each pass (shuffle), the incomplete last chunk dropped.
 
     Example: 7 items, mini_repeat_count=2, batch_size=3, repeat_count=2, shuffle=False:
         [0,0,1,1,2,2, 0,0,1,1,2,2, 3,3,4,4,5,5, 3,3,4,4,5,5]   (item 6 is dropped: its chunk is incomplete)
@@ -153,31 +151,21 @@ class RepeatSampler(torch.utils.data.Sampler):
 
     def __init__(self, data_source: Sized, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1,
                  shuffle: bool = True, seed: Optional[int] = None):
-        self.data_source = data_source
-        self.mini_repeat_count = mini_repeat_count
-        self.batch_size = batch_size
-        self.repeat_count = repeat_count
-        self.shuffle = shuffle
-        self.num_samples = len(data_source)
-        # One generator for the sampler's whole life: each epoch continues its stream, so each epoch gets a new
+        self.num_samples, self.mini_repeat_count, self.batch_size = len(data_source), mini_repeat_count, batch_size
+        self.repeat_count, self.shuffle = repeat_count, shuffle
+        # One generator for the sampler's whole life: each pass continues its stream, so each pass gets a new
         # permutation, and a fixed seed gives the same sequence of permutations on every process.
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            indexes = torch.randperm(self.num_samples, generator=self.generator).tolist()
-        else:
-            indexes = list(range(self.num_samples))
-        chunks = [indexes[i:i + self.batch_size] for i in range(0, len(indexes), self.batch_size)]
-        for chunk in chunks:
-            if len(chunk) < self.batch_size:
-                continue  # an incomplete last chunk would make a generation batch of the wrong size
+        n, size = self.num_samples, self.batch_size
+        indexes = torch.randperm(n, generator=self.generator).tolist() if self.shuffle else list(range(n))
+        for start in range(0, n - size + 1, size):  # whole chunks only: a generation batch has a fixed size
             for _ in range(self.repeat_count):
-                for index in chunk:
-                    for _ in range(self.mini_repeat_count):
-                        yield index
+                for index in indexes[start:start + size]:
+                    yield from [index] * self.mini_repeat_count
 
     def __len__(self) -> int:
         return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
@@ -241,29 +229,17 @@ def prompt_texts(prompts: list, tokenizer: PreTrainedTokenizerBase, chat_templat
     return texts, string_prompts
 
 
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        tqdm.write(f"[grpo] {message}")
-
-
 @shape_checked
 def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prompt_length: Optional[int],
                      chat_template_kwargs: Optional[dict] = None) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"]]:
     """Left-pad the prompts so that every completion starts at the same column P, and keep at most
     `max_prompt_length` tokens of each, cutting from the left: the end of a prompt (the question, the
-    assistant header) is what the completion follows from."""
+    assistant header) is what the completion follows from. (The run says at its start how many are cut.)"""
     tokenizer.padding_side = "left"
     texts, add_special_tokens = prompt_texts(prompts, tokenizer, chat_template_kwargs)
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
     if max_prompt_length is not None and prompt_ids.size(1) > max_prompt_length:
-        too_long = int((prompt_mask.sum(1) > max_prompt_length).sum())
-        warn_once("truncate", f"{too_long} of {len(texts)} prompts are longer than max_prompt_length="
-                              f"{max_prompt_length} tokens; their start is cut off (said once).")
         # Left padded, every prompt ends in the last column: keeping the last columns cuts each from the left.
         prompt_ids, prompt_mask = prompt_ids[:, -max_prompt_length:], prompt_mask[:, -max_prompt_length:]
     return prompt_ids, prompt_mask
@@ -349,19 +325,6 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a completion, as TRL 1.16 sets them: every EOS of the model's generation config (chat
-    models often list several), and the tokenizer's EOS if it is not among them."""
-    eos = getattr(unwrap(model).generation_config, "eos_token_id", None)
-    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos = [tokenizer.eos_token_id, *eos]
-    if not eos:
-        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token, so a "
-                         "completion could never end. Set tokenizer.eos_token.")
-    return eos
-
-
 @shape_checked
 def completion_mask_from_eos(completion_ids: Int[Tensor, "BG C"], eos_token_ids: list[int]
                              ) -> tuple[Int[Tensor, "BG C"], Bool[Tensor, "BG"]]:
@@ -395,39 +358,20 @@ def decode(tokenizer: PreTrainedTokenizerBase, prompts: list, completion_ids: Te
 # ----------------------------------------------------------------------------------------------------------
 # 6. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns), one
 # entry per completion (`columns`: the dataset's other columns), and returns a float per completion, or None where
-# it does not apply; a reward model (a one-label sequence classifier) scores prompt + completion.
+# it does not apply. A reward model (a one-label sequence classifier) is loaded as such a function: it scores
+# prompt + completion, and its reward is logits[:, 0] (section 16).
 
 
 @shape_checked
-def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                        prompts: list, completions: list) -> Float[Tensor, "BG"]:
-    """Score prompt+completion with a sequence classifier (num_labels=1): reward = logits[:, 0]."""
-    if is_conversational(prompts[0]):
-        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if tokenizer.chat_template
-                 else "".join(m["content"] for m in p + c) for p, c in zip(prompts, completions)]
-    else:
-        texts = [p + c for p, c in zip(prompts, completions)]
-    tokenizer.padding_side = "right"
-    # No special tokens added: the chat template already wrote them (TRL scores the same token sequence).
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                    add_special_tokens=False).to(reward_model.device)
-    with torch.no_grad():
-        return reward_model(**enc).logits[:, 0].float()
-
-
-@shape_checked
-def compute_rewards(reward_funcs: list, reward_tokenizers: list, rows: list[dict], prompts: list, completions: list,
+def compute_rewards(reward_funcs: list[Callable], rows: list[dict], prompts: list, completions: list,
                     completion_ids: Int[Tensor, "BG C"], completion_lengths: Int[Tensor, "BG"]
                     ) -> Float[Tensor, "BG F"]:
-    """One column per reward function (or reward model, with its tokenizer); None (does not apply) becomes NaN."""
+    """One column per reward function; None (does not apply) becomes NaN."""
     columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
     completion_ids_list = [ids[:n].tolist() for ids, n in zip(completion_ids, completion_lengths.tolist())]
     rewards_per_func = []
-    for func, tokenizer in zip(reward_funcs, reward_tokenizers):
-        if isinstance(func, PreTrainedModel):
-            values = reward_model_scores(func, tokenizer, prompts, completions).tolist()
-        else:
-            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
+    for func in reward_funcs:
+        values = func(prompts=prompts, completions=completions, completion_ids=completion_ids_list, **columns)
         rewards_per_func.append([math.nan if v is None else float(v) for v in values])
     return torch.tensor(rewards_per_func, device=completion_ids.device).T  # (F, BG) -> (BG, F)
 
@@ -659,12 +603,6 @@ def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, eps
 # 10. The trainer: generation batch -> rewards -> advantages -> μ passes × S micro-batches -> optimizer steps.
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel wraps the model
 
@@ -691,14 +629,14 @@ class GRPOTrainer:
         resume = self.checkpoints.find(args.resume_from_checkpoint)  # found now, loaded last
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.tokenizer = load_tokenizer(model, processing_class, args, train_dataset, eval_dataset)
-        seed_everything(args.seed)
+        set_seed(args.seed)  # Python's, NumPy's and torch's random streams
 
-        # The reward functions, with their names (for the metrics), tokenizers (reward models) and weights.
-        self.reward_funcs, self.reward_tokenizers, self.reward_names, self.reward_weights = load_rewards(
+        # The reward functions (reward models loaded as functions), with their names (for the metrics) and weights.
+        self.reward_funcs, self.reward_names, self.reward_weights = load_rewards(
             reward_funcs, reward_processing_classes, reward_weights, args, self.device)
-        # The policy π_θ and, when β ≠ 0, the reference π_ref: a frozen copy of the starting policy.
-        self.model, self.ref_model = load_policy(model, args, self.device, self.world_size, peft_config)
-        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)  # the tokens that end a completion
+        # The policy π_θ; when β ≠ 0 the reference π_ref, a frozen copy of it; the tokens that end a completion.
+        self.model, self.ref_model, self.eos_token_ids = load_policy(model, self.tokenizer, args, self.device,
+                                                                     self.world_size, peft_config)
 
         # How long the run is: max_steps, or num_train_epochs passes over the prompts (B·W of them per batch).
         batches_per_epoch = len(train_dataset) // (self.B * self.world_size)
@@ -716,17 +654,13 @@ class GRPOTrainer:
         self.sample, self.get_per_token_logps = use_fast_paths(self, sample_with_cache, get_per_token_logps)
 
         self.report = Report(self)  # metrics (TRL's names), the log, metrics.jsonl, trackers, evaluation, warnings
+        self.history = self.report.history  # the rows logged so far (metrics.jsonl)
         # Where the loop stands; a checkpoint saves it, with the generation batch under way and the random states.
         self.global_step = self.micro_step = 0
         self.step_loss, self.last_step = 0.0, self.max_steps
         if self.world_size > 1:  # ranks sample their completions from different random streams
-            seed_everything(args.seed + self.rank)
+            set_seed(args.seed + self.rank)
         self.resume(resume)
-
-    @property
-    def history(self) -> list[dict]:
-        """The rows logged so far (metrics.jsonl), which the report keeps."""
-        return self.report.history
 
     def autocast(self):
         """bf16 autocast on the trainer's device when args.bf16 (the weights stay in their dtype), else nothing."""
@@ -761,8 +695,8 @@ class GRPOTrainer:
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
         completions_text, completions = decode(self.tokenizer, prompts, completion_ids, completion_lengths)
 
-        rewards_per_func = compute_rewards(self.reward_funcs, self.reward_tokenizers, rows, prompts, completions,
-                                           completion_ids, completion_lengths)
+        rewards_per_func = compute_rewards(self.reward_funcs, rows, prompts, completions, completion_ids,
+                                           completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 11).
@@ -935,6 +869,7 @@ import itertools
 import json
 import logging
 import numbers
+import random
 import re
 import shutil
 import signal
@@ -942,9 +877,9 @@ import sys
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Callable
 from dataclasses import asdict
 
+import numpy as np
 import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
@@ -1182,7 +1117,7 @@ class Processes:
     def sum(self, x: Tensor) -> Tensor:
         return reduce_over_ranks(x, "sum")
 
-    def gather_uneven(self, x: Float[Tensor, "K"]) -> Float[Tensor, "K2"]:
+    def gather_uneven(self, x: Tensor) -> Tensor:
         """Every rank's values of a non-negative 1-d x, whose length differs between ranks (their completion tokens):
         each pads to the longest with -1, a value x never takes, and the padding is dropped after the gather."""
         if not _several_ranks():
@@ -2052,7 +1987,6 @@ class Checkpoints:
     def __init__(self, trainer: "GRPOTrainer"):
         self.trainer, self.args = trainer, trainer.args
         self.micro_batches: list[GenerationBatch] = []  # the S micro-batches of the generation batch under way
-        self.done_in_batch = 0  # on resume: how many of its μ·S micro-steps the saved run had taken
         self.bad_steps = 0  # non-finite optimizer steps in a row, skipped
         self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
         self.stop_agreed = False  # some rank got a signal: every rank saves and stops after this step
@@ -2064,21 +1998,22 @@ class Checkpoints:
 
     def hold(self, micro_batches: list[GenerationBatch]) -> None:
         """The generation batch now in training: a checkpoint saved inside it keeps it, to resume inside it."""
-        self.micro_batches, self.done_in_batch = micro_batches, 0
+        self.micro_batches = micro_batches
 
     def batches_left(self, batches: Iterator[list[dict]]) -> Iterator[list[dict]]:
-        """The prompt batches still to train on, until the trainer's last step. Resumed at micro-step k, the saved
-        run stopped in generation batch k // (S·μ): its batches before that are skipped, and the micro-steps left
-        of that one are trained on first, from the micro-batches the checkpoint kept."""
+        """The prompt batches still to train on, until the trainer's last step. A run resumed (or train called again)
+        at micro-step k stopped in generation batch k // (S·μ): the batches before it are skipped, and the micro-steps
+        left of it are trained on first, from its micro-batches (which a checkpoint keeps)."""
         trainer = self.trainer
+        done = trainer.micro_step % (trainer.S * trainer.mu)
         if self.stop_signal is not None:  # came before this run's first step (in the first evaluation)
             say(trainer, f"Stopped by {signal.Signals(self.stop_signal).name} before step {trainer.global_step + 1}: "
                          f"no step was taken, so nothing was saved.")
             return
         batches = itertools.islice(batches, trainer.micro_step // (trainer.S * trainer.mu), None)
-        if self.done_in_batch:
+        if done:
             next(batches)  # the rows of the batch the run stopped in, which the kept micro-batches hold
-            for micro_batch in (self.micro_batches * trainer.mu)[self.done_in_batch:]:
+            for micro_batch in (self.micro_batches * trainer.mu)[done:]:
                 if trainer.training_step(micro_batch):
                     return
         for rows in batches:
@@ -2201,7 +2136,6 @@ class Checkpoints:
         trainer.scheduler.load_state_dict(state["scheduler"])
         self.bad_steps = saved["bad_steps"]
         self.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
-        self.done_in_batch = saved["micro_step"] % (trainer.S * trainer.mu)
         trainer.report.restore(state["history"], mine["metrics"], saved)
         rng = mine["rng"]
         random.setstate(rng["python"])
@@ -2302,6 +2236,15 @@ def forked_rng(device: torch.device):
 # 15. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
 
 
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        tqdm.write(f"[grpo] {message}")
+
+
 def say(trainer: "GRPOTrainer", message: str) -> None:
     if trainer.is_main_process:
         tqdm.write(message)
@@ -2331,7 +2274,7 @@ class Report:
 
     def restore(self, history: list[dict], metrics: dict, counters: dict) -> None:
         """The report as a checkpoint saved it; metrics.jsonl rewritten so (rows logged after it are gone)."""
-        self.history, self.metrics = history, defaultdict(list, metrics)
+        self.history[:], self.metrics = history, defaultdict(list, metrics)  # the trainer's history is this list
         for name in self.COUNTERS:
             setattr(self, name, counters[name])
         self.write_metrics_file()
@@ -2648,19 +2591,24 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
         if any(not isinstance(p, str) for p in prompts) and tokenizer.chat_template is None:
             raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
                              "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
-        texts = [prompt_to_text(p, tokenizer, args.chat_template_kwargs) for p in prompts]
-        lengths = [len(ids) for ids in tokenizer(texts).input_ids]
+        texts, add_special_tokens = prompt_texts(list(prompts), tokenizer, args.chat_template_kwargs)
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens).input_ids]
         if 0 in lengths:  # a completion must follow something
             i = lengths.index(0)
             raise ValueError(f"Prompt {i} of the dataset ({prompts[i]!r:.100}) is no tokens at all for this tokenizer "
                              f"(of {len(tokenizer)} tokens); remove it, or use the model's own tokenizer.")
+        too_long = sum(n > args.max_prompt_length for n in lengths) if args.max_prompt_length else 0
+        if too_long:  # tokenize_prompts keeps the last max_prompt_length tokens of each
+            warn_once("truncate", f"{too_long} of {len(lengths)} prompts are longer than max_prompt_length="
+                                  f"{args.max_prompt_length} tokens; their start is cut off.")
     return tokenizer
 
 
-def load_policy(model, args: GRPOConfig, device: torch.device, world_size: int, peft_config=None
-                ) -> tuple[torch.nn.Module, Optional[PreTrainedModel]]:
+def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, device: torch.device, world_size: int,
+                peft_config=None) -> tuple[torch.nn.Module, Optional[PreTrainedModel], list[int]]:
     """Load the policy in args.dtype, turn activation checkpointing on if asked, add LoRA (peft_config, or
-    --use_peft) or else copy a frozen reference for β ≠ 0, switch dropout off, and wrap it in DDP under torchrun."""
+    --use_peft) or else copy a frozen reference for β ≠ 0, switch dropout off, and wrap it in DDP under torchrun.
+    Also the tokens that end its completions (eos_token_ids)."""
     if isinstance(model, str):
         model = _from_pretrained(AutoModelForCausalLM, model, dtype=args.dtype)
     if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
@@ -2682,7 +2630,20 @@ def load_policy(model, args: GRPOConfig, device: torch.device, world_size: int, 
     model = model.to(device).train()
     if world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, ref_model
+    return model, ref_model, eos_token_ids(model, tokenizer)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion, as TRL 1.16 sets them: every EOS of the model's generation config (chat
+    models often list several), and the tokenizer's EOS if it is not among them."""
+    eos = getattr(unwrap(model).generation_config, "eos_token_id", None)
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos = [tokenizer.eos_token_id, *eos]
+    if not eos:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token, so a "
+                         "completion could never end. Set tokenizer.eos_token.")
+    return eos
 
 
 def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, optimizer=None, scheduler=None):
@@ -2729,8 +2690,26 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
     check_reward_weights(weights, names)
-    funcs = [f if isinstance(f, PreTrainedModel) else checked_reward(f, name) for f, name in zip(funcs, names)]
-    return funcs, tokenizers, names, torch.tensor(weights, dtype=torch.float32, device=device)
+    funcs = [functools.partial(reward_model_scores, f, tokenizer) if isinstance(f, PreTrainedModel)
+             else checked_reward(f, name) for f, tokenizer, name in zip(funcs, tokenizers, names)]
+    return funcs, names, torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        prompts: list, completions: list, **columns) -> list[float]:
+    """A reward model as a reward function: it scores prompt + completion with a sequence classifier (num_labels=1),
+    right padded, and the reward is logits[:, 0]."""
+    if is_conversational(prompts[0]):
+        texts = [tokenizer.apply_chat_template(p + c, tokenize=False) if tokenizer.chat_template
+                 else "".join(m["content"] for m in p + c) for p, c in zip(prompts, completions)]
+    else:
+        texts = [p + c for p, c in zip(prompts, completions)]
+    tokenizer.padding_side = "right"
+    # No special tokens added: the chat template already wrote them (TRL scores the same token sequence).
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                    add_special_tokens=False).to(reward_model.device)
+    with torch.no_grad():
+        return reward_model(**enc).logits[:, 0].float().tolist()
 
 
 def checked_reward(func: Callable, name: str) -> Callable:

@@ -60,7 +60,9 @@ def fixed_generate(trainer: grpo.GRPOTrainer, full_length: bool):
             completion_ids[i, :length] = torch.randint(2, len(tokenizer), (length,), generator=g)
             if length < C:
                 completion_ids[i, length - 1] = eos
-        return prompt_ids.to(trainer.device), prompt_mask.to(trainer.device), completion_ids.to(trainer.device)
+        sampling_logps = torch.zeros(completion_ids.shape)  # not drawn from the model: no log-probs to keep
+        return (prompt_ids.to(trainer.device), prompt_mask.to(trainer.device), completion_ids.to(trainer.device),
+                sampling_logps.to(trainer.device))
 
     return generate
 

@@ -76,7 +76,7 @@ def test_every_numeric_knob_has_a_range():
 
     checked_apart = {"max_steps", "num_train_epochs", "seed", "reward_weights"}  # check_ranges: messages of their own
     missing = [f.name for f in dataclasses.fields(GRPOConfig) if numeric(f.type) and f.type is not bool
-               and f.name not in grpo.KNOB_RANGES and f.name not in checked_apart]
+               and grpo.BOUNDS[f]['low'] is grpo.BOUNDS[f]['above'] is None and f.name not in checked_apart]
     assert not missing, f"no range for {missing}"
 
 
@@ -151,7 +151,7 @@ def test_a_reward_from_a_file_is_loaded_and_named_by_its_function(tmp_path, tiny
     (tmp_path / "my_rewards.py").write_text("def short(completions, **kwargs):\n    return [-len(c) for c in completions]\n")
     trainer = GRPOTrainer(tiny_model_dir, f"{tmp_path}/my_rewards.py:short", args=small_args(tmp_path),
                           train_dataset=letters_data())
-    assert trainer.reward_names == ["short"] and trainer.reward_funcs[0](completions=["ab"]) == [-2]
+    assert trainer.reward_names == ["short"] and trainer.reward_funcs[0](prompts=["a"], completions=["ab"]) == [-2]
 
 
 @pytest.mark.parametrize("where", ["a file", "below a file"])
@@ -193,6 +193,6 @@ def test_ctrl_c_during_the_first_evaluation_says_nothing_was_saved(tmp_path, tin
     trainer.report.evaluate = interrupted
     trainer.train()
     out = capsys.readouterr().out
-    assert trainer.global_step == 0 and trainer.stop_signal == signal.SIGINT
+    assert trainer.global_step == 0 and trainer.checkpoints.stop_signal == signal.SIGINT
     assert "Stopped by SIGINT before step 1: no step was taken, so nothing was saved." in out
     assert grpo.list_checkpoints(args.output_dir) == []

@@ -93,7 +93,7 @@ def test_the_chat_template_prompt_and_the_im_end_completion_mask(straight):
     # keeps the first one (the model must learn to stop) and nothing after it; decoding drops it.
     trainer.args.max_completion_length = 64  # the pretrained model is chatty: room for some to end
     try:
-        _, _, completion_ids = trainer.generate([sums[i]["prompt"] for i in range(4) for _ in range(2)])
+        _, _, completion_ids, _ = trainer.generate([sums[i]["prompt"] for i in range(4) for _ in range(2)])
     finally:
         trainer.args.max_completion_length = 12
     completion_mask, truncated = grpo.completion_mask_from_eos(completion_ids, trainer.eos_token_ids)

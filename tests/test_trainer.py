@@ -107,7 +107,7 @@ def test_seed_example_reward_model(tmp_path, tiny_model_dir, tokenizer):
     trainer = GRPOTrainer(model=tiny_model_dir, processing_class=tokenizer, reward_funcs=reward_model,
                           args=args, train_dataset=letters_data())
     # The score of a completion is the classifier's logit on prompt + completion.
-    scores = grpo.reward_model_scores(reward_model, tokenizer, ["a=", "b="], ["aa", "b"])
+    scores = torch.tensor(grpo.reward_model_scores(reward_model, tokenizer, ["a=", "b="], ["aa", "b"]))
     enc = tokenizer(["a=aa"], return_tensors="pt")
     assert scores[0].item() == pytest.approx(reward_model(**enc).logits[0, 0].item(), abs=1e-5)
     trainer.train()
@@ -311,7 +311,7 @@ def test_reward_functions_may_return_numpy_and_torch_values(tmp_path, tiny_model
     texts, _ = grpo.decode(trainer.tokenizer, [r["prompt"] for r in rows], batch.completion_ids, batch.completion_mask.sum(1))
     lengths = [len(t) for t in texts]
     expected = [float(n > 4) for n in lengths] if kind == "tuple of bools" else [float(n) for n in lengths]
-    assert trainer.metrics["rewards/numeric/mean"][-1] == pytest.approx(sum(expected) / len(expected))
+    assert trainer.report.metrics["rewards/numeric/mean"][-1] == pytest.approx(sum(expected) / len(expected))
 
 
 # -- memory: activation checkpointing, dtype, LoRA from the command line ----------------------------------------

@@ -134,6 +134,6 @@ def test_micro_batches_mix_groups_and_the_trainer_still_shares_prompts(tmp_path,
     trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=Dataset.from_dict({"prompt": ["a=", "bb="] * 4}))
     trainer.train()
     prompts = [[trainer.tokenizer.decode(row[mask.bool()]) for row, mask in zip(b.prompt_ids, b.prompt_mask)]
-               for b in trainer.micro_batches]
+               for b in trainer.checkpoints.micro_batches]
     assert sorted(sum(prompts, [])) == ["a="] * 4 + ["bb="] * 4
     assert any(len(set(p)) == 2 for p in prompts)  # seed 42: a micro-batch holds rows of both groups
