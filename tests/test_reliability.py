@@ -123,6 +123,7 @@ def test_equal_rewards_after_learning_get_one_note_not_a_warning(tmp_path, tiny_
     assert "warning" not in out
 
 
+@pytest.mark.slow
 def test_cli_bad_paths_and_checkpoints_get_one_line(tmp_path):
     cases = [
         (["--dataset_name", str(tmp_path / "missing.jsonl")], "error: dataset file"),
@@ -277,6 +278,7 @@ def test_resuming_with_a_different_batch_is_refused(tmp_path, tiny_model_dir, st
 # -- signals and non-finite steps -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path, sig, capsys):
     out = tmp_path / "out"
@@ -327,6 +329,7 @@ def test_non_finite_steps_are_skipped_and_three_in_a_row_stop_with_the_last_good
     assert saved["history"][-1]["step"] == 6 and math.isnan(saved["history"][-1]["loss"])
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
     # A checkpoint every step; the kill comes as soon as a checkpoint-N.tmp folder appears, in the middle of
     # writing the second checkpoint or a later one.

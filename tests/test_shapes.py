@@ -38,13 +38,16 @@ def test_rewards_per_function_must_have_one_row_per_completion():
         grpo.weighted_rewards(torch.zeros(6, 2), torch.ones(3))
 
 
-def test_checks_cost_nothing_when_switched_off(monkeypatch):
+def test_switched_off_the_checks_are_not_run_and_a_broadcast_goes_through_silently(monkeypatch):
+    """With CHECK_SHAPES off the plain function runs, and the bad call that the check catches reaches torch, which broadcasts old log-probs of shape (2, 1) over (2, 4) without complaint: the
+    silent kind of bug the checks exist to catch. Here log r = 0 - (-1) = 1 everywhere, r = e is clipped to 1.2,
+    A = 1: every token's loss is -1.2, and so is their mean over the 8 tokens."""
+    bad_call = (torch.zeros(2, 4), torch.full((2, 1), -1.0), None, torch.ones(2), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeCheckError, match="old_per_token_logps"):
+        grpo.grpo_loss(*bad_call, num_items_in_batch=8)
     monkeypatch.setattr(grpo, "CHECK_SHAPES", False)
-    # The same bad call now reaches torch, which broadcasts (2, 1) against (2, 4) without complaint: the
-    # silent kind of bug the checks exist to catch.
-    loss, _ = grpo.grpo_loss(torch.zeros(2, 4), torch.zeros(2, 1), None, torch.zeros(2),
-                             torch.ones(2, 4, dtype=torch.long), num_items_in_batch=8)
-    assert loss.shape == ()
+    loss, _ = grpo.grpo_loss(*bad_call, num_items_in_batch=8)
+    assert loss.item() == pytest.approx(-1.2)
 
 
 @pytest.mark.parametrize("stage,name,shape,symbolic,fragment", [

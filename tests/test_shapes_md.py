@@ -55,7 +55,8 @@ def missing(name: str) -> str:
     return ""
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "smollm2" in n or "vllm" in n else n
+                                  for n in NAMES])
 def test_shapes_md_matches_a_fresh_trace(name, tmp_path):
     if missing(name):
         pytest.skip(missing(name))

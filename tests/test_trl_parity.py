@@ -15,18 +15,25 @@ from grpo import GRPOConfig, GRPOTrainer
 # -- the seed's GRPOConfig snippets, as its reader copies them ---------------------------------------------------
 
 
-def test_the_seeds_full_config_runs_as_written():
-    args = GRPOConfig(output_dir="./results", max_prompt_length=512, max_completion_length=128, num_generations=4,
+def test_the_full_config_trains_as_its_numbers_say(tmp_path, tiny_model_dir, capsys):
+    """The typical full configuration (TRL's names) trains one generation batch of the tiny model, as written but for
+    max_completion_length (8, not 128) and a bounded run: N = 8 completions per micro-batch × S = 4 is 32 completions
+    of B = 8 prompts; μ = 2 passes over S = 4 micro-batches with GA = 1 are 8 optimizer steps in the one generation
+    batch, so π_θ_old must be computed (an optimizer step falls between sampling and training); the linear schedule's
+    8th step uses 5e-5 · 1/8; log_completions prints the batch's completions."""
+    args = GRPOConfig(output_dir=str(tmp_path), max_prompt_length=512, max_completion_length=8, num_generations=4,
                       temperature=0.9, top_p=0.9, num_iterations=2, steps_per_generation=4, learning_rate=5e-5,
                       per_device_train_batch_size=8, beta=0.1, epsilon=0.2, epsilon_high=0.2, loss_type="grpo",
-                      use_vllm=False, vllm_mode="colocate", log_completions=True, disable_dropout=True)
-    assert (args.generation_batch_size, args.num_iterations, args.loss_type) == (32, 2, "grpo")
-    # "典型的 GRPO 配置": 8 × 4 = 32 completions of 8 prompts per generation batch
-    typical = GRPOConfig(per_device_train_batch_size=8, num_generations=4, steps_per_generation=4, num_iterations=2,
-                         gradient_accumulation_steps=2)
-    assert typical.generation_batch_size // typical.num_generations == 8
-    memory = GRPOConfig(gradient_checkpointing=True, per_device_train_batch_size=4, gradient_accumulation_steps=8)
-    assert memory.gradient_checkpointing and memory.steps_per_generation == 8
+                      use_vllm=False, vllm_mode="colocate", log_completions=True, disable_dropout=True,
+                      max_steps=8, logging_steps=8, save_steps=0)
+    data = Dataset.from_dict({"prompt": [f"{a}{b}=" for a in "abcd" for b in "abcd"]})
+    trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=data)
+    assert (trainer.B, trainer.G, trainer.S, trainer.mu, trainer.needs_old_logps) == (8, 4, 4, 2, True)
+    rows = trainer.train()
+    assert trainer.global_step == 8 and trainer.report.generation_batches == 1
+    assert [row["step"] for row in rows] == [8] and rows[0]["learning_rate"] == pytest.approx(5e-5 / 8)
+    assert rows[0]["kl"] >= 0 and len(trainer.report.samples) == 32
+    assert capsys.readouterr().out.count(" -> ") >= args.num_completions_to_print  # the completions, printed
 
 
 def test_the_seeds_vllm_snippet_is_accepted_and_a_vllm_knob_alone_is_refused():
@@ -101,11 +108,11 @@ def test_a_tokenizer_that_adds_nothing_is_unchanged(tokenizer):
 def test_the_stop_tokens_are_the_generation_configs_and_the_tokenizers(model, tokenizer):
     tokenizer = llama_like_tokenizer()  # EOS </s> = 1
     model.generation_config.eos_token_id = [5, 6]  # a chat model's config lists several
-    assert grpo.eos_token_ids(model, tokenizer) == [1, 5, 6]  # TRL: the tokenizer's first, if it is not listed
+    assert grpo.find_eos_token_ids(model, tokenizer) == [1, 5, 6]  # TRL: the tokenizer's first, if it is not listed
     model.generation_config.eos_token_id = 1
-    assert grpo.eos_token_ids(model, tokenizer) == [1]
+    assert grpo.find_eos_token_ids(model, tokenizer) == [1]
     model.generation_config.eos_token_id = None
-    assert grpo.eos_token_ids(model, tokenizer) == [1]
+    assert grpo.find_eos_token_ids(model, tokenizer) == [1]
 
 
 # -- the generation batch is shuffled before it is cut -------------------------------------------------------------
