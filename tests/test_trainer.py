@@ -324,7 +324,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_recomputes_the_laye
         trainer = GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
         assert trainer.model.is_gradient_checkpointing == checkpointing
         torch.manual_seed(0)  # the same completions for both
-        # Both run packed, in one forward pass (tests/test_padding_free.py); with checkpointing it is recomputed.
+        # Both run packed, in one forward pass (tests/test_fast_paths.py); with checkpointing it is recomputed.
         batch = trainer.generate_and_score([trainer.train_dataset[i] for i in range(8)])
         calls = []
         # The layer's first module runs again when the backward pass recomputes the layer (recomputation stops once
