@@ -697,7 +697,7 @@ class GRPOTrainer:
             indices = list(sampler)  # a new permutation each pass
             for start in range(0, len(indices), W * BG):
                 mine = indices[start + r * BG:start + (r + 1) * BG]
-                rows = {i: self.train_dataset[i] for i in mine}  # each prompt read once, though it is G rows
+                rows = {i: self.train_dataset[i] for i in dict.fromkeys(mine)}  # each prompt read once, not G times
                 yield [rows[i] for i in mine]
 
     def generate_and_score(self, rows: list[dict], mode: str = "train") -> GenerationBatch:
