@@ -385,7 +385,7 @@ def test_a_signal_that_comes_after_the_ranks_agreed_is_saved_at_the_next_step(tm
     def logging_then_interrupted(*a):
         after_step(*a)
         if trainer.global_step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # after agree_on_step has run for step 1
+            os.kill(os.getpid(), signal.SIGINT)  # after the ranks agreed on step 1 (step_is_finite)
 
     trainer.report.after_step = logging_then_interrupted
     trainer.train()
