@@ -816,7 +816,7 @@ class GRPOTrainer:
         model is saved when the run is complete; Ctrl-C or SIGTERM stops after the optimizer step under way."""
         self.resume(self.checkpoints.find(resume_from_checkpoint))  # a checkpoint folder, "latest", or None
         self.last_step = min(self.max_steps, stop_after or self.max_steps)
-        with self.report.progress_bar(), self.checkpoints.catching_signals():
+        with self.report.progress_bar(), self.checkpoints.guard():  # no earlier run's checkpoints; Ctrl-C saves
             self.report.evaluate_before_training()
             # This rank's B prompts × G, batch after batch; a resumed run first ends the batch it stopped in.
             for rows in self.checkpoints.batches_left(self.prompt_batches()):
@@ -880,6 +880,8 @@ class GRPOTrainer:
 # picture (16), loading (17), shape tracing (18), the demo and its rewards (19), and the command line (20).
 # ==========================================================================================================
 
+import asyncio
+import concurrent.futures
 import importlib
 import importlib.util
 import itertools
@@ -900,8 +902,8 @@ import numpy as np
 import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.nn.parallel import DistributedDataParallel
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser,
-                          get_scheduler)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          HfArgumentParser, get_scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -928,7 +930,8 @@ class RunConfig:
     num_train_epochs: float = knob(3.0, "Passes over the dataset when max_steps is -1.")
     seed: int = knob(42, "Seed for the sampler, the shuffles, the initial weights of the demo, and generation.")
     weight_decay: float = knob(0.0, "AdamW weight decay (0, as in transformers' TrainingArguments; torch's own default is 0.01).", low=0)
-    lr_scheduler_type: str = knob("linear", "Learning-rate schedule (any name transformers.get_scheduler knows: linear, cosine, constant, ...).")
+    lr_scheduler_type: str = knob("linear", "Learning-rate schedule, as transformers.get_scheduler names them: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay.")
+    lr_scheduler_kwargs: Optional[Union[dict, str]] = knob(None, "A dict (or JSON) of the schedule's own settings, as transformers' TrainingArguments: {\"min_lr_rate\": 0.1} for cosine_with_min_lr, {\"num_decay_steps\": 100} for warmup_stable_decay.")
     warmup_steps: float = knob(0, "Optimizer steps spent warming the learning rate up from 0: a number from 1, or below 1 a fraction of all steps (TRL 1.16's meaning).", low=0)
     warmup_ratio: float = knob(0.0, "Another name for a warmup_steps fraction (earlier releases' knob).", low=0, high=1)
     # the model and the data
@@ -961,6 +964,7 @@ class RunConfig:
     eval_on_start: bool = knob(False, "Evaluate once before the first optimizer step (step 0 of metrics.jsonl), so that the run has its 'before'.")
     save_steps: int = knob(500, "Save a checkpoint (everything a resumed run needs) every this many optimizer steps (0: only the final model).", low=0)
     save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.", low=1)
+    overwrite_output_dir: bool = knob(False, "Delete an earlier run's checkpoints in output_dir when a new run starts there (without it the run refuses to mix with them).")
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or the newest under output_dir with `latest`: the same run as one that never stopped.")
     # the log-prob passes: memory and speed (section 13), and shape checks (section 18)
     logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, so that the (N, C, V) logits never exist at once (peak about 5 x chunk x V floats). 0: all at once.", low=0)
@@ -998,7 +1002,7 @@ SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"
 def read_dict_knobs(args) -> None:
     """generation_kwargs and chat_template_kwargs may come as JSON text (the command line); generation_kwargs then
     sets the sampling knobs it names, so that the training log-probs use the temperature sampling used."""
-    for name in ("generation_kwargs", "chat_template_kwargs"):
+    for name in ("generation_kwargs", "chat_template_kwargs", "lr_scheduler_kwargs"):
         value = getattr(args, name)
         if isinstance(value, str):
             try:
@@ -1768,6 +1772,10 @@ def check_config(args: GRPOConfig) -> None:
     if isinstance(args.report_to, str):
         args.report_to = [args.report_to]
     check_vllm(args)
+    check_scheduler(args.lr_scheduler_type, args.lr_scheduler_kwargs or {})
+    if args.top_k == 1:
+        raise KnobError("top_k", "top_k 1 keeps only the most likely token, which makes all G completions identical "
+                                 "(as temperature 0), so every advantage would be 0; use 0 (off) or 2 or more.")
     G, N, S = args.num_generations, args.per_device_train_batch_size, args.steps_per_generation
     args.eval_steps = args.eval_steps or args.logging_steps
     if (N * S) % G != 0:
@@ -1798,6 +1806,34 @@ def check_reward_weights(weights: list[float], names: list[str]) -> None:
     if len(weights) != len(names):
         raise ValueError(f"reward_weights has {len(weights)} values but there are {len(names)} reward functions "
                          f"({', '.join(names)}): give one weight per function.")
+
+
+def check_scheduler(name: str, kwargs: dict) -> None:
+    """The schedule exists, the loop can drive it (it steps once per optimizer step, on no metric), and it gets the
+    settings it needs and no others: before the model loads, not at the first step."""
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    schedules = {kind.value: function for kind, function in TYPE_TO_SCHEDULER_FUNCTION.items()}
+    driven = [kind for kind in schedules if kind not in ("reduce_lr_on_plateau", "greedy")]
+    if name in ("reduce_lr_on_plateau", "greedy"):
+        raise KnobError("lr_scheduler_type", f"lr_scheduler_type {name} lowers the rate when a metric stops "
+                                             f"improving, and this loop steps its schedule on none; choose one of "
+                                             f"{', '.join(driven)}.")
+    if name not in schedules:
+        raise KnobError("lr_scheduler_type", f"Unknown lr_scheduler_type {name!r}; choose one of {', '.join(driven)}.")
+    taken = [p for p in inspect.signature(schedules[name]).parameters.values()][1:]  # after the optimizer
+    settable = [p.name for p in taken if p.name not in ("num_warmup_steps", "num_training_steps", "last_epoch")]
+    unknown = [key for key in kwargs if key not in settable]
+    if unknown:
+        raise KnobError("lr_scheduler_kwargs", f"lr_scheduler_kwargs has {unknown}, which {name} does not take; it "
+                                               f"takes {settable or 'none'}.")
+    required = [p.name for p in taken if p.default is p.empty and p.name in settable and p.name not in kwargs]
+    if name.endswith("min_lr") and not {"min_lr", "min_lr_rate"} & set(kwargs):
+        required = ["min_lr or min_lr_rate"]
+    if required:
+        example = "min_lr_rate\": 0.1" if name.endswith("min_lr") else f"{required[0]}\": 100"
+        raise KnobError("lr_scheduler_kwargs", f"lr_scheduler_type {name} needs {' and '.join(required)} in "
+                                               f"lr_scheduler_kwargs, for example '{{\"{example}}}'.")
 
 
 def check_vllm(args: GRPOConfig) -> None:
@@ -1869,8 +1905,10 @@ REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every re
 
 
 def check_reward_columns(reward_funcs, args: GRPOConfig, *datasets) -> None:
-    """A reward function's arguments without a default (accuracy_reward's `answer`) are dataset columns: every
-    dataset must have them, or the run would fail in its first reward, after the model has loaded and sampled."""
+    """Every reward function is called with prompts, completions, completion_ids and each other dataset column as
+    keywords: it must take them all (by name or **kwargs), and its arguments without a default (accuracy_reward's
+    `answer`) must be columns of every dataset. Checked now, or the run would fail in its first reward, after the
+    model has loaded and sampled."""
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     for func in (BUILTIN_REWARDS.get(f, f) if isinstance(f, str) else f for f in funcs):
         if not callable(func) or isinstance(func, torch.nn.Module):
@@ -1879,13 +1917,22 @@ def check_reward_columns(reward_funcs, args: GRPOConfig, *datasets) -> None:
             parameters = inspect.signature(func).parameters.values()
         except (TypeError, ValueError):  # a callable whose signature Python cannot read
             continue
+        named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         needed = [p.name for p in parameters if p.default is p.empty and p.name not in REWARD_ARGUMENTS
-                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                  and p.name in named]
         for name, dataset in zip(("train", "eval"), datasets):
-            missing = [column for column in needed if dataset is not None and column not in dataset.column_names]
+            if dataset is None:
+                continue
+            missing = [column for column in needed if column not in dataset.column_names]
             if missing:
                 raise ValueError(f"Reward function {reward_name(func)!r} needs the column(s) {missing}, which the "
                                  f"{name} dataset lacks (its columns: {dataset.column_names}).")
+            given = [*REWARD_ARGUMENTS, *(c for c in dataset.column_names if c not in ("prompt", "completion"))]
+            untaken = [arg for arg in given if arg not in named]
+            if untaken and not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                raise ValueError(f"Reward function {reward_name(func)!r} does not take {untaken}, which every reward "
+                                 f"function is given as keywords: add **kwargs to its parameters "
+                                 f"(def {reward_name(func)}(completions, **kwargs)).")
 
 
 def reward_values(values: Any, name: str, prompts: list) -> list[float]:
@@ -2075,9 +2122,12 @@ class Checkpoints:
             self.save()
 
     @contextlib.contextmanager
-    def catching_signals(self):
-        """Ctrl-C (SIGINT) or a scheduler's SIGTERM only sets stop_signal; training stops at the end of the optimizer
+    def guard(self):
+        """Around train(): a new run (step 0) refuses to start beside an earlier run's checkpoints (claim_output_dir).
+        Ctrl-C (SIGINT) or a scheduler's SIGTERM only sets stop_signal; training stops at the end of the optimizer
         step under way, with a checkpoint. The same signal a second time stops at once."""
+        if self.trainer.global_step == 0:
+            claim_output_dir(self.args)
         def handler(signum, frame):
             if self.stop_signal == signum:
                 raise KeyboardInterrupt
@@ -2134,8 +2184,7 @@ class Checkpoints:
         """Restore everything save wrote, after checking that this run can continue that one; return the trainer's
         global_step and micro_step."""
         trainer, args = self.trainer, self.args
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            saved = json.load(f)
+        saved = read_checkpoint_file(path, "trainer_state.json", lambda file: json.loads(open(file).read()))
         mismatched = [f"{name}: {saved['config'][name]} in the checkpoint, {getattr(args, name)} now"
                       for name in RESUME_MUST_MATCH if saved["config"][name] != getattr(args, name)]
         if saved["world_size"] != trainer.world_size:
@@ -2143,9 +2192,9 @@ class Checkpoints:
         if mismatched:
             raise ValueError(f"Cannot resume from {path}: these settings decide which completions each step trains "
                              f"on and must not change, but they did ({'; '.join(mismatched)}).")
-        _load_weights(unwrap(trainer.model), path)
-        state = torch.load(os.path.join(path, "state.pt"), map_location=trainer.device)
-        mine = torch.load(os.path.join(path, f"rank{trainer.rank}.pt"), map_location=trainer.device)
+        read_checkpoint_file(path, "the model's weights", lambda _: _load_weights(unwrap(trainer.model), path))
+        state, mine = (read_checkpoint_file(path, name, lambda file: torch.load(file, map_location=trainer.device))
+                       for name in ("state.pt", f"rank{trainer.rank}.pt"))
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         self.bad_steps = saved["bad_steps"]
@@ -2167,17 +2216,38 @@ class Checkpoints:
         if not weights_are_finite(trainer.model):
             raise RuntimeError(f"Not saving the model to {directory}: its weights are not finite.")
         if trainer.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
-            tmp = directory.rstrip("/") + ".tmp"
+            inside = os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir)
+            # Into output_dir through a folder inside it, where the start-up check wrote: its parent may be read-only.
+            tmp = os.path.join(directory, ".model.tmp") if inside else directory.rstrip("/") + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             unwrap(trainer.model).save_pretrained(tmp)
             trainer.tokenizer.save_pretrained(tmp)
-            if os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
+            if inside:
                 for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
                     publish(os.path.join(tmp, name), os.path.join(directory, name))
                 os.rmdir(tmp)
             else:
                 publish(tmp, directory)
         barrier()
+
+
+def claim_output_dir(args: GRPOConfig) -> None:
+    """A run that does not resume starts with no checkpoint of another run in output_dir: it would rotate them away
+    with its own (save_total_limit) or leave them for `--resume_from_checkpoint latest` to pick up later, mixing two
+    runs without a word. overwrite_output_dir (transformers' knob) deletes them first; otherwise one line says what
+    to do. Under torchrun the first rank deletes, the others wait."""
+    earlier = [path for path in list_checkpoints(args.output_dir)]
+    if not earlier:
+        return
+    if not args.overwrite_output_dir:
+        raise ValueError(f"output_dir {args.output_dir!r} holds checkpoints of an earlier run "
+                         f"({', '.join(os.path.basename(p) for p in earlier)}). Continue that run with "
+                         f"--resume_from_checkpoint latest, or start this one in another output_dir, or pass "
+                         f"--overwrite_output_dir to delete them.")
+    if not _several_ranks() or dist.get_rank() == 0:
+        for path in earlier:
+            shutil.rmtree(path)
+    barrier()
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
@@ -2209,6 +2279,21 @@ def find_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> O
         raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
                                 f"checkpoints in {output_dir!r}: {list_checkpoints(output_dir) or 'none'}.")
     return resume_from_checkpoint
+
+
+def read_checkpoint_file(path: str, name: str, read: Callable) -> Any:
+    """read(path/name), or one line that names the file that cannot be read and says what to do, rather than the
+    reader's traceback (torch's would advise weights_only=False, unsafe for a file of unknown origin)."""
+    try:
+        return read(os.path.join(path, name))
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "weights_only" in reason:  # torch's advice to unpickle a file of unknown origin is not to be passed on
+            reason = "not a file that torch.save wrote, or a damaged one"
+        others = [os.path.basename(p) for p in list_checkpoints(os.path.dirname(path.rstrip("/"))) if p != path]
+        raise ValueError(f"Cannot resume from {path}: {name} cannot be read ({type(e).__name__}: {reason}). The "
+                         f"checkpoint is damaged or of another model; resume from another one"
+                         f"{f' ({chr(44).join(others)})' if others else ''}, or start anew.") from e
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
@@ -2602,9 +2687,9 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 
 def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreTrainedTokenizerBase:
     """The tokenizer given, or the model's, with a pad token; and every prompt checked before any model loads."""
-    tokenizer = processing_class or _from_pretrained(
-        AutoTokenizer, model if isinstance(model, str) else model.config._name_or_path)
-    _ensure_pad_token(tokenizer)
+    name = model if isinstance(model, str) else model.config._name_or_path
+    tokenizer = processing_class or _from_pretrained(AutoTokenizer, name)
+    _ensure_pad_token(tokenizer, model)
     for prompts in (d["prompt"] for d in datasets if d is not None):
         for i, prompt in enumerate(prompts):
             if not (isinstance(prompt, str) or is_conversational(prompt)):
@@ -2613,9 +2698,25 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
             if isinstance(prompt, str) and not prompt.strip():  # zero tokens: nothing for a completion to follow
                 raise ValueError(f"Prompt {i} of the dataset is empty ({prompt!r}); remove the rows whose prompt is "
                                  f"empty or only whitespace (dataset.filter(lambda row: row['prompt'].strip())).")
+            not_text = [m["content"] for m in prompt if not isinstance(m["content"], str)] if isinstance(
+                prompt, list) else []
+            if not_text or (isinstance(prompt, list) and not any(m["content"] for m in prompt)):
+                raise ValueError(f"Prompt {i} of the dataset has a message whose content is "
+                                 f"{(not_text or [''])[0]!r:.100}: each message's content must be text, and not all "
+                                 f"of them empty.")
+            if isinstance(prompt, str) != isinstance(prompts[0], str):  # prompt_texts renders a batch by its first
+                raise ValueError(f"The dataset mixes string prompts and chat prompts (prompt 0 is "
+                                 f"{'a string' if isinstance(prompts[0], str) else 'a chat'}, prompt {i} is not): "
+                                 f"make every prompt one kind, for example [{{'role': 'user', 'content': text}}].")
         if any(not isinstance(p, str) for p in prompts) and tokenizer.chat_template is None:
             raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
                              "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
+        for i, prompt in enumerate(prompts):  # a template that raises is named with the first prompt it refuses
+            try:
+                prompt_to_text(prompt, tokenizer, args.chat_template_kwargs)
+            except Exception as e:
+                raise ValueError(f"The tokenizer's chat template refused prompt {i} of the dataset ({prompt!r:.120}): "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
         texts, add_special_tokens = prompt_texts(list(prompts), tokenizer, args.chat_template_kwargs)
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens).input_ids]
         if 0 in lengths:  # a completion must follow something
@@ -2626,7 +2727,26 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
         if too_long:  # tokenize_prompts keeps the last max_prompt_length tokens of each
             warn_once("truncate", f"{too_long} of {len(lengths)} prompts are longer than max_prompt_length="
                                   f"{args.max_prompt_length} tokens; their start is cut off.")
+        check_positions(model, min(max(lengths), args.max_prompt_length or math.inf), args.max_completion_length)
     return tokenizer
+
+
+def check_positions(model, longest_prompt: int, max_completion_length: int) -> None:
+    """A model with learned absolute positions (GPT-2's n_positions, OPT's) has none past its last: a prompt and its
+    completion must fit, or sampling fails with an IndexError deep in the embedding. Read from the model's config,
+    before the weights load; rotary models (Llama, Qwen) compute any position, and are not limited here."""
+    try:
+        config = model.config if isinstance(model, PreTrainedModel) else _from_pretrained(AutoConfig, model)
+    except OSError:
+        return  # a hub name, offline: the model's own loading will say so
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rotary = any(hasattr(config, name) for name in ("rope_theta", "rope_parameters", "rope_scaling"))
+    limit = getattr(config, "n_positions", None) or (None if rotary else getattr(config, "max_position_embeddings", None))
+    if limit and longest_prompt + max_completion_length > limit:
+        raise ValueError(f"The longest prompt is {longest_prompt} tokens and a completion may take "
+                         f"max_completion_length={max_completion_length}: {longest_prompt + max_completion_length} "
+                         f"positions, but the model has {limit}. Lower max_prompt_length or max_completion_length so "
+                         f"that they add up to at most {limit}.")
 
 
 def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, device: torch.device, world_size: int,
@@ -2655,6 +2775,10 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
     model = model.to(device).train()
     if world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    rows = unwrap(model).get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # a larger id would index past the embedding, in the middle of sampling
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: ids "
+                         f"from {rows} on would index past it. Use the model's own tokenizer.")
     return model, ref_model, find_eos_token_ids(model, tokenizer)
 
 
@@ -2680,16 +2804,31 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, opt
     warmup = args.warmup_steps or args.warmup_ratio  # from 1 a number of steps, below 1 a share of them
     warmup_steps = int(warmup) if warmup >= 1 else math.ceil(warmup * max_steps)
     scheduler = scheduler or get_scheduler(args.lr_scheduler_type, optimizer, num_training_steps=max_steps,
-                                           num_warmup_steps=warmup_steps)
+                                           num_warmup_steps=warmup_steps,
+                                           scheduler_specific_kwargs=args.lr_scheduler_kwargs)
     return optimizer, scheduler
 
 
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        warn_once(f"pad:{id(tokenizer)}", f"The tokenizer has no pad token; using its EOS token "
-                                          f"{tokenizer.eos_token!r} for padding (the completion mask does not "
-                                          f"depend on it).")
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model=None) -> None:
+    """Padding needs a token: the tokenizer's pad, or its EOS, or else the model's EOS (its generation config's)."""
+    if tokenizer.pad_token is not None:
+        return
+    eos, whose = tokenizer.eos_token, "its"
+    if eos is None and model is not None:
+        from transformers import GenerationConfig
+        try:
+            config = (model.generation_config if isinstance(model, PreTrainedModel) else
+                      GenerationConfig.from_pretrained(gguf_folder(model) or model if model.endswith(".gguf") else model))
+            ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+            eos, whose = tokenizer.convert_ids_to_tokens(ids[0]), "the model's"
+        except Exception:  # no generation config, or no EOS in it
+            eos = None
+    if eos is None:
+        raise ValueError("The tokenizer has no pad token and neither it nor the model's generation config names an "
+                         "EOS token, so rows cannot be padded; set tokenizer.pad_token (and tokenizer.eos_token).")
+    tokenizer.pad_token = eos
+    warn_once(f"pad:{id(tokenizer)}", f"The tokenizer has no pad token; using {whose} EOS token {eos!r} for padding "
+                                      f"(the completion mask does not depend on it).")
 
 
 def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: GRPOConfig, device: torch.device):
@@ -2737,13 +2876,26 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
         return reward_model(**enc).logits[:, 0].float().tolist()
 
 
+def awaited(value: Any) -> Any:
+    """The result of a coroutine, run to its end on an event loop of its own (in a thread of its own, since a
+    notebook's loop is already running in this one); any other value as it is."""
+    if not inspect.isawaitable(value):
+        return value
+
+    async def wait():
+        return await value
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
 def checked_reward(func: Callable, name: str) -> Callable:
     """`func`, with what it returns checked (reward_values: one number or None per completion) and an error it raises
     named: a traceback from inside a user's function may not say which reward it was."""
     @functools.wraps(func)
     def checked(prompts: list, **kwargs) -> list[float]:
         try:
-            values = func(prompts=prompts, **kwargs)
+            values = awaited(func(prompts=prompts, **kwargs))  # an `async def` reward is awaited, as TRL does
         except Exception as e:
             raise RuntimeError(f"Reward function {name!r} raised {type(e).__name__}: {e} "
                                f"(first prompt of the batch: {prompts[0]!r:.200})") from e
@@ -2806,8 +2958,10 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
                       f"tokenizer.save_pretrained, or pass processing_class.")
     try:
         loaded = cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a truncated file, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OSError(f"Cannot load {path!r} with {cls.__name__} ({type(e).__name__}: {reason}); if it is a "
+                      f"download or copy that did not finish, fetch it again.") from e
     if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
         # transformers marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
         # serializable"). Its weights are plain tensors by now: a model built from its config saves them. Building
@@ -3096,6 +3250,10 @@ def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "t
     """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
     from datasets import load_dataset
 
+    extension = os.path.splitext(name)[1]
+    if os.path.isfile(name) and not is_data_file(name):  # a local file, of a type no loader here reads
+        raise ValueError(f"dataset file {name!r} is a {extension or 'file without an extension'}; the data files "
+                         f"read here are .json, .jsonl, .csv and .parquet, with a `prompt` column.")
     dataset = load_data_file(name) if is_data_file(name) else load_dataset(name, config, split=split)
     if "prompt" not in dataset.column_names and "question" in dataset.column_names:
         instruction = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
@@ -3166,6 +3324,8 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         model = os.path.expanduser(name)
     # Bad input (a missing file, a wrong column, a typo in a name) is reported in one line, not a traceback.
     try:
+        if args.resume_from_checkpoint is None:  # before the model loads, what train() would refuse at its start
+            claim_output_dir(args)
         if builtin_task:
             dataset = build_demo_dataset(seed=args.seed)
             eval_dataset = build_demo_dataset(num_prompts=64, seed=args.seed + 1)  # other prompts than training's
