@@ -2958,10 +2958,12 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
                       f"tokenizer.save_pretrained, or pass processing_class.")
     try:
         loaded = cls.from_pretrained(name, **kwargs)
-    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError for a truncated file, ...
+    except (OSError, ValueError) as e:  # not found, not a model of this kind, ...
+        raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
+    except Exception as e:  # a file that cannot be parsed: safetensors' SafetensorError for a truncated one, ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise OSError(f"Cannot load {path!r} with {cls.__name__} ({type(e).__name__}: {reason}); if it is a "
-                      f"download or copy that did not finish, fetch it again.") from e
+        raise OSError(f"Cannot load {path!r} with {cls.__name__} ({type(e).__name__}: {reason}): a file there is "
+                      f"damaged or was not written to its end; copy or download it again.") from e
     if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
         # transformers marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
         # serializable"). Its weights are plain tensors by now: a model built from its config saves them. Building
