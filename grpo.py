@@ -10,7 +10,8 @@ The policy π_θ then climbs PPO's clipped surrogate objective, with an optional
 TRL) that keeps it near π_ref, a frozen copy of the starting policy. π_θ_old is the policy that sampled the batch.
 With the default loss_type="dapo" every completion token of the batch's B prompts weighs the same:
 
-    J(θ) = 1/(Σ_q Σ_i |o_i|) · Σ_q Σ_i Σ_t [ min(r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i) - β D_KL[π_θ||π_ref] ]
+    J(θ) = 1/(Σ_q Σ_i |o_i|) · Σ_q Σ_i Σ_t [ min(r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i)
+                                            - β D_KL[π_θ||π_ref] ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
 The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has all four.
