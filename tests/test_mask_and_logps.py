@@ -3,7 +3,7 @@ computations and against transformers' generate()."""
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 import grpo
 from grpo import (completion_mask_from_eos, get_per_token_logps, logits_processors, sample_from, sample_with_cache,
@@ -147,13 +147,45 @@ def test_rows_that_end_leave_the_batch_and_sample_what_they_would_have(model, to
 
 
 def test_the_grouped_sampler_is_checked_against_part_one_loop(model):
+    """sampling_problem compares the distributions each sampler draws from, on the same forced tokens: it accepts the
+    grouped sampler, and one that draws other tokens from the same distributions (its random stream moved on, as
+    float rounding moves a draw at a boundary of the cumulative distribution), and refuses each planted fault."""
     assert grpo.sampling_problem(grpo.sample_grouped, model) is None
 
-    def one_token_off(*args, **kwargs):  # a planted fault: the first token of every row shifted by one
+    def other_draws(*args, **kwargs):  # the same distributions, other random numbers
+        torch.rand(1)
+        return grpo.sample_grouped(*args, **kwargs)
+
+    assert grpo.sampling_problem(other_draws, model) is None
+
+    def one_token_off(*args, **kwargs):  # the first token of every row shifted by one
         ids, logps = grpo.sample_grouped(*args, **kwargs)
         return torch.cat([(ids[:, :1] + 1) % model.config.vocab_size, ids[:, 1:]], 1), logps
 
-    assert grpo.sampling_problem(one_token_off, model) == "drew other tokens than Part I's loop on a probe batch"
+    def hotter(model, prompt_ids, prompt_mask, processors, *args):  # the temperature applied twice
+        return grpo.sample_grouped(model, prompt_ids, prompt_mask, LogitsProcessorList([*processors[:1], *processors]),
+                                   *args)
+
+    def no_padding_mask(model, prompt_ids, prompt_mask, *args):  # the left padding attended to
+        return grpo.sample_grouped(model, prompt_ids, torch.ones_like(prompt_mask), *args)
+
+    def position_off_by_one(model, *args):  # every decoding step one position too far
+        def later(module, positional, kwargs):
+            if kwargs["input_ids"].size(1) == 1:
+                kwargs["position_ids"] = kwargs["position_ids"] + 1
+            return positional, kwargs
+
+        hook = model.register_forward_pre_hook(later, with_kwargs=True)
+        try:
+            return grpo.sample_grouped(model, *args)
+        finally:
+            hook.remove()
+
+    assert grpo.sampling_problem(one_token_off, model) == ("returned other tokens than those it was made to draw, on "
+                                                           "a probe batch")
+    for fault in (hotter, no_padding_mask, position_off_by_one):
+        assert grpo.sampling_problem(fault, model).startswith("samples from other distributions than Part I's loop "
+                                                              "(total variation"), fault.__name__
 
 
 def test_absolute_positions_give_ratio_one_with_left_padding(tokenizer):

@@ -6,6 +6,7 @@ meets a real BPE tokenizer, a chat template and a pretrained policy: loading fro
 and completion tokens, ratio = 1 at sampling time, and two GRPO steps that resume exactly.
 """
 
+import functools
 import os
 import sys
 
@@ -193,3 +194,20 @@ def test_a_gguf_file_is_converted_once_and_a_killed_conversion_is_not_loaded(tmp
     assert grpo.gguf_folder(str(gguf)) == changed and len(reads) == 6 and os.path.isdir(changed)
     monkeypatch.setenv("GRPO_CACHE", str(gguf / "cache"))  # under a file: no folder can be made there
     assert grpo.gguf_folder(str(gguf)) is None and "the file is read every time" in capsys.readouterr().out
+
+
+def test_every_setup_check_accepts_what_is_right_on_smollm2(smollm2):
+    """Each check that decides whether a fast path runs must accept it where it computes what Part I computes: a
+    check that refused a correct path would only slow the run, silently. On SmolLM2 (V = 49,152, where float rounding
+    moved a draw across the cumulative distribution on an AVX2 CPU): the grouped and the prepacked samplers, the
+    packed and chunked log-prob passes, and oneDNN's prepacked float32 weights (bf16 too where the CPU has it)."""
+    model, _ = smollm2
+    grouped = grpo.sample_grouped
+    prepacked = functools.partial(grpo.sample_prepacked, sample=grouped)
+    for sampler in (grouped, prepacked):
+        assert grpo.sampling_problem(sampler, model) is None
+    for pack, chunk in ((True, 0), (False, 256), (True, 256)):
+        assert grpo.logps_problem(functools.partial(grpo.hidden_state_logps, pack=pack, chunk_size=chunk), model) is None
+    assert grpo.prepacking_problem(model, None) is None
+    if grpo.cpu_has_native_bf16():
+        assert grpo.prepacking_problem(model, torch.bfloat16) is None
