@@ -2263,7 +2263,7 @@ def claim_output_dir(args: GRPOConfig) -> None:
     with its own (save_total_limit) or leave them for `--resume_from_checkpoint latest` to pick up later, mixing two
     runs without a word. overwrite_output_dir (transformers' knob) deletes them first; otherwise one line says what
     to do. Under torchrun the first rank deletes, the others wait."""
-    earlier = [path for path in list_checkpoints(args.output_dir)]
+    earlier = list_checkpoints(args.output_dir)
     if not earlier:
         return
     if not args.overwrite_output_dir:
@@ -2717,6 +2717,7 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
     name = model if isinstance(model, str) else model.config._name_or_path
     tokenizer = processing_class or _from_pretrained(AutoTokenizer, name)
     _ensure_pad_token(tokenizer, model)
+    longest = 0  # tokens of the longest prompt, as tokenize_prompts will keep it
     for prompts in (d["prompt"] for d in datasets if d is not None):
         for i, prompt in enumerate(prompts):
             if not (isinstance(prompt, str) or is_conversational(prompt)):
@@ -2738,13 +2739,16 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
         if any(not isinstance(p, str) for p in prompts) and tokenizer.chat_template is None:
             raise ValueError("This dataset's prompts are conversational (lists of messages), but the tokenizer has no "
                              "chat template. Use an instruct/chat model's tokenizer, or set tokenizer.chat_template.")
-        for i, prompt in enumerate(prompts):  # a template that raises is named with the first prompt it refuses
-            try:
-                prompt_to_text(prompt, tokenizer, args.chat_template_kwargs)
-            except Exception as e:
-                raise ValueError(f"The tokenizer's chat template refused prompt {i} of the dataset ({prompt!r:.120}): "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        texts, add_special_tokens = prompt_texts(list(prompts), tokenizer, args.chat_template_kwargs)
+        try:
+            texts, add_special_tokens = prompt_texts(list(prompts), tokenizer, args.chat_template_kwargs)
+        except Exception:  # a chat template that raises, whose error names no prompt: find the first it refuses
+            for i, prompt in enumerate(prompts):
+                try:
+                    prompt_to_text(prompt, tokenizer, args.chat_template_kwargs)
+                except Exception as e:
+                    raise ValueError(f"The tokenizer's chat template refused prompt {i} of the dataset "
+                                     f"({prompt!r:.120}): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+            raise
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens).input_ids]
         if 0 in lengths:  # a completion must follow something
             i = lengths.index(0)
@@ -2754,7 +2758,8 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
         if too_long:  # tokenize_prompts keeps the last max_prompt_length tokens of each
             warn_once("truncate", f"{too_long} of {len(lengths)} prompts are longer than max_prompt_length="
                                   f"{args.max_prompt_length} tokens; their start is cut off.")
-        check_positions(model, min(max(lengths), args.max_prompt_length or math.inf), args.max_completion_length)
+        longest = max(longest, min(max(lengths), args.max_prompt_length or math.inf))
+    check_positions(model, longest, args.max_completion_length)
     return tokenizer
 
 
