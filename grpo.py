@@ -1326,7 +1326,7 @@ def sampling_problem(fast: Callable, model: torch.nn.Module, temperature: float 
         plain_seen, faster_seen = ForcedTokens(free), ForcedTokens(free)
         plain, faster = sample(sample_with_cache, eos, plain_seen), sample(fast, eos, faster_seen)
     except Exception as e:
-        return f"failed on this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return f"failed on this model ({type(e).__name__}: {first_line(e, 120)})"
     if not torch.equal(plain, faster):
         return "returned other tokens than those it was made to draw, on a probe batch"
     live = completion_mask_from_eos(plain, eos)[0].bool()  # after its EOS a row's distributions are never used
@@ -1353,7 +1353,7 @@ def logps_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
         with torch.no_grad(), torch.autocast(lm.device.type, enabled=False):
             plain, faster = get_per_token_logps(model, *batch, 0.7)[0], fast(model, *batch, 0.7)[0]
     except Exception as e:  # a model whose forward takes no packed mask, for example
-        return f"failed on this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return f"failed on this model ({type(e).__name__}: {first_line(e, 120)})"
     error = float((plain.float() - faster.float())[batch[3].bool()].abs().max())
     tolerance = 1e-3 if lm.dtype in (torch.float32, torch.float64) else 5e-2
     if not error <= tolerance:  # also NaN
@@ -1567,7 +1567,7 @@ def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
             with prepacked_linears(layer, 4, autocast_dtype or None):
                 packed = layer(x)
     except (RuntimeError, AttributeError) as e:  # AttributeError: a PyTorch built without oneDNN
-        return f"oneDNN refused: {str(e).splitlines()[0][:100]}"
+        return f"oneDNN refused: {first_line(e, 100)}"
     if not torch.allclose(packed.float(), plain.float(), atol=5e-2 if autocast_dtype else 1e-4, rtol=1e-2):
         return "oneDNN's product differs from the plain one"
     return None
@@ -2015,7 +2015,7 @@ def load_data_file(path: str):
     except Exception as e:
         while e.__cause__ or e.__context__:  # the parser's own error, under datasets' "error while generating"
             e = e.__cause__ or e.__context__
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         if "corresponds to no data" in reason:  # a CSV with only its header
             raise ValueError(f"dataset file {path!r} has no rows.") from None
         raise ValueError(f"dataset file {path!r} cannot be read as {extension}: {reason}") from None
@@ -2314,7 +2314,7 @@ def read_checkpoint_file(path: str, name: str, read: Callable) -> Any:
     try:
         return read(os.path.join(path, name))
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        reason = first_line(e, 200)
         if "weights_only" in reason:  # torch's advice to unpickle a file of unknown origin is not to be passed on
             reason = "not a file that torch.save wrote, or a damaged one"
         others = [os.path.basename(p) for p in list_checkpoints(os.path.dirname(path.rstrip("/"))) if p != path]
@@ -2372,6 +2372,12 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         tqdm.write(f"[grpo] {message}")
+
+
+def first_line(error: BaseException, width: Optional[int] = None) -> str:
+    """What one line of an error message says of `error`: its message's first line (its type's name if it has none),
+    cut to `width` characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:width]
 
 
 def say(trainer: "GRPOTrainer", message: str) -> None:
@@ -2747,7 +2753,7 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
                     prompt_to_text(prompt, tokenizer, args.chat_template_kwargs)
                 except Exception as e:
                     raise ValueError(f"The tokenizer's chat template refused prompt {i} of the dataset "
-                                     f"({prompt!r:.120}): {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+                                     f"({prompt!r:.120}): {type(e).__name__}: {first_line(e)}") from e
             raise
         lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens).input_ids]
         if 0 in lengths:  # a completion must follow something
@@ -2991,9 +2997,9 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
     try:
         loaded = cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:  # not found, not a model of this kind, ...
-        raise OSError(f"Cannot load {path!r} with {cls.__name__}: {str(e).strip().splitlines()[0]}") from e
+        raise OSError(f"Cannot load {path!r} with {cls.__name__}: {first_line(e)}") from e
     except Exception as e:  # a file that cannot be parsed: safetensors' SafetensorError for a truncated one, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise OSError(f"Cannot load {path!r} with {cls.__name__} ({type(e).__name__}: {reason}): a file there is "
                       f"damaged or was not written to its end; copy or download it again.") from e
     if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
@@ -3371,7 +3377,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         trainer = GRPOTrainer(model=model, reward_funcs=args.reward_funcs, args=args, train_dataset=dataset,
                               eval_dataset=eval_dataset)
     except (OSError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from e
+        raise SystemExit(f"error: {first_line(e)}") from e
     ranks = f" × {trainer.world_size} ranks" if trainer.world_size > 1 else ""
     device = cpu_description() if trainer.device.type == "cpu" else str(trainer.device)
     out(f"GRPO: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {device}{ranks}, "
