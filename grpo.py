@@ -1167,17 +1167,19 @@ HEAD_TRANSFORMS = (("final_logit_softcapping", None), ("logits_scaling", 1), ("l
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX-512-BF16: the x86 instructions that make PyTorch's bf16 matmuls fast on a CPU (an AVX2 AMD
-    EPYC ran a 512² bf16 matmul at 1.3 GFLOP/s, against 77 in float32)."""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported",
-                                                                      "_is_avx512_bf16_supported"))
+    """Whether oneDNN runs bf16 matmuls natively here (AMX or AVX-512-BF16), as PyTorch will use them: an AVX2 AMD
+    EPYC ran a 512² bf16 matmul at 1.3 GFLOP/s, against 77 in float32. Asked of oneDNN, not of the CPU's flags, so
+    that a machine whose kernels are held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) is not taken for a fast one."""
+    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
 def cpu_description() -> str:
-    """For example 'Intel Xeon, AVX512, AMX, AVX-512-BF16, 2 threads' (the start-up line, bench.py)."""
+    """For example 'Intel Xeon, AVX512, AMX, AVX-512-BF16, 2 threads' (the start-up line, bench.py): the kernels
+    PyTorch dispatches to (AVX2 or AVX512), then the bf16 instructions, only where oneDNN uses them."""
     info = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
     name = info.get("cpu_name") or __import__("platform").processor() or "CPU"
-    extras = [flag for flag, key in (("AMX", "amx_bf16"), ("AVX-512-BF16", "avx512_bf16")) if info.get(key)]
+    extras = [flag for flag, key in (("AMX", "amx_bf16"), ("AVX-512-BF16", "avx512_bf16"))
+              if info.get(key) and cpu_has_native_bf16()]
     return ", ".join([name, torch.backends.cpu.get_cpu_capability(), *extras, f"{torch.get_num_threads()} threads"])
 
 
