@@ -902,6 +902,9 @@ from dataclasses import asdict
 import numpy as np
 import torch.distributed as dist
 import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           HfArgumentParser, get_scheduler)
@@ -984,6 +987,9 @@ class RunConfig:
     vllm_importance_sampling_mode: str = knob("sequence_mask", "token_truncate, token_mask, sequence_truncate or sequence_mask: per token or per completion; clamp to [min, max], or zero outside.")
     vllm_importance_sampling_clip_max: Optional[float] = knob(3.0, "C_max of the correction's ratio.", above=0, none_ok=True)
     vllm_importance_sampling_clip_min: Optional[float] = knob(None, "C_min of the correction's ratio; None: no lower bound.", low=0)
+    # sharding across ranks (section 12), with transformers' TrainingArguments names; fsdp is True or a string
+    fsdp: Optional[str] = field(default=None, metadata={"nargs": "?", "const": True, "help": "Under torchrun, shard the policy (and the reference model) across the ranks with PyTorch's FSDP2 instead of copying it to each (DDP): weights, gradients and AdamW's moments split W ways. `--fsdp` turns it on (transformers' older strings full_shard, shard_grad_op, offload and auto_wrap are read too)."})
+    fsdp_config: Optional[Union[dict, str]] = knob(None, "FSDP's settings, a dict or a JSON file, with transformers' keys: version (2 only), reshard_after_forward, cpu_offload, activation_checkpointing, state_dict_type (FULL_STATE_DICT), auto_wrap_policy (TRANSFORMER_BASED_WRAP: each decoder layer, the model's _no_split_modules; or NO_WRAP), transformer_layer_cls_to_wrap.")
 
 
 @dataclass
@@ -1019,6 +1025,64 @@ def read_dict_knobs(args) -> None:
                                              f"takes {', '.join(SAMPLING_KNOBS)} (each also a knob of its own).")
     for name, value in (args.generation_kwargs or {}).items():
         setattr(args, name, value)
+    read_fsdp(args)
+
+
+FSDP_DEFAULTS = dict(version=2, reshard_after_forward=True, cpu_offload=False, activation_checkpointing=False,
+                     cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT",
+                     auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_layer_cls_to_wrap=None)
+FSDP_CHOICES = dict(version=(2,), cpu_ram_efficient_loading=(False,), state_dict_type=("FULL_STATE_DICT",),
+                    auto_wrap_policy=("TRANSFORMER_BASED_WRAP", "NO_WRAP"))
+FSDP_STRINGS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
+                "offload": {"cpu_offload": True}, "auto_wrap": {}}  # transformers' older values of --fsdp
+
+
+def read_fsdp(args) -> None:
+    """fsdp and fsdp_config as transformers' TrainingArguments reads them (a JSON file's path, keys with or without
+    their `fsdp_` prefix, the older strings of --fsdp), into a bool and a whole dict; any other key or value refused."""
+    config, on = args.fsdp_config or {}, args.fsdp
+    if isinstance(config, str):
+        try:
+            if config.lstrip().startswith("{"):  # JSON text, as transformers reads its dict knobs
+                config = json.loads(config)
+            else:
+                with open(config) as file:
+                    config = json.load(file)
+        except (OSError, ValueError) as e:
+            raise KnobError("fsdp_config", f"fsdp_config {config!r} is neither a JSON object nor a readable JSON "
+                                           f"file ({first_line(e)}); give a dict, JSON text or a JSON file's "
+                                           f"path.") from None
+    if not isinstance(config, dict):
+        raise KnobError("fsdp_config", f"fsdp_config must be a dict (a JSON object), got {config!r}.")
+    config = {str(key).removeprefix("fsdp_"): value for key, value in config.items()}
+    if isinstance(on, str) and on.lower() in ("true", "false", "1", "0", ""):
+        on = on.lower() in ("true", "1")
+    elif isinstance(on, str):
+        for item in on.split():
+            if item not in FSDP_STRINGS:
+                raise KnobError("fsdp", f"fsdp {item!r} is not a setting; use --fsdp alone (with fsdp_config), or "
+                                        f"transformers' older {', '.join(FSDP_STRINGS)}.")
+            config = {**FSDP_STRINGS[item], **config}
+    unknown = sorted(set(config) - set(FSDP_DEFAULTS))
+    if unknown:
+        raise KnobError("fsdp_config", f"fsdp_config has {unknown}, which this trainer does not take: it takes "
+                                       f"{', '.join(FSDP_DEFAULTS)}.")
+    config = {**FSDP_DEFAULTS, **config}
+    for key, value in config.items():
+        if isinstance(FSDP_DEFAULTS[key], bool) and isinstance(value, str):  # "true" in a JSON file, as transformers
+            config[key] = value = {"true": True, "false": False}.get(value.lower(), value)
+        why = {"version": "FSDP1 is not supported here: PyTorch's FSDP2 (fully_shard) is, and transformers and TRL "
+                          "are leaving FSDP1 too; set version 2 or leave it out",
+               "cpu_ram_efficient_loading": "every rank reads the weights itself here",
+               "state_dict_type": "every checkpoint is a whole Hugging Face folder here"}.get(key, "")
+        if (key in FSDP_CHOICES and value not in FSDP_CHOICES[key]) or (
+                isinstance(FSDP_DEFAULTS[key], bool) and not isinstance(value, bool)):
+            allowed = FSDP_CHOICES.get(key, (True, False))
+            raise KnobError("fsdp_config", f"fsdp_config's {key} is {value!r}; it takes {', '.join(map(repr, allowed))}"
+                                           + (f": {why}." if why else "."))
+    if isinstance(config["transformer_layer_cls_to_wrap"], str):
+        config["transformer_layer_cls_to_wrap"] = [config["transformer_layer_cls_to_wrap"]]
+    args.fsdp, args.fsdp_config = bool(on), config
 
 
 class KnobError(ValueError):
@@ -1150,8 +1214,89 @@ class Processes:
 
     def gradient_sync(self, model: torch.nn.Module, sync: bool):
         """DDP all-reduces the gradients in every backward; while they only accumulate that is wasted traffic, so
-        no_sync skips it until the micro-step before the optimizer step."""
+        no_sync skips it until the micro-step before the optimizer step. FSDP2 likewise skips its reduce-scatter (each
+        rank then accumulates whole, unsharded gradients until it syncs)."""
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else contextlib.nullcontext()
+
+
+# Sharding (--fsdp under torchrun): PyTorch's FSDP2 in place of DDP. fully_shard splits every weight of a module
+# across the ranks (dim 0, as DTensors); in the forward each sharded module all-gathers its whole weights, runs and
+# frees them again (reshard_after_forward), and in backward its gradients are reduce-scattered: each rank keeps the
+# average gradient of its 1/W, and AdamW steps on its 1/W. The gradient is the one DDP computes, so the run is too.
+
+def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> torch.nn.Module:
+    """model with fully_shard applied to each decoder layer (the classes in its _no_split_modules, or fsdp_config's
+    transformer_layer_cls_to_wrap), then to the whole: the embeddings, the final norm and the LM head form the root's
+    group, so tied embeddings stay one weight. Under --bf16, the gathered weights are bf16 and the gradients are
+    averaged in float32."""
+    config, layers = args.fsdp_config, []
+    if config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP":
+        names = set(config["transformer_layer_cls_to_wrap"] or getattr(model, "_no_split_modules", None) or ())
+        layers = [module for module in model.modules() if type(module).__name__ in names]
+        if not layers:
+            raise ValueError(f"--fsdp found no decoder layer to shard: {type(model).__name__} has no module of the "
+                             f"classes {sorted(names)}. Set fsdp_config's transformer_layer_cls_to_wrap to the "
+                             f"class of its decoder layers, or auto_wrap_policy to NO_WRAP (one group: more memory).")
+    for tensor in model.state_dict().values():  # as DDP does: every rank starts from the first rank's weights
+        dist.broadcast(tensor, src=0)
+    offload = config["cpu_offload"] and device.type == "cuda"  # on a CPU the weights are in its memory already
+    settings = dict(reshard_after_forward=config["reshard_after_forward"],
+                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None,
+                                                   reduce_dtype=torch.float32 if args.bf16 else None),
+                    offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    for layer in layers:
+        fully_shard(layer, **settings)
+    return fully_shard(model, **settings)
+
+
+def sample_unsharded(model: torch.nn.Module, *args, sample: Callable, reshard_after_forward: bool, **kwargs):
+    """`sample`, with the whole model gathered on this rank first. A sharded forward all-gathers its weights, which
+    every rank must join, but each rank stops sampling once its own rows have ended, so one rank would wait forever
+    for another that had stopped. Gathered once, all together, the forwards need no other rank. The cost: the whole
+    model's weights on each rank while sampling (as DDP holds them always), freed after."""
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    with torch.inference_mode(False):  # gathered weights that a later training forward may reuse
+        for module in sharded:
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+    try:
+        return sample(model, *args, **kwargs)
+    finally:
+        for module in sharded:
+            module.reshard()
+            module.set_reshard_after_forward(reshard_after_forward, recurse=False)
+
+
+def full_tensor(x: Tensor) -> Tensor:
+    """x whole: a sharded weight, gradient or norm (a DTensor) gathered from every rank; any other tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole, on the first rank's CPU only
+
+
+def whole_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[Optional[dict], dict]:
+    """What a checkpoint holds: the weights (None: save_pretrained reads the model's own) and the optimizer's state.
+    Sharded, both are gathered whole onto the first rank (every rank must call this, the others get {}), the
+    optimizer's keyed by the weights' names rather than their order, so that DDP or one process can resume it."""
+    if not isinstance(model, FSDPModule):
+        return None, optimizer.state_dict() if optimizer else {}
+    weights = get_model_state_dict(model, options=WHOLE)
+    tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+    return ({name: w for name, w in weights.items() if name not in tied},  # one copy, as save_pretrained keeps
+            optimizer and get_optimizer_state_dict(model, optimizer, options=WHOLE))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore whole_state's optimizer state: each rank keeps its shard of it under FSDP; a state keyed by names
+    (written sharded) is read by name under DDP or in one process too."""
+    if isinstance(model, FSDPModule) or any(isinstance(key, str) for key in state["state"]):
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1194,6 +1339,11 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
                      f"({cpu_description()}), which has neither AMX nor AVX-512-BF16: PyTorch emulates bf16 here, "
                      f"and float32 is many times faster. It runs, but consider dropping it.")
     said = []
+    if isinstance(trainer.model, FSDPModule):  # each reads whole weights outside the model's forward
+        say(trainer, "[grpo] Part I's plain paths, with the whole model gathered for sampling (--fsdp: the faster "
+                     "twins" + (" and logits_chunk_size" if args.logits_chunk_size else "") + " read unsharded weights).")
+        return (functools.partial(sample_unsharded, sample=sample,
+                                  reshard_after_forward=args.fsdp_config["reshard_after_forward"]), get_per_token_logps)
     if args.use_vllm:
         sample = VLLMSampler(trainer)
         said.append(f"sampling with vLLM {sample.version} (correction: "
@@ -1801,6 +1951,11 @@ def check_config(args: GRPOConfig) -> None:
     if isinstance(args.report_to, str):
         args.report_to = [args.report_to]
     check_vllm(args)
+    if args.fsdp and (args.use_peft or args.use_vllm):
+        raise KnobError("fsdp", f"--fsdp with {'--use_peft' if args.use_peft else '--use_vllm'} is not supported yet: "
+                                f"LoRA's adapters and vLLM's weight sync read whole weights, which FSDP shards. "
+                                f"Drop one of the two (under torchrun without --fsdp, each rank holds the whole model).")
+    args.gradient_checkpointing |= args.fsdp and args.fsdp_config["activation_checkpointing"]  # the same recompute
     check_scheduler(args.lr_scheduler_type, args.lr_scheduler_kwargs or {})
     if args.top_k == 1:
         raise KnobError("top_k", "top_k 1 keeps only the most likely token, which makes all G completions identical "
@@ -2192,11 +2347,12 @@ class Checkpoints:
         torch.save({"rng": rng, "metrics": dict(trainer.report.metrics),
                     "micro_batches": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.micro_batches]},
                    os.path.join(tmp, f"rank{trainer.rank}.pt"))
+        weights, optimizer = whole_state(trainer.model, trainer.optimizer)
         barrier()
         if trainer.is_main_process:
-            unwrap(trainer.model).save_pretrained(tmp)
+            unwrap(trainer.model).save_pretrained(tmp, state_dict=weights)
             trainer.tokenizer.save_pretrained(tmp)
-            torch.save({"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            torch.save({"optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
                         "history": trainer.history}, os.path.join(tmp, "state.pt"))
             loop = {"global_step": trainer.global_step, "micro_step": trainer.micro_step, "bad_steps": self.bad_steps,
                     **trainer.report.counters()}
@@ -2221,10 +2377,10 @@ class Checkpoints:
         if mismatched:
             raise ValueError(f"Cannot resume from {path}: these settings decide which completions each step trains "
                              f"on and must not change, but they did ({'; '.join(mismatched)}).")
-        read_checkpoint_file(path, "the model's weights", lambda _: _load_weights(unwrap(trainer.model), path))
+        read_checkpoint_file(path, "the model's weights", lambda _: _load_weights(trainer.model, path))
         state, mine = (read_checkpoint_file(path, name, lambda file: torch.load(file, map_location=trainer.device))
                        for name in ("state.pt", f"rank{trainer.rank}.pt"))
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         self.bad_steps = saved["bad_steps"]
         self.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
@@ -2244,12 +2400,13 @@ class Checkpoints:
         trainer, directory = self.trainer, directory or self.args.output_dir
         if not weights_are_finite(trainer.model):
             raise RuntimeError(f"Not saving the model to {directory}: its weights are not finite.")
+        weights, _ = whole_state(trainer.model)
         if trainer.is_main_process:  # the ranks hold identical weights: one writes, the others wait for it
             inside = os.path.isdir(directory) and os.path.abspath(directory) == os.path.abspath(self.args.output_dir)
             # Into output_dir through a folder inside it, where the start-up check wrote: its parent may be read-only.
             tmp = os.path.join(directory, ".model.tmp") if inside else directory.rstrip("/") + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            unwrap(trainer.model).save_pretrained(tmp)
+            unwrap(trainer.model).save_pretrained(tmp, state_dict=weights)
             trainer.tokenizer.save_pretrained(tmp)
             if inside:
                 for name in os.listdir(tmp):  # output_dir also holds metrics and checkpoints: replace file by file
@@ -2329,16 +2486,22 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
     """Load what save_pretrained wrote back into this same model object (the optimizer holds its parameters)."""
     from safetensors.torch import load_file
 
+    model = unwrap(model)
     if hasattr(model, "peft_config"):  # a LoRA checkpoint holds the adapter only
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
         return
     state = {key: tensor for name in sorted(os.listdir(path)) if name.endswith(".safetensors")
              for key, tensor in load_file(os.path.join(path, name)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if isinstance(model, FSDPModule):  # each rank keeps its shard of the whole weights
+        missing, unexpected = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                                           strict=False))
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained leaves out weights tied to another (the LM head tied to the embeddings)
-    loaded = {t.data_ptr() for name, t in model.state_dict().items() if name in state}
-    missing = [name for name in missing if model.state_dict()[name].data_ptr() not in loaded]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name in state}
+    missing = [name for name in missing if name not in params or id(params[name]) not in loaded]
     if missing or unexpected:
         raise ValueError(f"The weights in {path} do not fit the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}.")
@@ -2813,8 +2976,13 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     model = model.to(device).train()
-    if world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
+    if world_size > 1 and args.fsdp:  # each rank keeps 1/W of every weight
+        model = shard(model, args, device)
+        ref_model = ref_model and shard(ref_model, args, device)
+    elif world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif args.fsdp:
+        tqdm.write("[grpo] --fsdp shards the model across torchrun's ranks; this is one process, which holds it whole.")
     rows = unwrap(model).get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:  # a larger id would index past the embedding, in the middle of sampling
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: ids "
@@ -2839,6 +3007,11 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, opt
     """AdamW and the learning-rate schedule, unless given. fused=True, as transformers' default optim
     (adamw_torch_fused): one kernel for every parameter, the same update up to float rounding, and on SmolLM2
     0.04 s a step against 0.25-0.5 s for torch's default implementation."""
+    if optimizer is not None and isinstance(model, FSDPModule) and not {id(p) for group in optimizer.param_groups
+                                                                        for p in group["params"]} <= set(map(id, model.parameters())):
+        raise ValueError("The optimizer given holds the model's weights from before --fsdp sharded them, so it would "
+                         "step weights the model no longer uses. Let the trainer build it, or give one built on "
+                         "trainer.model's parameters after the trainer is made.")
     optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     warmup = args.warmup_steps or args.warmup_ratio  # from 1 a number of steps, below 1 a share of them

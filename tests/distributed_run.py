@@ -74,12 +74,13 @@ def token_sum_reward(completion_ids, **kwargs) -> list[float]:
 
 def run(name: str, out_dir: str, model_dir: str) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = os.environ.get("GRPO_TEST_FSDP") == "1" and world_size > 1
     config = dict(CONFIGS[name])
     one_prompt, unshuffled = config.pop("one_prompt", False), config.pop("unshuffled", False)
     args = grpo.GRPOConfig(
         output_dir=os.path.join(out_dir, f"{name}-w{world_size}"), num_generations=4,
         per_device_train_batch_size=GLOBAL_N // world_size, gradient_accumulation_steps=2, num_iterations=2,
-        max_completion_length=6, max_grad_norm=1e9, max_steps=4, logging_steps=1, save_steps=0,
+        max_completion_length=6, max_grad_norm=1e9, max_steps=4, logging_steps=1, save_steps=0, fsdp=fsdp,
         **config)
     letters = "abcdefgh"
     dataset = Dataset.from_dict({"prompt": ["ab="] * 32 if one_prompt else
@@ -88,13 +89,15 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
     # hide a gradient off by a constant factor (a normalisation bug) by rescaling it away.
     torch.manual_seed(0)
     model = grpo.AutoModelForCausalLM.from_pretrained(model_dir)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     trainer = grpo.GRPOTrainer(model=model, reward_funcs=[grpo.letters_reward, token_sum_reward], args=args,
-                               train_dataset=dataset, reward_weights=[1.0, 0.5], optimizers=(optimizer, None),
+                               train_dataset=dataset, reward_weights=[1.0, 0.5],
                                processing_class=grpo.AutoTokenizer.from_pretrained(model_dir))
+    # SGD on the model's weights as the trainer holds them: under --fsdp, the shards
+    trainer.optimizer, trainer.scheduler = grpo.make_optimizer(trainer.model, args, trainer.max_steps,
+                                                               torch.optim.SGD(trainer.model.parameters(), lr=0.5))
     trainer.generate = fixed_generate(trainer, full_length=name == "bnpo")
     seen = {"prompts": [], "advantages": [], "allreduce_calls": 0}
-    if trainer.world_size > 1:  # count DDP's gradient all-reduces (one per bucket per backward that syncs)
+    if trainer.world_size > 1 and not fsdp:  # count DDP's gradient all-reduces (one per bucket per backward that syncs)
         def counting_allreduce(process_group, bucket):
             seen["allreduce_calls"] += 1
             return allreduce_hook(process_group, bucket)
@@ -119,7 +122,7 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
         history = trainer.train()
     finally:
         grpo.GenerationBatch.shuffled_split = shuffled_split
-    params = torch.cat([p.detach().flatten().cpu() for p in grpo.unwrap(trainer.model).parameters()])
+    params = torch.cat([grpo.full_tensor(p.detach()).flatten().cpu() for p in grpo.unwrap(trainer.model).parameters()])
     torch.save({**seen, "loss": [row["loss"] for row in history], "reward": [row.get("reward") for row in history],
                 "params": params}, os.path.join(out_dir, f"{name}-rank{trainer.rank}.pt"))
 

@@ -24,8 +24,8 @@ ROOT = os.path.dirname(HERE)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _run(command, **kwargs):
-    env = {**os.environ, "GRPO_CHECK_SHAPES": "1"}
+def _run(command, env_extra=None, **kwargs):
+    env = {**os.environ, "GRPO_CHECK_SHAPES": "1", **(env_extra or {})}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -39,6 +39,26 @@ def runs(tmp_path_factory, tiny_model_dir):
     _run([*TORCHRUN, os.path.join(HERE, "distributed_run.py"), str(two), tiny_model_dir])
     return {name: (torch.load(one / f"{name}-rank0.pt"), [torch.load(two / f"{name}-rank{r}.pt") for r in (0, 1)])
             for name in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory, tiny_model_dir):
+    """Every configuration trained by two ranks under --fsdp (FSDP2): {config: [rank0, rank1]}."""
+    out = tmp_path_factory.mktemp("two-ranks-fsdp")
+    _run([*TORCHRUN, os.path.join(HERE, "distributed_run.py"), str(out), tiny_model_dir],
+         env_extra={"GRPO_TEST_FSDP": "1"})
+    return {name: [torch.load(out / f"{name}-rank{r}.pt") for r in (0, 1)] for name in CONFIGS}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_sharded_ranks_give_the_loss_and_parameters_of_ddp_and_of_one_process(runs, sharded_runs, name):
+    one, ddp = runs[name]
+    sharded = sharded_runs[name]
+    assert sharded[0]["loss"] == sharded[1]["loss"] and torch.equal(sharded[0]["params"], sharded[1]["params"])
+    for other in (ddp[0], one):  # on an AMD EPYC and an Intel Xeon: 0 against DDP except kl_chunked (1.5e-8)
+        torch.testing.assert_close(torch.tensor(sharded[0]["loss"]), torch.tensor(other["loss"]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(sharded[0]["params"], other["params"], rtol=0, atol=1e-6)
+    assert sharded[0]["allreduce_calls"] == 0  # no DDP here: the gradients were reduce-scattered instead
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -144,3 +164,55 @@ def test_resume_under_torchrun_is_the_same_run(tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
 
     assert rows(resumed) == rows(straight) and [row["step"] for row in rows(straight)] == list(range(0, 7))  # 0: eval on start
+
+
+def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(tmp_path):
+    """A run sharded with --fsdp, stopped after step 3 and resumed (sharded, or under DDP) to step 6, ends with the
+    weights and metrics of the straight run: the checkpoint holds the whole weights and the whole AdamW state."""
+    argv = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--eval_steps", "100",
+            "--per_device_train_batch_size", "64", "--steps_per_generation", "2", "--num_iterations", "2"]
+    straight = tmp_path / "straight"
+    first = _run([*TORCHRUN, "grpo.py", "--fsdp", "--output_dir", str(straight), *argv])
+    assert "[grpo] Part I's plain paths, with the whole model gathered for sampling (--fsdp" in first.stdout
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
+
+    for flags in (["--fsdp"], []):
+        resumed = tmp_path / f"resumed{'-fsdp' if flags else '-ddp'}"
+        shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+        _run([*TORCHRUN, "grpo.py", *flags, "--output_dir", str(resumed), *argv, "--resume_from_checkpoint", "latest"])
+        assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+        if flags:
+            assert rows(resumed) == rows(straight)
+        else:  # DDP's gradient norm is summed in another order than FSDP's: the same to float rounding
+            for mine, theirs in zip(rows(resumed), rows(straight), strict=True):
+                assert mine.keys() == theirs.keys()
+                assert abs(mine.pop("grad_norm", 0) - theirs.pop("grad_norm", 0)) < 1e-6
+                assert mine == theirs
+    # the saved folder is an ordinary one: one process loads it, its LM head still tied to the embeddings
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(straight)
+    saved = load_file(straight / "model.safetensors")
+    assert "lm_head.weight" not in saved and model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
+
+
+def test_a_sharded_rank_holds_half_of_what_a_ddp_rank_holds(tmp_path, tiny_model_dir):
+    """Bytes of the weights, gradients and AdamW's moments one rank holds at the optimizer step (fsdp_memory.py), 2 ranks:
+    DDP holds 16 bytes a parameter on each rank, FSDP2 half of it. While sampling, a sharded rank gathers the
+    whole model beside its shard (sample_unsharded)."""
+    for flags in ([], ["--fsdp"]):
+        _run([*TORCHRUN, os.path.join(HERE, "fsdp_memory.py"), str(tmp_path), tiny_model_dir, *flags])
+    ddp, fsdp = ([json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
+                 for mode in ("ddp", "fsdp"))
+    whole = ddp[0]["whole_model"]  # 4 bytes a parameter in float32
+    for rank in ddp:
+        assert (rank["weights"], rank["gradients"], rank["optimizer_state"]) == (whole, whole, 2 * whole)
+        assert rank["sampling_weights"] == whole
+    for rank in fsdp:
+        held = rank["weights"] + rank["gradients"] + rank["optimizer_state"]
+        assert held <= 0.55 * 4 * whole, held / (4 * whole)
+        assert rank["sampling_weights"] == whole and rank["shards"] == rank["weights"]
