@@ -902,6 +902,7 @@ from dataclasses import asdict
 import numpy as np
 import torch.distributed as dist
 import torch.utils.checkpoint
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -989,7 +990,7 @@ class RunConfig:
     vllm_importance_sampling_clip_min: Optional[float] = knob(None, "C_min of the correction's ratio; None: no lower bound.", low=0)
     # sharding across ranks (section 12), with transformers' TrainingArguments names; fsdp is True or a string
     fsdp: Optional[str] = field(default=None, metadata={"nargs": "?", "const": True, "help": "Under torchrun, shard the policy (and the reference model) across the ranks with PyTorch's FSDP2 instead of copying it to each (DDP): weights, gradients and AdamW's moments split W ways. `--fsdp` turns it on (transformers' older strings full_shard, shard_grad_op, offload and auto_wrap are read too)."})
-    fsdp_config: Optional[Union[dict, str]] = knob(None, "FSDP's settings, a dict or a JSON file, with transformers' keys: version (2 only), reshard_after_forward, cpu_offload, activation_checkpointing, state_dict_type (FULL_STATE_DICT), auto_wrap_policy (TRANSFORMER_BASED_WRAP: each decoder layer, the model's _no_split_modules; or NO_WRAP), transformer_layer_cls_to_wrap.")
+    fsdp_config: Optional[Union[dict, str]] = knob(None, "FSDP's settings, a dict or a JSON file, with transformers' keys: version (2 only), reshard_after_forward, cpu_offload, activation_checkpointing, state_dict_type (FULL_STATE_DICT: checkpoints are model folders; SHARDED_STATE_DICT: each rank writes its shards), auto_wrap_policy (TRANSFORMER_BASED_WRAP: each decoder layer, the model's _no_split_modules; or NO_WRAP), transformer_layer_cls_to_wrap.")
 
 
 @dataclass
@@ -1031,7 +1032,8 @@ def read_dict_knobs(args) -> None:
 FSDP_DEFAULTS = dict(version=2, reshard_after_forward=True, cpu_offload=False, activation_checkpointing=False,
                      cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT",
                      auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_layer_cls_to_wrap=None)
-FSDP_CHOICES = dict(version=(2,), cpu_ram_efficient_loading=(False,), state_dict_type=("FULL_STATE_DICT",),
+FSDP_CHOICES = dict(version=(2,), cpu_ram_efficient_loading=(False,), state_dict_type=("FULL_STATE_DICT",
+                                                                                       "SHARDED_STATE_DICT"),
                     auto_wrap_policy=("TRANSFORMER_BASED_WRAP", "NO_WRAP"))
 FSDP_STRINGS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
                 "offload": {"cpu_offload": True}, "auto_wrap": {}}  # transformers' older values of --fsdp
@@ -1073,8 +1075,7 @@ def read_fsdp(args) -> None:
             config[key] = value = {"true": True, "false": False}.get(value.lower(), value)
         why = {"version": "FSDP1 is not supported here: PyTorch's FSDP2 (fully_shard) is, and transformers and TRL "
                           "are leaving FSDP1 too; set version 2 or leave it out",
-               "cpu_ram_efficient_loading": "every rank reads the weights itself here",
-               "state_dict_type": "every checkpoint is a whole Hugging Face folder here"}.get(key, "")
+               "cpu_ram_efficient_loading": "every rank reads the weights itself here"}.get(key, "")
         if (key in FSDP_CHOICES and value not in FSDP_CHOICES[key]) or (
                 isinstance(FSDP_DEFAULTS[key], bool) and not isinstance(value, bool)):
             allowed = FSDP_CHOICES.get(key, (True, False))
@@ -1278,16 +1279,31 @@ def full_tensor(x: Tensor) -> Tensor:
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole, on the first rank's CPU only
 
 
-def whole_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[Optional[dict], dict]:
+def whole_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                shards: Optional[str] = None) -> tuple[Optional[dict], Optional[dict]]:
     """What a checkpoint holds: the weights (None: save_pretrained reads the model's own) and the optimizer's state.
     Sharded, both are gathered whole onto the first rank (every rank must call this, the others get {}), the
-    optimizer's keyed by the weights' names rather than their order, so that DDP or one process can resume it."""
+    optimizer's keyed by the weights' names rather than their order, so that DDP or one process can resume it. With
+    state_dict_type SHARDED_STATE_DICT, each rank writes its own shards of both into the folder `shards` instead
+    (torch.distributed.checkpoint): nothing is gathered, and this returns ({}, None)."""
     if not isinstance(model, FSDPModule):
         return None, optimizer.state_dict() if optimizer else {}
+    if shards:
+        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=shards)
+        return {}, None
     weights = get_model_state_dict(model, options=WHOLE)
     tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
     return ({name: w for name, w in weights.items() if name not in tied},  # one copy, as save_pretrained keeps
             optimizer and get_optimizer_state_dict(model, optimizer, options=WHOLE))
+
+
+def load_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shards: str) -> None:
+    """Each rank reads its own shards of the weights and the optimizer's state, as whole_state wrote them."""
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=shards)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -2347,10 +2363,14 @@ class Checkpoints:
         torch.save({"rng": rng, "metrics": dict(trainer.report.metrics),
                     "micro_batches": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.micro_batches]},
                    os.path.join(tmp, f"rank{trainer.rank}.pt"))
-        weights, optimizer = whole_state(trainer.model, trainer.optimizer)
+        sharded = args.fsdp and args.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"
+        weights, optimizer = whole_state(trainer.model, trainer.optimizer, sharded and os.path.join(tmp, "shards"))
         barrier()
         if trainer.is_main_process:
-            unwrap(trainer.model).save_pretrained(tmp, state_dict=weights)
+            if weights == {}:  # the ranks wrote their shards
+                unwrap(trainer.model).config.save_pretrained(tmp)
+            else:
+                unwrap(trainer.model).save_pretrained(tmp, state_dict=weights)
             trainer.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
                         "history": trainer.history}, os.path.join(tmp, "state.pt"))
@@ -2377,10 +2397,14 @@ class Checkpoints:
         if mismatched:
             raise ValueError(f"Cannot resume from {path}: these settings decide which completions each step trains "
                              f"on and must not change, but they did ({'; '.join(mismatched)}).")
-        read_checkpoint_file(path, "the model's weights", lambda _: _load_weights(trainer.model, path))
+        if os.path.isdir(os.path.join(path, "shards")):  # written with SHARDED_STATE_DICT
+            read_checkpoint_file(path, "shards", lambda shards: load_shards(trainer.model, trainer.optimizer, shards))
+        else:
+            read_checkpoint_file(path, "the model's weights", lambda _: _load_weights(trainer.model, path))
         state, mine = (read_checkpoint_file(path, name, lambda file: torch.load(file, map_location=trainer.device))
                        for name in ("state.pt", f"rank{trainer.rank}.pt"))
-        load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
+        if state["optimizer"] is not None:  # else it came with the shards
+            load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         self.bad_steps = saved["bad_steps"]
         self.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]

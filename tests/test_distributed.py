@@ -168,22 +168,29 @@ def test_resume_under_torchrun_is_the_same_run(tmp_path):
 
 def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(tmp_path):
     """A run sharded with --fsdp, stopped after step 3 and resumed (sharded, or under DDP) to step 6, ends with the
-    weights and metrics of the straight run: the checkpoint holds the whole weights and the whole AdamW state."""
+    weights and metrics of the straight run: the checkpoint holds the whole weights and the whole AdamW state. With
+    SHARDED_STATE_DICT each rank writes and reads its own shards, to the same end."""
     argv = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--eval_steps", "100",
             "--per_device_train_batch_size", "64", "--steps_per_generation", "2", "--num_iterations", "2"]
-    straight = tmp_path / "straight"
+    shards = ["--fsdp", "--fsdp_config", '{"state_dict_type": "SHARDED_STATE_DICT"}']
+    straight, straight_shards = tmp_path / "straight", tmp_path / "straight-shards"
     first = _run([*TORCHRUN, "grpo.py", "--fsdp", "--output_dir", str(straight), *argv])
     assert "[grpo] Part I's plain paths, with the whole model gathered for sampling (--fsdp" in first.stdout
+    _run([*TORCHRUN, "grpo.py", *shards, "--output_dir", str(straight_shards), *argv])
+    assert sorted(os.listdir(straight_shards / "checkpoint-3" / "shards")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (straight_shards / "checkpoint-3" / "model.safetensors").exists()
 
     def rows(out):
         return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
 
-    for flags in (["--fsdp"], []):
-        resumed = tmp_path / f"resumed{'-fsdp' if flags else '-ddp'}"
-        shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    for name, checkpoint, flags in [("fsdp", straight, ["--fsdp"]), ("ddp", straight, []),
+                                    ("shards", straight_shards, shards)]:
+        resumed = tmp_path / f"resumed-{name}"
+        shutil.copytree(checkpoint / "checkpoint-3", resumed / "checkpoint-3")
         _run([*TORCHRUN, "grpo.py", *flags, "--output_dir", str(resumed), *argv, "--resume_from_checkpoint", "latest"])
-        assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
-        if flags:
+        for out in (resumed, straight_shards):
+            assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+        if name != "ddp":
             assert rows(resumed) == rows(straight)
         else:  # DDP's gradient norm is summed in another order than FSDP's: the same to float rounding
             for mine, theirs in zip(rows(resumed), rows(straight), strict=True):
