@@ -906,6 +906,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           HfArgumentParser, get_scheduler)
@@ -1008,9 +1009,17 @@ SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"
 
 
 def read_dict_knobs(args) -> None:
-    """generation_kwargs and chat_template_kwargs may come as JSON text (the command line); generation_kwargs then
-    sets the sampling knobs it names, so that the training log-probs use the temperature sampling used."""
-    for name in ("generation_kwargs", "chat_template_kwargs", "lr_scheduler_kwargs"):
+    """The dict knobs may come as JSON text (the command line), fsdp_config also as a JSON file's path;
+    generation_kwargs then sets the sampling knobs it names, so that the training log-probs use the temperature
+    sampling used."""
+    if isinstance(args.fsdp_config, str) and not args.fsdp_config.lstrip().startswith("{"):
+        try:
+            with open(args.fsdp_config) as file:
+                args.fsdp_config = file.read()
+        except OSError as e:
+            raise KnobError("fsdp_config", f"fsdp_config {args.fsdp_config!r} cannot be read ({first_line(e)}); give "
+                                           f"a JSON file's path, JSON text or a dict.") from None
+    for name in ("generation_kwargs", "chat_template_kwargs", "lr_scheduler_kwargs", "fsdp_config"):
         value = getattr(args, name)
         if isinstance(value, str):
             try:
@@ -1040,23 +1049,9 @@ FSDP_STRINGS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": 
 
 
 def read_fsdp(args) -> None:
-    """fsdp and fsdp_config as transformers' TrainingArguments reads them (a JSON file's path, keys with or without
-    their `fsdp_` prefix, the older strings of --fsdp), into a bool and a whole dict; any other key or value refused."""
-    config, on = args.fsdp_config or {}, args.fsdp
-    if isinstance(config, str):
-        try:
-            if config.lstrip().startswith("{"):  # JSON text, as transformers reads its dict knobs
-                config = json.loads(config)
-            else:
-                with open(config) as file:
-                    config = json.load(file)
-        except (OSError, ValueError) as e:
-            raise KnobError("fsdp_config", f"fsdp_config {config!r} is neither a JSON object nor a readable JSON "
-                                           f"file ({first_line(e)}); give a dict, JSON text or a JSON file's "
-                                           f"path.") from None
-    if not isinstance(config, dict):
-        raise KnobError("fsdp_config", f"fsdp_config must be a dict (a JSON object), got {config!r}.")
-    config = {str(key).removeprefix("fsdp_"): value for key, value in config.items()}
+    """fsdp and fsdp_config as transformers' TrainingArguments reads them (keys with or without their `fsdp_`
+    prefix, the older strings of --fsdp), into a bool and a whole dict; any other key or value refused."""
+    config, on = {str(key).removeprefix("fsdp_"): value for key, value in (args.fsdp_config or {}).items()}, args.fsdp
     if isinstance(on, str) and on.lower() in ("true", "false", "1", "0", ""):
         on = on.lower() in ("true", "1")
     elif isinstance(on, str):
@@ -1071,8 +1066,6 @@ def read_fsdp(args) -> None:
                                        f"{', '.join(FSDP_DEFAULTS)}.")
     config = {**FSDP_DEFAULTS, **config}
     for key, value in config.items():
-        if isinstance(FSDP_DEFAULTS[key], bool) and isinstance(value, str):  # "true" in a JSON file, as transformers
-            config[key] = value = {"true": True, "false": False}.get(value.lower(), value)
         why = {"version": "FSDP1 is not supported here: PyTorch's FSDP2 (fully_shard) is, and transformers and TRL "
                           "are leaving FSDP1 too; set version 2 or leave it out",
                "cpu_ram_efficient_loading": "every rank reads the weights itself here"}.get(key, "")
@@ -1250,25 +1243,34 @@ def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> tor
                     offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     for layer in layers:
         fully_shard(layer, **settings)
-    return fully_shard(model, **settings)
+    # The root's weights stay whole after a forward (FSDP2's default when not told): the backward needs them at
+    # once, and the chunked and packed log-prob passes apply the LM head after the forward.
+    return fully_shard(model, **{**settings, "reshard_after_forward": False})
 
 
-def sample_unsharded(model: torch.nn.Module, *args, sample: Callable, reshard_after_forward: bool, **kwargs):
-    """`sample`, with the whole model gathered on this rank first. A sharded forward all-gathers its weights, which
-    every rank must join, but each rank stops sampling once its own rows have ended, so one rank would wait forever
-    for another that had stopped. Gathered once, all together, the forwards need no other rank. The cost: the whole
-    model's weights on each rank while sampling (as DDP holds them always), freed after."""
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module, reshard_after_forward: bool):
+    """The whole model gathered on this rank, through every forward, until the block ends. Sampling runs so: a
+    sharded forward all-gathers its weights, which every rank must join, but each rank stops sampling once its own
+    rows have ended, so one rank would wait forever for another that had stopped. Gathered once, all together, the
+    forwards need no other rank. The cost: the whole model's weights on each rank while sampling (as DDP holds them
+    always). Then each part reshards; the root keeps FSDP2's default, whole after a forward for the backward."""
     sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
     with torch.inference_mode(False):  # gathered weights that a later training forward may reuse
         for module in sharded:
             module.unshard()
             module.set_reshard_after_forward(False, recurse=False)
     try:
-        return sample(model, *args, **kwargs)
+        yield
     finally:
         for module in sharded:
             module.reshard()
-            module.set_reshard_after_forward(reshard_after_forward, recurse=False)
+            module.set_reshard_after_forward(reshard_after_forward and module is not model, recurse=False)
+
+
+def sample_unsharded(model: torch.nn.Module, *args, sample: Callable, reshard_after_forward: bool, **kwargs):
+    with gathered(model, reshard_after_forward):
+        return sample(model, *args, **kwargs)
 
 
 def full_tensor(x: Tensor) -> Tensor:
@@ -1354,23 +1356,20 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         say(trainer, f"[grpo] warning: {'--bf16' if args.bf16 else '--dtype bfloat16'} on this CPU "
                      f"({cpu_description()}), which has neither AMX nor AVX-512-BF16: PyTorch emulates bf16 here, "
                      f"and float32 is many times faster. It runs, but consider dropping it.")
-    said = []
-    if isinstance(trainer.model, FSDPModule):  # each reads whole weights outside the model's forward
-        say(trainer, "[grpo] Part I's plain paths, with the whole model gathered for sampling (--fsdp: the faster "
-                     "twins" + (" and logits_chunk_size" if args.logits_chunk_size else "") + " read unsharded weights).")
-        return (functools.partial(sample_unsharded, sample=sample,
-                                  reshard_after_forward=args.fsdp_config["reshard_after_forward"]), get_per_token_logps)
+    said, sharded = [], isinstance(trainer.model, FSDPModule)  # then sampling runs gathered (sample_unsharded)
+    reshard = sharded and args.fsdp_config["reshard_after_forward"]
     if args.use_vllm:
         sample = VLLMSampler(trainer)
         said.append(f"sampling with vLLM {sample.version} (correction: "
                     f"{args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else 'off'})")
     elif on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
-        problem = sampling_problem(sample_grouped, unwrap(trainer.model))
+        with gathered(trainer.model, reshard) if sharded else contextlib.nullcontext():
+            problem = sampling_problem(sample_grouped, unwrap(trainer.model))
         if problem is None:
             sample = sample_grouped
         said.append("sampling each group's prompt once" if problem is None else f"plain sampling: {problem}")
     if on_cpu and wide and not args.use_vllm:  # the engine samples with its own kernels
-        problem = prepacking_problem(model, bf16)
+        problem = "the weights are sharded (--fsdp)" if sharded else prepacking_problem(model, bf16)
         if problem is None:
             sample = functools.partial(sample_prepacked, sample=sample, autocast_dtype=bf16)
         said.append(f"{'prepacked weights' if problem is None else f'plain weights ({problem})'}")
@@ -1383,6 +1382,11 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         if problem is None:
             get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
+    if sharded:  # the checks' forwards left the root whole: resharded, its parameters are the shards again
+        for module in [m for m in model.modules() if isinstance(m, FSDPModule)]:
+            module.reshard()
+        sample = functools.partial(sample_unsharded, sample=sample, reshard_after_forward=reshard)
+        said.append("the whole model gathered for sampling (--fsdp)")
     say(trainer, "[grpo] " + ("; ".join(said) if said else "Part I's plain paths") + ".")
     return sample, get_per_token_logps
 
@@ -1970,7 +1974,7 @@ def check_config(args: GRPOConfig) -> None:
     if args.fsdp and (args.use_peft or args.use_vllm):
         raise KnobError("fsdp", f"--fsdp with {'--use_peft' if args.use_peft else '--use_vllm'} is not supported yet: "
                                 f"LoRA's adapters and vLLM's weight sync read whole weights, which FSDP shards. "
-                                f"Drop one of the two (under torchrun without --fsdp, each rank holds the whole model).")
+                                f"Drop one of the two (without --fsdp, each rank holds the whole model).")
     args.gradient_checkpointing |= args.fsdp and args.fsdp_config["activation_checkpointing"]  # the same recompute
     check_scheduler(args.lr_scheduler_type, args.lr_scheduler_kwargs or {})
     if args.top_k == 1:
@@ -3031,11 +3035,10 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig, max_steps: int, opt
     """AdamW and the learning-rate schedule, unless given. fused=True, as transformers' default optim
     (adamw_torch_fused): one kernel for every parameter, the same update up to float rounding, and on SmolLM2
     0.04 s a step against 0.25-0.5 s for torch's default implementation."""
-    if optimizer is not None and isinstance(model, FSDPModule) and not {id(p) for group in optimizer.param_groups
-                                                                        for p in group["params"]} <= set(map(id, model.parameters())):
-        raise ValueError("The optimizer given holds the model's weights from before --fsdp sharded them, so it would "
-                         "step weights the model no longer uses. Let the trainer build it, or give one built on "
-                         "trainer.model's parameters after the trainer is made.")
+    if optimizer is not None and isinstance(model, FSDPModule) and not all(
+            isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("The optimizer given holds whole weights, not the shards --fsdp made of them, so its steps "
+                         "would be lost. Let the trainer build it, or build it on trainer.model's parameters.")
     optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     warmup = args.warmup_steps or args.warmup_ratio  # from 1 a number of steps, below 1 a share of them

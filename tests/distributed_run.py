@@ -89,6 +89,7 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
     # hide a gradient off by a constant factor (a normalisation bug) by rescaling it away.
     torch.manual_seed(0)
     model = grpo.AutoModelForCausalLM.from_pretrained(model_dir)
+    whole_weights = list(model.parameters())  # what an optimizer built before the trainer would hold
     trainer = grpo.GRPOTrainer(model=model, reward_funcs=[grpo.letters_reward, token_sum_reward], args=args,
                                train_dataset=dataset, reward_weights=[1.0, 0.5],
                                processing_class=grpo.AutoTokenizer.from_pretrained(model_dir))
@@ -96,7 +97,12 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
     trainer.optimizer, trainer.scheduler = grpo.make_optimizer(trainer.model, args, trainer.max_steps,
                                                                torch.optim.SGD(trainer.model.parameters(), lr=0.5))
     trainer.generate = fixed_generate(trainer, full_length=name == "bnpo")
-    seen = {"prompts": [], "advantages": [], "allreduce_calls": 0}
+    seen = {"prompts": [], "advantages": [], "allreduce_calls": 0, "refused": ""}
+    if fsdp:  # --fsdp replaced them by their shards: an optimizer on them would step nothing the model uses
+        try:
+            grpo.make_optimizer(trainer.model, args, 4, torch.optim.SGD(whole_weights, lr=0.5))
+        except ValueError as e:
+            seen["refused"] = str(e)
     if trainer.world_size > 1 and not fsdp:  # count DDP's gradient all-reduces (one per bucket per backward that syncs)
         def counting_allreduce(process_group, bucket):
             seen["allreduce_calls"] += 1

@@ -55,10 +55,11 @@ def test_two_sharded_ranks_give_the_loss_and_parameters_of_ddp_and_of_one_proces
     one, ddp = runs[name]
     sharded = sharded_runs[name]
     assert sharded[0]["loss"] == sharded[1]["loss"] and torch.equal(sharded[0]["params"], sharded[1]["params"])
-    for other in (ddp[0], one):  # on an AMD EPYC and an Intel Xeon: 0 against DDP except kl_chunked (1.5e-8)
+    for other in (ddp[0], one):  # on an Intel Xeon: 0 against DDP, 1.2e-7 against one process
         torch.testing.assert_close(torch.tensor(sharded[0]["loss"]), torch.tensor(other["loss"]), rtol=0, atol=1e-6)
         torch.testing.assert_close(sharded[0]["params"], other["params"], rtol=0, atol=1e-6)
     assert sharded[0]["allreduce_calls"] == 0  # no DDP here: the gradients were reduce-scattered instead
+    assert sharded[0]["refused"].startswith("The optimizer given holds whole weights, not the shards --fsdp made")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -175,7 +176,7 @@ def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(
     shards = ["--fsdp", "--fsdp_config", '{"state_dict_type": "SHARDED_STATE_DICT"}']
     straight, straight_shards = tmp_path / "straight", tmp_path / "straight-shards"
     first = _run([*TORCHRUN, "grpo.py", "--fsdp", "--output_dir", str(straight), *argv])
-    assert "[grpo] Part I's plain paths, with the whole model gathered for sampling (--fsdp" in first.stdout
+    assert "[grpo] sampling each group's prompt once; the whole model gathered for sampling (--fsdp)." in first.stdout
     _run([*TORCHRUN, "grpo.py", *shards, "--output_dir", str(straight_shards), *argv])
     assert sorted(os.listdir(straight_shards / "checkpoint-3" / "shards")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (straight_shards / "checkpoint-3" / "model.safetensors").exists()

@@ -14,11 +14,11 @@ def test_fsdp_config_fills_transformers_defaults_and_reads_its_spellings(tmp_pat
     args = GRPOConfig(output_dir=str(tmp_path), fsdp=True)
     assert args.fsdp is True and args.fsdp_config == grpo.FSDP_DEFAULTS
     assert GRPOConfig(output_dir=str(tmp_path)).fsdp is False
-    # the fsdp_ prefix transformers also accepts, JSON text, a JSON file with "true" as a string, a class name alone
+    # the fsdp_ prefix transformers also accepts, JSON text, a JSON file, a class name alone
     text = GRPOConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config='{"fsdp_reshard_after_forward": false}')
     assert text.fsdp_config["reshard_after_forward"] is False
     path = tmp_path / "fsdp.json"
-    path.write_text(json.dumps({"activation_checkpointing": "true", "transformer_layer_cls_to_wrap": "Block"}))
+    path.write_text(json.dumps({"activation_checkpointing": True, "transformer_layer_cls_to_wrap": "Block"}))
     from_file = GRPOConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config=str(path))
     assert from_file.fsdp_config["transformer_layer_cls_to_wrap"] == ["Block"]
     assert from_file.gradient_checkpointing is True  # activation_checkpointing is the same recompute
@@ -36,8 +36,9 @@ REFUSED = [  # (the command line, what its one line says)
     ("--fsdp --fsdp_config {\"state_dict_type\":\"LOCAL_STATE_DICT\"}", "'FULL_STATE_DICT', 'SHARDED_STATE_DICT'"),
     ("--fsdp --fsdp_config {\"cpu_ram_efficient_loading\":true}", "every rank reads the weights itself"),
     ("--fsdp --fsdp_config {\"auto_wrap_policy\":\"SIZE_BASED_WRAP\"}", "'TRANSFORMER_BASED_WRAP', 'NO_WRAP'"),
-    ("--fsdp --fsdp_config {\"cpu_offload\":\"yes\"}", "cpu_offload is 'yes'; it takes True, False"),
-    ("--fsdp --fsdp_config no-such-file.json", "neither a JSON object nor a readable JSON file"),
+    ("--fsdp --fsdp_config {\"cpu_offload\":\"true\"}", "cpu_offload is 'true'; it takes True, False"),
+    ("--fsdp --fsdp_config {\"version\":2", "fsdp_config must be a JSON object"),
+    ("--fsdp --fsdp_config no-such-file.json", "fsdp_config 'no-such-file.json' cannot be read"),
     ("--fsdp hybrid_shard", "fsdp 'hybrid_shard' is not a setting"),
     ("--fsdp --use_peft", "--fsdp with --use_peft is not supported yet"),
 ]
