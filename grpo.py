@@ -1041,9 +1041,9 @@ def read_dict_knobs(args) -> None:
 FSDP_DEFAULTS = dict(version=2, reshard_after_forward=True, cpu_offload=False, activation_checkpointing=False,
                      cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT",
                      auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_layer_cls_to_wrap=None)
-FSDP_CHOICES = dict(version=(2,), cpu_ram_efficient_loading=(False,), state_dict_type=("FULL_STATE_DICT",
-                                                                                       "SHARDED_STATE_DICT"),
-                    auto_wrap_policy=("TRANSFORMER_BASED_WRAP", "NO_WRAP"))
+FSDP_CHOICES = dict(version=(2,), cpu_ram_efficient_loading=(False,),
+                    auto_wrap_policy=("TRANSFORMER_BASED_WRAP", "NO_WRAP"),
+                    state_dict_type=("FULL_STATE_DICT", "SHARDED_STATE_DICT"))
 FSDP_STRINGS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
                 "offload": {"cpu_offload": True}, "auto_wrap": {}}  # transformers' older values of --fsdp
 
@@ -1066,16 +1066,13 @@ def read_fsdp(args) -> None:
                                        f"{', '.join(FSDP_DEFAULTS)}.")
     config = {**FSDP_DEFAULTS, **config}
     for key, value in config.items():
-        why = {"version": "FSDP1 is not supported here: PyTorch's FSDP2 (fully_shard) is, and transformers and TRL "
-                          "are leaving FSDP1 too; set version 2 or leave it out",
+        why = {"version": "FSDP1 is not supported here, PyTorch's FSDP2 (fully_shard) is: set 2 or leave it out",
                "cpu_ram_efficient_loading": "every rank reads the weights itself here"}.get(key, "")
         if (key in FSDP_CHOICES and value not in FSDP_CHOICES[key]) or (
                 isinstance(FSDP_DEFAULTS[key], bool) and not isinstance(value, bool)):
             allowed = FSDP_CHOICES.get(key, (True, False))
             raise KnobError("fsdp_config", f"fsdp_config's {key} is {value!r}; it takes {', '.join(map(repr, allowed))}"
                                            + (f": {why}." if why else "."))
-    if isinstance(config["transformer_layer_cls_to_wrap"], str):
-        config["transformer_layer_cls_to_wrap"] = [config["transformer_layer_cls_to_wrap"]]
     args.fsdp, args.fsdp_config = bool(on), config
 
 
@@ -1228,7 +1225,8 @@ def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> tor
     averaged in float32."""
     config, layers = args.fsdp_config, []
     if config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP":
-        names = set(config["transformer_layer_cls_to_wrap"] or getattr(model, "_no_split_modules", None) or ())
+        names = config["transformer_layer_cls_to_wrap"] or getattr(model, "_no_split_modules", None) or ()
+        names = {names} if isinstance(names, str) else set(names)  # one class's name, or several
         layers = [module for module in model.modules() if type(module).__name__ in names]
         if not layers:
             raise ValueError(f"--fsdp found no decoder layer to shard: {type(model).__name__} has no module of the "
@@ -1243,8 +1241,8 @@ def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> tor
                     offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     for layer in layers:
         fully_shard(layer, **settings)
-    # The root's weights stay whole after a forward (FSDP2's default when not told): the backward needs them at
-    # once, and the chunked and packed log-prob passes apply the LM head after the forward.
+    # The root's weights stay whole after a forward (FSDP2's default): the backward, and the LM head of the chunked
+    # and packed log-prob passes (applied after the forward), need them.
     return fully_shard(model, **{**settings, "reshard_after_forward": False})
 
 
@@ -1252,9 +1250,8 @@ def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> tor
 def gathered(model: torch.nn.Module, reshard_after_forward: bool):
     """The whole model gathered on this rank, through every forward, until the block ends. Sampling runs so: a
     sharded forward all-gathers its weights, which every rank must join, but each rank stops sampling once its own
-    rows have ended, so one rank would wait forever for another that had stopped. Gathered once, all together, the
-    forwards need no other rank. The cost: the whole model's weights on each rank while sampling (as DDP holds them
-    always). Then each part reshards; the root keeps FSDP2's default, whole after a forward for the backward."""
+    rows have ended, and would wait forever for a rank that had stopped. Gathered once, together, the forwards need
+    no other rank; the cost is the whole model on each rank while sampling. The root then keeps FSDP2's default."""
     sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
     with torch.inference_mode(False):  # gathered weights that a later training forward may reuse
         for module in sharded:
@@ -1274,8 +1271,12 @@ def sample_unsharded(model: torch.nn.Module, *args, sample: Callable, reshard_af
 
 
 def full_tensor(x: Tensor) -> Tensor:
-    """x whole: a sharded weight, gradient or norm (a DTensor) gathered from every rank; any other tensor as it is."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
+    """x detached and whole: a sharded weight (a DTensor) gathered from every rank, outside inference mode (vLLM
+    reads weights in it, where a DTensor cannot be detached); any other tensor as it is."""
+    if not isinstance(x, DTensor):
+        return x.detach()
+    with torch.inference_mode(False):
+        return x.detach().full_tensor()
 
 
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole, on the first rank's CPU only
@@ -1283,11 +1284,9 @@ WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered who
 
 def whole_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                 shards: Optional[str] = None) -> tuple[Optional[dict], Optional[dict]]:
-    """What a checkpoint holds: the weights (None: save_pretrained reads the model's own) and the optimizer's state.
-    Sharded, both are gathered whole onto the first rank (every rank must call this, the others get {}), the
-    optimizer's keyed by the weights' names rather than their order, so that DDP or one process can resume it. With
-    state_dict_type SHARDED_STATE_DICT, each rank writes its own shards of both into the folder `shards` instead
-    (torch.distributed.checkpoint): nothing is gathered, and this returns ({}, None)."""
+    """What a checkpoint holds: the weights (None: save_pretrained reads the model's own) and the optimizer's state;
+    sharded, gathered whole onto the first rank (all ranks call this, the others get {}), the optimizer's by name so
+    that DDP can resume it; with SHARDED_STATE_DICT each rank writes its shards into `shards` instead: ({}, None)."""
     if not isinstance(model, FSDPModule):
         return None, optimizer.state_dict() if optimizer else {}
     if shards:
@@ -1309,8 +1308,7 @@ def load_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shards
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore whole_state's optimizer state: each rank keeps its shard of it under FSDP; a state keyed by names
-    (written sharded) is read by name under DDP or in one process too."""
+    """Restore whole_state's optimizer state; one keyed by the weights' names (written sharded) also under DDP."""
     if isinstance(model, FSDPModule) or any(isinstance(key, str) for key in state["state"]):
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
@@ -1382,9 +1380,9 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         if problem is None:
             get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
-    if sharded:  # the checks' forwards left the root whole: resharded, its parameters are the shards again
-        for module in [m for m in model.modules() if isinstance(m, FSDPModule)]:
-            module.reshard()
+    for module in [m for m in model.modules() if isinstance(m, FSDPModule)]:  # the checks left the root whole
+        module.reshard()  # at rest the model's parameters are its shards, which an optimizer must hold
+    if sharded and not args.use_vllm:
         sample = functools.partial(sample_unsharded, sample=sample, reshard_after_forward=reshard)
         said.append("the whole model gathered for sampling (--fsdp)")
     say(trainer, "[grpo] " + ("; ".join(said) if said else "Part I's plain paths") + ".")
@@ -1830,9 +1828,10 @@ class VLLMSampler:
         # tokenizer, which the first rank writes (transformers saves on that one only) where every rank can read,
         # and removes once every engine has loaded.
         directory = os.path.join(args.output_dir, "vllm-start")
+        weights, _ = whole_state(trainer.model)  # under --fsdp gathered onto the first rank; else None
         if trainer.is_main_process:
             shutil.rmtree(directory, ignore_errors=True)  # a run killed before it removed its own
-            policy.save_pretrained(directory, state_dict=dict(policy_weights(trainer.model)))
+            policy.save_pretrained(directory, state_dict=weights or dict(policy_weights(trainer.model)))
             trainer.tokenizer.save_pretrained(directory)
         barrier()
         self.version = vllm.__version__
@@ -1862,7 +1861,7 @@ class VLLMSampler:
         1.16's call, the model's load_weights. vLLM's CPU backend repacks its weights for its matmuls once loaded,
         so there the model runner's reload_weights takes them and repacks; a tied LM head loads no weight of its
         own, so it is repacked from the new embedding here (without that its log-probs stayed the old policy's)."""
-        named = list(policy_weights(self.trainer.model))
+        named = policy_weights(self.trainer.model)  # one weight at a time: under --fsdp each is gathered in turn
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
         if self.trainer.device.type != "cpu":
             runner.model.load_weights(named)
@@ -1937,10 +1936,11 @@ def engine_limits(config, args: GRPOConfig, device: torch.device) -> dict:
 
 
 def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(name, tensor) of the policy's weights under the base model's names; with LoRA, merged while they are read."""
+    """(name, tensor) of the policy's weights under the base model's names; with LoRA, merged while they are read.
+    Sharded (--fsdp), each weight is gathered whole as it is read, which every rank must do, in the same order."""
     model = unwrap(model)
     if not hasattr(model, "merge_adapter"):
-        yield from ((name, param.detach()) for name, param in model.named_parameters())
+        yield from ((name, full_tensor(param)) for name, param in model.named_parameters())
         return
     model.merge_adapter()
     try:
@@ -1971,10 +1971,10 @@ def check_config(args: GRPOConfig) -> None:
     if isinstance(args.report_to, str):
         args.report_to = [args.report_to]
     check_vllm(args)
-    if args.fsdp and (args.use_peft or args.use_vllm):
-        raise KnobError("fsdp", f"--fsdp with {'--use_peft' if args.use_peft else '--use_vllm'} is not supported yet: "
-                                f"LoRA's adapters and vLLM's weight sync read whole weights, which FSDP shards. "
-                                f"Drop one of the two (without --fsdp, each rank holds the whole model).")
+    if args.fsdp and args.use_peft:
+        raise KnobError("fsdp", "--fsdp with --use_peft is not supported yet: LoRA's adapters are merged into whole "
+                                "weights, which FSDP shards. Drop one of the two (without --fsdp, each rank holds the "
+                                "whole model).")
     args.gradient_checkpointing |= args.fsdp and args.fsdp_config["activation_checkpointing"]  # the same recompute
     check_scheduler(args.lr_scheduler_type, args.lr_scheduler_kwargs or {})
     if args.top_k == 1:

@@ -128,9 +128,12 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
         history = trainer.train()
     finally:
         grpo.GenerationBatch.shuffled_split = shuffled_split
-    params = torch.cat([grpo.full_tensor(p.detach()).flatten().cpu() for p in grpo.unwrap(trainer.model).parameters()])
+    params = torch.cat([grpo.full_tensor(p).flatten().cpu() for p in grpo.unwrap(trainer.model).parameters()])
+    stream = list(grpo.policy_weights(trainer.model))  # what vLLM's engine receives, one weight at a time
     torch.save({**seen, "loss": [row["loss"] for row in history], "reward": [row.get("reward") for row in history],
-                "params": params}, os.path.join(out_dir, f"{name}-rank{trainer.rank}.pt"))
+                "params": params, "stream_names": [name for name, _ in stream],
+                "stream": torch.cat([t.flatten().cpu() for _, t in stream])},
+               os.path.join(out_dir, f"{name}-rank{trainer.rank}.pt"))
 
 
 if __name__ == "__main__":

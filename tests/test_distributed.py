@@ -60,6 +60,9 @@ def test_two_sharded_ranks_give_the_loss_and_parameters_of_ddp_and_of_one_proces
         torch.testing.assert_close(sharded[0]["params"], other["params"], rtol=0, atol=1e-6)
     assert sharded[0]["allreduce_calls"] == 0  # no DDP here: the gradients were reduce-scattered instead
     assert sharded[0]["refused"].startswith("The optimizer given holds whole weights, not the shards --fsdp made")
+    # the weights a vLLM engine receives under --fsdp, each gathered in turn: DDP's names, the whole weights
+    assert sharded[0]["stream_names"] == ddp[0]["stream_names"] and len(sharded[0]["stream_names"]) > 20
+    assert torch.equal(sharded[0]["stream"], sharded[0]["params"]) and torch.equal(ddp[0]["stream"], ddp[0]["params"])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

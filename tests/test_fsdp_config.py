@@ -20,7 +20,7 @@ def test_fsdp_config_fills_transformers_defaults_and_reads_its_spellings(tmp_pat
     path = tmp_path / "fsdp.json"
     path.write_text(json.dumps({"activation_checkpointing": True, "transformer_layer_cls_to_wrap": "Block"}))
     from_file = GRPOConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config=str(path))
-    assert from_file.fsdp_config["transformer_layer_cls_to_wrap"] == ["Block"]
+    assert from_file.fsdp_config["transformer_layer_cls_to_wrap"] == "Block"  # shard() reads one name or a list
     assert from_file.gradient_checkpointing is True  # activation_checkpointing is the same recompute
     # transformers' older strings: full_shard (reshard after forward), shard_grad_op (keep), offload
     older = GRPOConfig(output_dir=str(tmp_path), fsdp="shard_grad_op offload")
@@ -58,6 +58,9 @@ def test_a_model_without_decoder_layers_to_shard_names_the_knob(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))  # no _no_split_modules, and no class it could name
     args = GRPOConfig(output_dir=str(tmp_path), fsdp=True)
     with pytest.raises(ValueError, match="Set fsdp_config's transformer_layer_cls_to_wrap to the class of its decoder"):
+        grpo.shard(model, args, torch.device("cpu"))
+    args = GRPOConfig(output_dir=str(tmp_path), fsdp=True, fsdp_config={"transformer_layer_cls_to_wrap": "Block"})
+    with pytest.raises(ValueError, match=r"Sequential has no module of the classes \['Block'\]"):  # one name, whole
         grpo.shard(model, args, torch.device("cpu"))
 
 

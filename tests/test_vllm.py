@@ -203,15 +203,17 @@ def test_the_demo_learns_with_vllm(tmp_path, capsys):
 
 
 @needs_vllm
-def test_two_cpu_ranks_train_with_vllm(tmp_path):
-    """Under torchrun each rank's engine runs with vLLM's external launcher; both ranks log the same rows."""
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_cpu_ranks_train_with_vllm(tmp_path, fsdp):
+    """Under torchrun each rank's engine runs with vLLM's external launcher; both ranks log the same rows. Under
+    --fsdp each engine receives the weights gathered one at a time, and samples from the policy as trained."""
     import subprocess
     import sys
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "grpo.py")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
                           "--use_vllm", "--max_steps", "3", "--eval_strategy", "no", "--eval_on_start", "false",
-                          "--logging_steps", "1", "--output_dir", str(tmp_path)],
+                          "--logging_steps", "1", "--output_dir", str(tmp_path), *fsdp],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "× 2 ranks" in run.stdout and "sampling with vLLM" in run.stdout
