@@ -1205,18 +1205,16 @@ class Processes:
 
     def gradient_sync(self, model: torch.nn.Module, sync: bool):
         """DDP all-reduces the gradients in every backward; while they only accumulate that is wasted traffic, so
-        no_sync skips it until the micro-step before the optimizer step. FSDP2 likewise skips its reduce-scatter (each
-        rank then accumulates whole, unsharded gradients until it syncs)."""
-        if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(sync)
-            return contextlib.nullcontext()
+        no_sync skips it until the last micro-step before the optimizer step. FSDP2 reduce-scatters at every one:
+        skipped, each rank would keep whole gradients until the step (4 bytes a parameter), the memory it saves."""
         return model.no_sync() if isinstance(model, DistributedDataParallel) and not sync else contextlib.nullcontext()
 
 
 # Sharding (--fsdp under torchrun): PyTorch's FSDP2 in place of DDP. fully_shard splits every weight of a module
 # across the ranks (dim 0, as DTensors); in the forward each sharded module all-gathers its whole weights, runs and
 # frees them again (reshard_after_forward), and in backward its gradients are reduce-scattered: each rank keeps the
-# average gradient of its 1/W, and AdamW steps on its 1/W. The gradient is the one DDP computes, so the run is too.
+# average gradient of its 1/W, and AdamW steps on its 1/W. The gradient is DDP's up to float rounding (in float32;
+# under --bf16 FSDP2 computes with bf16 copies of the weights, where DDP autocasts: not the same rounding).
 
 def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> torch.nn.Module:
     """model with fully_shard applied to each decoder layer (the classes in its _no_split_modules, or fsdp_config's
@@ -1232,18 +1230,19 @@ def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> tor
             raise ValueError(f"--fsdp found no decoder layer to shard: {type(model).__name__} has no module of the "
                              f"classes {sorted(names)}. Set fsdp_config's transformer_layer_cls_to_wrap to the "
                              f"class of its decoder layers, or auto_wrap_policy to NO_WRAP (one group: more memory).")
-    for tensor in model.state_dict().values():  # as DDP does: every rank starts from the first rank's weights
-        dist.broadcast(tensor, src=0)
+    whole = model.state_dict() if dist.get_rank() == 0 else {}  # sent to the others once sharded, as DDP does
     offload = config["cpu_offload"] and device.type == "cuda"  # on a CPU the weights are in its memory already
     settings = dict(reshard_after_forward=config["reshard_after_forward"],
                     mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if args.bf16 else None,
                                                    reduce_dtype=torch.float32 if args.bf16 else None),
                     offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
-    for layer in layers:
+    for layer in layers:  # fully_shard moves each rank's shards to the device, one layer at a time
         fully_shard(layer, **settings)
-    # The root's weights stay whole after a forward (FSDP2's default): the backward, and the LM head of the chunked
-    # and packed log-prob passes (applied after the forward), need them.
-    return fully_shard(model, **{**settings, "reshard_after_forward": False})
+    # The root's weights stay whole after a forward (as FSDP2 keeps them unless told): the backward, and the LM head
+    # of the chunked and packed log-prob passes (applied after the forward), need them.
+    model = fully_shard(model, **{**settings, "reshard_after_forward": False})
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 @contextlib.contextmanager
@@ -1253,7 +1252,7 @@ def gathered(model: torch.nn.Module, reshard_after_forward: bool):
     rows have ended, and would wait forever for a rank that had stopped. Gathered once, together, the forwards need
     no other rank; the cost is the whole model on each rank while sampling. The root then keeps FSDP2's default."""
     sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    with torch.inference_mode(False):  # gathered weights that a later training forward may reuse
+    with torch.inference_mode(False):  # FSDP2 reuses these tensors in later forwards, where autograd must see them
         for module in sharded:
             module.unshard()
             module.set_reshard_after_forward(False, recurse=False)
@@ -1308,7 +1307,7 @@ def load_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shards
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore whole_state's optimizer state; one keyed by the weights' names (written sharded) also under DDP."""
+    """Restore whole_state's optimizer state; one keyed by the weights' names (written under --fsdp) also under DDP."""
     if isinstance(model, FSDPModule) or any(isinstance(key, str) for key in state["state"]):
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
@@ -1380,8 +1379,8 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         if problem is None:
             get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
-    for module in [m for m in model.modules() if isinstance(m, FSDPModule)]:  # the checks left the root whole
-        module.reshard()  # at rest the model's parameters are its shards, which an optimizer must hold
+    for module in [m for m in model.modules() if isinstance(m, FSDPModule)]:  # the checks left the root gathered:
+        module.reshard()  # its parameters are the shards again, on which an optimizer built later must step
     if sharded and not args.use_vllm:
         sample = functools.partial(sample_unsharded, sample=sample, reshard_after_forward=reshard)
         said.append("the whole model gathered for sampling (--fsdp)")
@@ -2246,7 +2245,8 @@ RESUME_MUST_MATCH = ("num_generations", "per_device_train_batch_size", "steps_pe
 
 
 class Checkpoints:
-    """output_dir/checkpoint-{step}: the model and tokenizer (save_pretrained, usable on their own), the
+    """output_dir/checkpoint-{step}: the model and tokenizer (save_pretrained, usable on their own; under
+    --fsdp with SHARDED_STATE_DICT each rank's shards of the model and optimizer instead, in shards/), the
     optimizer, scheduler, config and loop position (trainer_state.json, state.pt), and each rank's random
     states, unfinished generation batch and unlogged metrics (rank{r}.pt). It also stops a run safely: on Ctrl-C or
     SIGTERM after the step under way, and after MAX_BAD_STEPS_IN_A_ROW non-finite steps, each with a checkpoint."""
@@ -2405,8 +2405,8 @@ class Checkpoints:
             read_checkpoint_file(path, "shards", lambda shards: load_shards(trainer.model, trainer.optimizer, shards))
         else:
             read_checkpoint_file(path, "the model's weights", lambda _: _load_weights(trainer.model, path))
-        state, mine = (read_checkpoint_file(path, name, lambda file: torch.load(file, map_location=trainer.device))
-                       for name in ("state.pt", f"rank{trainer.rank}.pt"))
+        state, mine = (read_checkpoint_file(path, name, lambda file: torch.load(file, map_location=device))
+                       for name, device in (("state.pt", "cpu"), (f"rank{trainer.rank}.pt", trainer.device)))
         if state["optimizer"] is not None:  # else it came with the shards
             load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -2998,18 +2998,17 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
         from peft import get_peft_model
         model = get_peft_model(model, peft_config)  # the reference is this model with the adapter disabled
     elif args.beta != 0.0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if args.disable_dropout:  # after LoRA, whose own dropout would make the ratio noise too
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    model = model.to(device).train()
-    if world_size > 1 and args.fsdp:  # each rank keeps 1/W of every weight
-        model = shard(model, args, device)
-        ref_model = ref_model and shard(ref_model, args, device)
-    elif world_size > 1:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
+    sharded = world_size > 1 and args.fsdp  # each rank keeps 1/W of every weight; only its shards reach its device
+    model = shard(model.train(), args, device) if sharded else model.to(device).train()
+    ref_model = ref_model and (shard(ref_model, args, device) if sharded else ref_model.to(device))
+    if world_size > 1 and not sharded:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif args.fsdp:
+    elif args.fsdp and not sharded:
         tqdm.write("[grpo] --fsdp shards the model across torchrun's ranks; this is one process, which holds it whole.")
     rows = unwrap(model).get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:  # a larger id would index past the embedding, in the middle of sampling
