@@ -31,6 +31,11 @@ def _run(command, env_extra=None, **kwargs):
     return result
 
 
+def logged_rows(out) -> list[dict]:
+    """The rows of out/metrics.jsonl without their wall-clock times, which differ between any two runs."""
+    return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     """Every configuration trained by one process and by two ranks: {config: (one, [rank0, rank1])}."""
@@ -164,10 +169,8 @@ def test_resume_under_torchrun_is_the_same_run(tmp_path):
     assert {"rank0.pt", "rank1.pt"} <= set(os.listdir(resumed / "checkpoint-3"))  # each rank's random state
     assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
 
-    def rows(out):
-        return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
-
-    assert rows(resumed) == rows(straight) and [row["step"] for row in rows(straight)] == list(range(0, 7))  # 0: eval on start
+    assert logged_rows(resumed) == logged_rows(straight)
+    assert [row["step"] for row in logged_rows(straight)] == list(range(0, 7))  # 0: eval on start
 
 
 def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(tmp_path):
@@ -181,11 +184,9 @@ def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(
     first = _run([*TORCHRUN, "grpo.py", "--fsdp", "--output_dir", str(straight), *argv])
     assert "[grpo] sampling each group's prompt once; the whole model gathered for sampling (--fsdp)." in first.stdout
     _run([*TORCHRUN, "grpo.py", *shards, "--output_dir", str(straight_shards), *argv])
-    assert sorted(os.listdir(straight_shards / "checkpoint-3" / "shards")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shard_files = sorted(os.listdir(straight_shards / "checkpoint-3" / "shards"))
+    assert shard_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file a rank
     assert not (straight_shards / "checkpoint-3" / "model.safetensors").exists()
-
-    def rows(out):
-        return [{k: v for k, v in json.loads(line).items() if k != "step_time"} for line in open(out / "metrics.jsonl")]
 
     for name, checkpoint, flags in [("fsdp", straight, ["--fsdp"]), ("ddp", straight, []),
                                     ("shards", straight_shards, shards)]:
@@ -195,9 +196,9 @@ def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(
         for out in (resumed, straight_shards):
             assert (out / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
         if name != "ddp":
-            assert rows(resumed) == rows(straight)
+            assert logged_rows(resumed) == logged_rows(straight)
         else:  # DDP's gradient norm is summed in another order than FSDP's: the same to float rounding
-            for mine, theirs in zip(rows(resumed), rows(straight), strict=True):
+            for mine, theirs in zip(logged_rows(resumed), logged_rows(straight), strict=True):
                 assert mine.keys() == theirs.keys()
                 assert abs(mine.pop("grad_norm", 0) - theirs.pop("grad_norm", 0)) < 1e-6
                 assert mine == theirs
@@ -212,8 +213,8 @@ def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(
 
 
 def test_a_sharded_rank_holds_half_of_what_a_ddp_rank_holds(tmp_path, tiny_model_dir):
-    """Bytes of the weights, gradients and AdamW's moments one rank holds at the optimizer step (fsdp_memory.py), 2 ranks:
-    DDP holds 16 bytes a parameter on each rank, FSDP2 half of it. While sampling, a sharded rank gathers the
+    """Bytes of the weights, gradients and AdamW's moments one rank holds at the optimizer step (fsdp_memory.py), on
+    2 ranks: DDP holds 16 bytes a parameter on each rank, FSDP2 half of it. While sampling, a sharded rank gathers the
     whole model beside its shard (sample_unsharded)."""
     for flags in ([], ["--fsdp"]):
         _run([*TORCHRUN, os.path.join(HERE, "fsdp_memory.py"), str(tmp_path), tiny_model_dir, *flags])
