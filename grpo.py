@@ -1041,8 +1041,7 @@ def read_dict_knobs(args) -> None:
 FSDP_DEFAULTS = dict(version=2, reshard_after_forward=True, cpu_offload=False, activation_checkpointing=False,
                      cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT",
                      auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_layer_cls_to_wrap=None)
-FSDP_CHOICES = dict(version=(2,), cpu_ram_efficient_loading=(False,),
-                    auto_wrap_policy=("TRANSFORMER_BASED_WRAP", "NO_WRAP"),
+FSDP_CHOICES = dict(version=(2,), auto_wrap_policy=("TRANSFORMER_BASED_WRAP", "NO_WRAP"),
                     state_dict_type=("FULL_STATE_DICT", "SHARDED_STATE_DICT"))
 FSDP_STRINGS = {"full_shard": {"reshard_after_forward": True}, "shard_grad_op": {"reshard_after_forward": False},
                 "offload": {"cpu_offload": True}, "auto_wrap": {}}  # transformers' older values of --fsdp
@@ -1066,13 +1065,12 @@ def read_fsdp(args) -> None:
                                        f"{', '.join(FSDP_DEFAULTS)}.")
     config = {**FSDP_DEFAULTS, **config}
     for key, value in config.items():
-        why = {"version": "FSDP1 is not supported here, PyTorch's FSDP2 (fully_shard) is: set 2 or leave it out",
-               "cpu_ram_efficient_loading": "every rank reads the weights itself here"}.get(key, "")
         if (key in FSDP_CHOICES and value not in FSDP_CHOICES[key]) or (
                 isinstance(FSDP_DEFAULTS[key], bool) and not isinstance(value, bool)):
-            allowed = FSDP_CHOICES.get(key, (True, False))
-            raise KnobError("fsdp_config", f"fsdp_config's {key} is {value!r}; it takes {', '.join(map(repr, allowed))}"
-                                           + (f": {why}." if why else "."))
+            allowed = ", ".join(map(repr, FSDP_CHOICES.get(key, (True, False))))
+            why = (": FSDP1 is not supported here, PyTorch's FSDP2 (fully_shard) is: set 2 or leave it out"
+                   if key == "version" else "")
+            raise KnobError("fsdp_config", f"fsdp_config's {key} is {value!r}; it takes {allowed}{why}.")
     args.fsdp, args.fsdp_config = bool(on), config
 
 
@@ -1241,7 +1239,13 @@ def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> tor
     # The root's weights stay whole after a forward (as FSDP2 keeps them unless told): the backward, and the LM head
     # of the chunked and packed log-prob passes (applied after the forward), need them.
     model = fully_shard(model, **{**settings, "reshard_after_forward": False})
+    if any(p.is_meta for p in model.parameters()):  # built on the meta device (cpu_ram_efficient_loading)
+        model.to_empty(device=device)  # memory for its shards, filled below
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    kept = model.state_dict()
+    for name, buffer in model.named_buffers():  # those the state dict leaves out (rotary tables): rank 0's as well
+        if name not in kept:
+            dist.broadcast(buffer, src=0)
     return model
 
 
@@ -2985,7 +2989,10 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
     """Load the policy in args.dtype, turn activation checkpointing on if asked, add LoRA (peft_config, or
     --use_peft) or else copy a frozen reference for β ≠ 0, switch dropout off, and wrap it in DDP under torchrun.
     Also the tokens that end its completions (eos_token_ids)."""
-    if isinstance(model, str):
+    sharded = world_size > 1 and args.fsdp  # each rank keeps 1/W of every weight; only its shards reach its device
+    if isinstance(model, str) and sharded and args.fsdp_config["cpu_ram_efficient_loading"]:
+        model = load_on_first_rank(model, args)
+    elif isinstance(model, str):
         model = _from_pretrained(AutoModelForCausalLM, model, dtype=args.dtype)
     if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -3003,7 +3010,6 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    sharded = world_size > 1 and args.fsdp  # each rank keeps 1/W of every weight; only its shards reach its device
     model = shard(model.train(), args, device) if sharded else model.to(device).train()
     ref_model = ref_model and (shard(ref_model, args, device) if sharded else ref_model.to(device))
     if world_size > 1 and not sharded:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
@@ -3015,6 +3021,21 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
         raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: ids "
                          f"from {rows} on would index past it. Use the model's own tokenizer.")
     return model, ref_model, find_eos_token_ids(model, tokenizer)
+
+
+def load_on_first_rank(name: str, args: GRPOConfig) -> PreTrainedModel:
+    """fsdp_config's cpu_ram_efficient_loading: rank 0 alone reads the weights; the other ranks build the model on
+    the meta device (no memory), from rank 0's config, dtype and generation config (whose EOS ends completions).
+    shard() then gives them memory for their shards only, and rank 0's weights."""
+    model = _from_pretrained(AutoModelForCausalLM, name, dtype=args.dtype) if dist.get_rank() == 0 else None
+    sent = [model and (model.config, model.dtype, model.generation_config)]
+    dist.broadcast_object_list(sent, src=0)
+    if model is None:
+        config, dtype, generation_config = sent[0]
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.generation_config = generation_config
+    return model
 
 
 def find_eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

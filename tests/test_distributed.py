@@ -215,16 +215,21 @@ def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(
 def test_a_sharded_rank_holds_half_of_what_a_ddp_rank_holds(tmp_path, tiny_model_dir):
     """Bytes of the weights, gradients and AdamW's moments one rank holds at the optimizer step (fsdp_memory.py), on
     2 ranks: DDP holds 16 bytes a parameter on each rank, FSDP2 half of it. While sampling, a sharded rank gathers the
-    whole model beside its shard (sample_unsharded)."""
-    for flags in ([], ["--fsdp"]):
+    whole model beside its shard (sample_unsharded). So with cpu_ram_efficient_loading, where only rank 0 reads the
+    weights."""
+    for flags in ([], ["--fsdp"], ["--fsdp", "--efficient"]):
         _run([*TORCHRUN, os.path.join(HERE, "fsdp_memory.py"), str(tmp_path), tiny_model_dir, *flags])
-    ddp, fsdp = ([json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
-                 for mode in ("ddp", "fsdp"))
+    ddp, fsdp, efficient = ([json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
+                            for mode in ("ddp", "fsdp", "efficient"))
     whole = ddp[0]["whole_model"]  # 4 bytes a parameter in float32
     for rank in ddp:
         assert (rank["weights"], rank["gradients"], rank["optimizer_state"]) == (whole, whole, 2 * whole)
         assert rank["sampling_weights"] == whole
-    for rank in fsdp:
+    for rank in fsdp + efficient:
         held = rank["weights"] + rank["gradients"] + rank["optimizer_state"]
         assert held <= 0.55 * 4 * whole, held / (4 * whole)
         assert rank["sampling_weights"] == whole and rank["shards"] == rank["weights"]
+    # cpu_ram_efficient_loading: rank 1 reads no weights, builds on the meta device, and receives rank 0's weights
+    # and rotary tables: the same step, bit for bit (the tables left unsent, the gradient norm moved by 4%)
+    assert [rank["read_weights"] for rank in efficient] == [True, False] and fsdp[1]["read_weights"]
+    assert efficient[0]["weights_hash"] == efficient[1]["weights_hash"] == fsdp[0]["weights_hash"]

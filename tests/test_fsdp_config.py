@@ -34,7 +34,7 @@ REFUSED = [  # (the command line, what its one line says)
     ("--fsdp --fsdp_config {\"version\":1}", "FSDP1 is not supported here"),
     ("--fsdp --fsdp_config {\"min_num_params\":1000}", "fsdp_config has ['min_num_params'], which this trainer"),
     ("--fsdp --fsdp_config {\"state_dict_type\":\"LOCAL_STATE_DICT\"}", "'FULL_STATE_DICT', 'SHARDED_STATE_DICT'"),
-    ("--fsdp --fsdp_config {\"cpu_ram_efficient_loading\":true}", "every rank reads the weights itself"),
+    ("--fsdp --fsdp_config {\"cpu_ram_efficient_loading\":\"yes\"}", "cpu_ram_efficient_loading is 'yes'"),
     ("--fsdp --fsdp_config {\"auto_wrap_policy\":\"SIZE_BASED_WRAP\"}", "'TRANSFORMER_BASED_WRAP', 'NO_WRAP'"),
     ("--fsdp --fsdp_config {\"cpu_offload\":\"true\"}", "cpu_offload is 'true'; it takes True, False"),
     ("--fsdp --fsdp_config {\"version\":2", "fsdp_config must be a JSON object"),
