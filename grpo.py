@@ -127,6 +127,16 @@ class AlgorithmConfig:
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
+    # TRL's other recipes (section 9b), each off unless asked for
+    multi_objective_aggregation: str = knob("sum_then_normalize", "sum_then_normalize: weigh and sum the rewards, then take group statistics; normalize_then_sum: each reward normalised within its group first (GDPO).")
+    off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. Default: off.", low=0,
+                                                      why="the mean gap estimates a KL divergence, which is never negative")
+    sapo_temperature_pos: float = knob(1.0, "SAPO: τ of the gate σ(τ(r-1)) where A > 0.", above=0, why="the gate divides by τ")
+    sapo_temperature_neg: float = knob(1.05, "SAPO: τ of the gate where A < 0.", above=0, why="the gate divides by τ")
+    vespo_k_pos: float = knob(2.0, "VESPO: k of the weight φ(w) = e^λ·w^k·e^(-λw) where A >= 0.", low=0)
+    vespo_lambda_pos: float = knob(3.0, "VESPO: λ of φ(w) where A >= 0.", above=0, why="φ(w) must fall off for large w")
+    vespo_k_neg: float = knob(3.0, "VESPO: k of φ(w) where A < 0.", low=0)
+    vespo_lambda_neg: float = knob(2.0, "VESPO: λ of φ(w) where A < 0.", above=0, why="φ(w) must fall off for large w")
 
     def __post_init__(self):  # defaults that follow other knobs, as in TRL
         self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
@@ -502,7 +512,7 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
 # ----------------------------------------------------------------------------------------------------------
 # 9. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # the last four: 9b
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -528,14 +538,18 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
               steps_per_generation: int = 1, num_items_in_batch: Optional[float] = None, world_size: int = 1,
               use_bias_correction_kl: bool = True, delta: Optional[float] = None,
               entropy_mask: Optional[Bool[Tensor, "N C"]] = None,
-              importance_sampling_ratio: Optional[Float[Tensor, "N #C"]] = None) -> tuple[Float[Tensor, ""], dict]:
+              importance_sampling_ratio: Optional[Float[Tensor, "N #C"]] = None,
+              recipe: Optional[AlgorithmConfig] = None, sampling_per_token_logps: Optional[Float[Tensor, "N C"]] = None
+              ) -> tuple[Float[Tensor, ""], dict]:
     """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL). For "dapo",
     num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
     for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C. entropy_mask
-    (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 13) weigh the policy term only."""
+    (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 13) weigh the policy term only.
+    recipe: the config holding the settings of TRL's other recipes (9b), with sampling_per_token_logps for the
+    off-policy mask."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
-    log_ratio = per_token_logps - old_per_token_logps
+    log_ratio = token_log_ratio = per_token_logps - old_per_token_logps
     # (Four variants, a line or two each, can be skipped on a first read: GSPO's one ratio per completion, δ's cap,
     # the high-entropy mask and vLLM's correction.)
     if importance_sampling_level == "sequence":  # GSPO: one ratio per completion, log s_i = (1/|o_i|) Σ_t log r_{i,t}
@@ -553,11 +567,19 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
     per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
+    recipe = recipe or AlgorithmConfig()
+    metrics = {}
+    if loss_type in OTHER_POLICY_LOSSES:  # TRL's other policy terms in place of the clip (9b)
+        per_token_loss, metrics = other_policy_loss(loss_type, per_token_logps, token_log_ratio, ratio, A, mask,
+                                                    epsilon_high, recipe, importance_sampling_ratio)
+    if recipe.off_policy_mask_threshold is not None:  # DeepSeek-V3.2's off-policy sequence mask (9b)
+        sampling = old_per_token_logps if sampling_per_token_logps is None else sampling_per_token_logps
+        per_token_loss = per_token_loss * off_policy_mask(per_token_logps, sampling, A, mask,
+                                                          recipe.off_policy_mask_threshold)
     if entropy_mask is not None:  # top_entropy_quantile < 1: the policy term on the high-entropy tokens only
         per_token_loss = per_token_loss * entropy_mask
-    if importance_sampling_ratio is not None:  # vLLM sampled the tokens: TRL's correction, π_θ_old/π_vLLM
+    if importance_sampling_ratio is not None and loss_type != "vespo":  # vLLM sampled: π_θ_old/π_vLLM (VESPO: 9b)
         per_token_loss = per_token_loss * importance_sampling_ratio
-    metrics = {}
     if beta != 0.0:
         # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased in value, always >= 0)
         ref_minus_logp = ref_per_token_logps - per_token_logps
@@ -571,19 +593,22 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = masked_mean(per_token_kl, mask)
 
-    if loss_type == "grpo":
+    normaliser = NORMALISED_AS.get(loss_type, loss_type)  # each of TRL's other losses averages as one of these four
+    if normaliser == "luspo":  # LUSPO (9b): 1/N Σ_i Σ_t L_{i,t}, each completion's sum, so longer ones weigh more
+        loss = (per_token_loss * mask).sum(-1).mean() / gradient_accumulation_steps
+    elif normaliser == "grpo":
         # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the paper's form (its 1/G, here over N rows). A long completion's tokens each
         # weigh less, so long wrong answers are punished less per token (the length bias Dr. GRPO names).
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
         loss = loss / gradient_accumulation_steps
-    elif loss_type == "bnpo":
+    elif normaliser == "bnpo":
         # Σ_{i,t} L_{i,t} / (tokens in this micro-batch)
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / gradient_accumulation_steps
-    elif loss_type == "dr_grpo":
+    elif normaliser == "dr_grpo":
         # Σ_{i,t} L_{i,t} / (N · max_completion_length): a constant, so no length bias
         length = max_completion_length or mask.size(1)
         loss = (per_token_loss * mask).sum() / (mask.size(0) * length) / gradient_accumulation_steps
-    elif loss_type == "dapo":
+    elif normaliser == "dapo":
         # Σ_{i,t} L_{i,t} / (T · GA / S), T = completion tokens of the whole generation batch, over all
         # processes: T·GA/S is the mean number of tokens an optimizer step sees, so a step's gradient is about the
         # token mean of its tokens, whatever S and GA are. Dividing T by the world size undoes DDP's averaging.
@@ -596,7 +621,11 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     trace("loss", locals(), ratio="N C", clipped_ratio="N C", per_token_kl="N C", per_token_loss="N C", loss="")
     # How often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step falls
     # inside a generation batch (μ = 1, S = GA); rising: the policy moves fast between steps.
-    metrics.update(clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level))
+    if loss_type == "cispo":  # TRL's cispo_clip_ratio: the share of tokens with A > 0 whose weight the cap held
+        metrics["cispo_clip_ratio"] = clip_metrics(ratio, A, mask, epsilon_low, epsilon_high - 1,
+                                                   importance_sampling_level)["clip_ratio/high_mean"]
+    elif loss_type not in OTHER_POLICY_LOSSES:
+        metrics.update(clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level))
     return loss, metrics
 
 
@@ -616,6 +645,60 @@ def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, eps
             "clip_ratio/region_mean": masked_mean(torch.maximum(is_low_clipped, is_high_clipped), mask),
             "clip_ratio/low_min": nanmin((is_low_clipped * mask).sum(-1) / mask.sum(-1)),
             "clip_ratio/high_max": -nanmin(-(is_high_clipped * mask).sum(-1) / mask.sum(-1))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9b. TRL's other recipes, for a reader who wants them (GRPO needs none): four other policy losses, the off-policy
+# mask, and another way to combine several rewards. Each is off unless its knob asks for it.
+
+OTHER_POLICY_LOSSES = ("cispo", "sapo", "vespo")  # luspo keeps the clipped term and changes only the average
+NORMALISED_AS = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}  # as TRL 1.16 averages them
+
+
+def other_policy_loss(loss_type: str, logps: Tensor, token_log_ratio: Tensor, ratio: Tensor, A: Tensor, mask: Tensor,
+                      epsilon_high: float, recipe: AlgorithmConfig, importance_sampling_ratio: Optional[Tensor]
+                      ) -> tuple[Tensor, dict]:
+    """The per-token policy term of a loss that replaces the clip, and the diagnostic TRL logs for it."""
+    if loss_type == "cispo":
+        # CISPO (MiniMax-M1, 2025): L = -sg(min(r, ε_high))·A·log π. The ratio, capped, is a constant weight, so
+        # every token keeps a gradient, where the clip would drop it. (Here ε_high is the cap itself, as in TRL.)
+        return -torch.clamp(ratio, max=epsilon_high).detach() * A * logps, {}
+    if loss_type == "sapo":
+        # SAPO (Qwen, 2025): L = -(4/τ)·σ(τ(r - 1))·A, a smooth gate in place of the clip: its weight is 1 at r = 1
+        # and fades as r leaves 1; τ is larger (the gate narrower) where A < 0.
+        tau = torch.where(A > 0, recipe.sapo_temperature_pos, recipe.sapo_temperature_neg)
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A, {}
+    # VESPO: L = -sg(φ(w))·A·log π, with w = Π_t r_t the completion's ratio (times vLLM's per-token correction) and
+    # φ(w) = e^λ·w^k·e^(-λw), which is 1 at w = 1 and falls off on both sides (k, λ by the sign of A).
+    with torch.no_grad():
+        log_w = (token_log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+        if importance_sampling_ratio is not None:
+            log_w = log_w + importance_sampling_ratio.log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(math.log(1e-8), 20.0)
+        k = torch.where(A >= 0, recipe.vespo_k_pos, recipe.vespo_k_neg)
+        lam = torch.where(A >= 0, recipe.vespo_lambda_pos, recipe.vespo_lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi * A * logps, {"vespo/phi_seq_mean": masked_mean(phi, torch.ones_like(phi))}
+
+
+def off_policy_mask(logps: Tensor, sampling_logps: Tensor, A: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask: 0 for a completion with A < 0 whose mean log(π_sampler/π_θ) over
+    its tokens is above the threshold (its tokens came from a policy too far from π_θ to learn from), else 1."""
+    gap = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)  # a token the sampler could not score: no gap
+    mean_gap = (gap * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((A >= 0) | (mean_gap <= threshold)).float()
+
+
+def normalize_then_sum(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Float[Tensor, "F"],
+                       num_generations: int, all_ranks: Callable) -> Float[Tensor, "BG"]:
+    """multi_objective_aggregation="normalize_then_sum" (GDPO): each reward function's scores become z-scores
+    within their group before the weighted sum, so no function dominates by its scale; the advantage is that sum,
+    normalised over the whole batch (every rank's rows, which all_ranks gathers)."""
+    grouped = rearrange(rewards_per_func, "(b g) f -> b g f", g=num_generations)
+    z = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1)[:, None] + 1e-4)
+    summed = weighted_rewards(rearrange(z, "b g f -> (b g) f"), reward_weights)
+    everyone = all_ranks(summed)
+    return torch.nan_to_num((summed - torch.nanmean(everyone)) / (nanstd(everyone) + 1e-4), nan=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -723,6 +806,9 @@ class GRPOTrainer:
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 12).
         all_rewards = self.processes.gather(rewards) if mode == "train" else rewards
         advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
+        if args.multi_objective_aggregation == "normalize_then_sum":  # each reward normalised in its group first (9b)
+            all_ranks = self.processes.gather if mode == "train" else (lambda x: x)
+            advantages = normalize_then_sum(rewards_per_func, self.reward_weights, self.G, all_ranks)
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
         # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
@@ -807,7 +893,8 @@ class GRPOTrainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
             use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta, entropy_mask=entropy_mask,
-            importance_sampling_ratio=batch.importance_sampling_ratio)
+            importance_sampling_ratio=batch.importance_sampling_ratio, recipe=args,
+            sampling_per_token_logps=batch.sampling_per_token_logps if args.use_vllm else None)
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
         self.report.record(metrics, tokens=batch.completion_mask.sum())  # under torchrun, over every rank's tokens
         return loss
@@ -2001,7 +2088,8 @@ def check_config(args: GRPOConfig) -> None:
     for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", ("group", "batch", "none")),
                           ("eval_strategy", ("no", "steps")),
                           ("dtype", ("float32", "bfloat16", "float16", "auto")),
-                          ("importance_sampling_level", ("token", "sequence"))):
+                          ("importance_sampling_level", ("token", "sequence")),
+                          ("multi_objective_aggregation", ("sum_then_normalize", "normalize_then_sum"))):
         if getattr(args, name) not in allowed:
             raise ValueError(f"Unknown {name} {getattr(args, name)!r}; choose one of {', '.join(allowed)}.")
     if args.reward_weights is not None and args.reward_funcs:
@@ -2071,6 +2159,9 @@ def check_vllm(args: GRPOConfig) -> None:
                          f"needs a bound; set vllm_importance_sampling_clip_max (TRL's default is 3.0).")
     if low is not None and high is not None and low > high:
         raise ValueError(f"vllm_importance_sampling_clip_min={low} > vllm_importance_sampling_clip_max={high}.")
+    if args.loss_type == "vespo" and args.vllm_importance_sampling_correction and not mode.startswith("token"):
+        raise ValueError(f"loss_type='vespo' with vllm_importance_sampling_mode={mode!r}: VESPO multiplies vLLM's "
+                         f"correction into each completion's ratio token by token; use token_truncate or token_mask.")
 
 
 def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B: int, world_size: int) -> None:
@@ -2600,6 +2691,14 @@ class Report:
                                   asdict(self.args)) if trainer.is_main_process else None)
         self.evaluating = trainer.eval_dataset is not None  # off while trace_shapes runs its one step
         self.bar = None
+        level, loss = self.args.importance_sampling_level, self.args.loss_type  # TRL's advice, as its warnings
+        summed = "this loss sums per-token terms, so a completion weighs by its length; GSPO's is loss_type='grpo'"
+        advice = {("luspo", "token"): "LUSPO's paper uses 'sequence'",
+                  ("vespo", "sequence"): "VESPO builds its own completion weights from the token ratios: use 'token'",
+                  **{(name, "sequence"): summed for name in ("bnpo", "dr_grpo", "dapo", "cispo")}}
+        if (loss, level) in advice:
+            say(trainer, f"[grpo] warning: loss_type={loss!r} with importance_sampling_level={level!r}: "
+                         f"{advice[loss, level]}.")
 
     @contextlib.contextmanager
     def without_evaluation(self):
