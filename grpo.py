@@ -102,8 +102,10 @@ class AlgorithmConfig:
     # B = N·S/G prompts per generation batch is derived, not a knob (the defaults give B = 1 prompt per process)
     num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.", low=2,
                                 why="advantages compare a completion with the others of its group, and a group of one has nothing to compare with")
+    num_generations_eval: Optional[int] = knob(None, "G in evaluation: completions per held-out prompt. Default: num_generations.", low=1)
     per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.", low=1)
     steps_per_generation: Optional[int] = knob(None, "S: micro-batches (not optimizer steps) cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps, one optimizer step per generation batch.", low=1)
+    generation_batch_size: Optional[int] = knob(None, "Completions per generation batch over all W processes, N·W·S: the other way to set S (not both).", low=1)
     num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions; the ratio moves from 1 once an optimizer step falls inside a batch.", low=1)
     gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.", low=1)
     # generation
@@ -137,15 +139,24 @@ class AlgorithmConfig:
     vespo_lambda_pos: float = knob(3.0, "VESPO: λ of φ(w) where A >= 0.", above=0, why="φ(w) must fall off for large w")
     vespo_k_neg: float = knob(3.0, "VESPO: k of φ(w) where A < 0.", low=0)
     vespo_lambda_neg: float = knob(2.0, "VESPO: λ of φ(w) where A < 0.", above=0, why="φ(w) must fall off for large w")
+    entropy_coef: float = knob(0.0, "c of the entropy bonus: loss - c·H̄, H̄ the mean entropy of a micro-batch's completion tokens (0: off; costs the logits' memory again).", low=0, why="a bonus; below 0 it would punish exploring")
+    use_adaptive_entropy: bool = knob(False, "Skywork-OR1's adaptive c: after each optimizer step, up by entropy_coef_delta while the step's entropy is at or below entropy_target, else down; applied only while at or below.")
+    entropy_coef_min: float = knob(0.0, "The adaptive c's floor.", low=0)
+    entropy_coef_max: float = knob(1.0, "The adaptive c's ceiling.", low=0)
+    entropy_coef_delta: float = knob(0.005, "The adaptive c's change per optimizer step.", low=0)
+    entropy_target: float = knob(0.2, "The entropy (nats per token) the adaptive c holds the policy at.", low=0)
+    sync_ref_model: bool = knob(False, "TR-DPO's moving reference: every ref_model_sync_steps steps, π_ref <- α·π_θ + (1-α)·π_ref (needs β ≠ 0, no LoRA).")
+    ref_model_mixup_alpha: float = knob(0.6, "α, the policy's share in sync_ref_model's mix.", low=0, high=1)
+    ref_model_sync_steps: int = knob(512, "Optimizer steps between two of sync_ref_model's mixes.", low=1)
 
     def __post_init__(self):  # defaults that follow other knobs, as in TRL
+        NW = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets WORLD_SIZE
+        if self.generation_batch_size is not None and self.steps_per_generation is None:
+            self.steps_per_generation = self.generation_batch_size // NW  # check_config sees that it divides
         self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+        self.generation_batch_size = self.generation_batch_size or NW * self.steps_per_generation
         self.epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-
-    @property
-    def generation_batch_size(self) -> int:
-        """B*G: completions generated at once on this process = N × S."""
-        return self.per_device_train_batch_size * self.steps_per_generation
+        self.num_generations_eval = self.num_generations_eval or self.num_generations
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,31 +480,34 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
 
 
 @shape_checked
-def entropy_from_logits(logits: Float[Tensor, "N C V"]) -> Float[Tensor, "N C"]:
-    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time (a diagnostic: no gradient).
-    einsum sums p·l without building their product."""
-    with torch.no_grad():  # a few rows at a time in float32: converting a bf16 tensor whole allocates (N, C, V) anew
+def entropy_from_logits(logits: Float[Tensor, "N C V"], grad: bool = False) -> Float[Tensor, "N C"]:
+    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time: a diagnostic, without gradient
+    unless asked (the entropy bonus of 9b, which then keeps every chunk's softmax for the backward pass). einsum sums
+    p·l without building their product."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):  # a few rows at a time in float32: converting
+        # a bf16 tensor whole would allocate (N, C, V) anew
         return torch.cat([torch.logsumexp(rows, -1) - torch.einsum("ncv,ncv->nc", rows.softmax(-1), rows)
                           for rows in (r.float() for r in few_rows(logits))])
 
 
-def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: bool
+def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: Union[bool, str]
                       ) -> tuple[Tensor, Optional[Tensor]]:
     """Sampling divided the logits by the temperature, so we must too, or the log-probs we train on are not those of
     the policy that sampled. top_k, top_p, min_p and repetition_penalty change only what is sampled, here as in TRL:
     with any of them on, the tokens come from a slightly other distribution than the π_θ trained on."""
     if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
         logits = logits / temperature
-    return selective_log_softmax(logits, ids), entropy_from_logits(logits) if with_entropy else None
+    entropies = entropy_from_logits(logits, grad=with_entropy == "grad") if with_entropy else None
+    return selective_log_softmax(logits, ids), entropies
 
 
 @shape_checked
 def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
                         completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"],
-                        temperature: float, with_entropy: bool = False
+                        temperature: float, with_entropy: Union[bool, str] = False
                         ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
-    """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position: one
-    forward pass over prompt + completion, the rows padded as they are."""
+    """log π(o_t | q, o_<t) for every completion token, and optionally the entropy of π at each position (with its
+    gradient when with_entropy="grad"): one forward pass over prompt + completion, the rows padded as they are."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     C = completion_ids.size(1)
@@ -701,6 +715,47 @@ def normalize_then_sum(rewards_per_func: Float[Tensor, "BG F"], reward_weights: 
     return torch.nan_to_num((summed - torch.nanmean(everyone)) / (nanstd(everyone) + 1e-4), nan=0.0)
 
 
+class EntropyBonus:
+    """TRL's entropy bonus: loss - c·H̄, with H̄ the mean entropy of the micro-batch's completion tokens (those the
+    high-entropy mask keeps, if on), divided by GA like the loss. Its gradient raises the entropy: the policy keeps
+    exploring. With use_adaptive_entropy (Skywork-OR1, 2025) c follows the entropy instead: after each optimizer
+    step, up by entropy_coef_delta if the step's mean entropy over every rank was at or below entropy_target, down if
+    above, within [entropy_coef_min, entropy_coef_max], and the bonus applies only while it is at or below."""
+
+    def __init__(self, args: AlgorithmConfig):
+        self.args, self.coef, self.last_entropy, self.window = args, args.entropy_coef, math.inf, torch.zeros(2)
+        self.on = args.entropy_coef != 0.0 or args.use_adaptive_entropy
+
+    def __call__(self, loss: Tensor, entropies: Tensor, mask: Tensor, metrics: dict) -> Tensor:
+        args, mask = self.args, mask.float()
+        per_sequence = NORMALISED_AS.get(args.loss_type, args.loss_type) != "dapo"  # TRL's policy_loss before GA
+        metrics["policy_loss"] = loss.detach() * (args.gradient_accumulation_steps if per_sequence else 1)
+        self.window = self.window.to(mask.device) + torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
+        mean_entropy = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / args.gradient_accumulation_steps
+        applied = self.coef if not args.use_adaptive_entropy or self.last_entropy <= args.entropy_target else 0.0
+        return loss - applied * mean_entropy
+
+    def after_step(self, sum_over_ranks: Callable) -> dict:
+        """At an optimizer step: the adaptive c's update from the step's entropy; the coefficient, for the log."""
+        if self.args.use_adaptive_entropy:
+            args, (total, count) = self.args, sum_over_ranks(self.window).tolist()
+            self.last_entropy = total / max(count, 1.0)
+            if self.last_entropy <= args.entropy_target:
+                self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
+            else:
+                self.coef = max(self.coef - args.entropy_coef_delta, args.entropy_coef_min)
+        self.window = torch.zeros(2)
+        return {"entropy_coef": torch.tensor(self.coef)}
+
+
+@torch.no_grad()
+def mix_into_reference(ref_model: torch.nn.Module, model: torch.nn.Module, alpha: float) -> None:
+    """sync_ref_model (TR-DPO, Gorbatovski et al. 2024): π_ref <- α·π_θ + (1 - α)·π_ref, weight by weight, so that
+    the KL penalty holds the policy near where it has lately been rather than where it started."""
+    for ref, weight in zip(ref_model.parameters(), model.parameters(), strict=True):
+        ref.mul_(1 - alpha).add_(weight, alpha=alpha)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 10. The trainer: generation batch -> rewards -> advantages -> μ passes × S micro-batches -> optimizer steps.
 
@@ -724,7 +779,7 @@ class GRPOTrainer:
         self.is_main_process = self.rank == 0  # the one that prints, logs and saves
         # B*G = N*S completions of B prompts are generated at once; S micro-batches of N rows train on them.
         self.G, self.S, self.mu = args.num_generations, args.steps_per_generation, args.num_iterations
-        self.B = args.generation_batch_size // self.G
+        self.B = args.per_device_train_batch_size * self.S // self.G
         # Everything that can be checked before the model loads is checked first: a typo should cost seconds.
         check_inputs(args, train_dataset, eval_dataset, reward_funcs, self.B, self.world_size)
         self.checkpoints = Checkpoints(self)  # saves and resumes runs, and stops them safely (signals, NaN)
@@ -751,6 +806,7 @@ class GRPOTrainer:
         self.needs_old_logps = (args.gradient_accumulation_steps % (self.S * self.mu) != 0
                                 or (args.use_vllm and args.vllm_importance_sampling_correction))
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.max_steps, *optimizers)
+        self.entropy_bonus = EntropyBonus(args)  # off unless entropy_coef or use_adaptive_entropy asks (section 9b)
 
         # Sampling (section 5) and the log-prob pass (section 8) as written above. Part II swaps in a faster one only
         # where a check at setup shows it computes the same numbers here, or, when asked, vLLM's engine (section 13).
@@ -774,9 +830,9 @@ class GRPOTrainer:
         RepeatSampler with the same seed, so all see the global batch of W·B prompts, each G times; rank r takes rows
         [r·B·G, (r+1)·B·G), B whole groups (with 2 ranks and B = 2: rank 0 trains on prompts 0, 1, then 4, 5;
         rank 1 on 2, 3, then 6, 7). A new sampler each time: a resumed run replays the same permutations."""
-        BG, W, r = self.args.generation_batch_size, self.world_size, self.rank
+        BG, W, r = self.B * self.G, self.world_size, self.rank
         sampler = RepeatSampler(self.train_dataset, mini_repeat_count=self.G, batch_size=self.B * W,
-                                repeat_count=1, shuffle=True, seed=self.args.seed)
+                                repeat_count=1, shuffle=self.args.shuffle_dataset, seed=self.args.seed)
         while True:
             indices = list(sampler)  # a new permutation each pass
             for start in range(0, len(indices), W * BG):
@@ -805,10 +861,11 @@ class GRPOTrainer:
         trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 12).
         all_rewards = self.processes.gather(rewards) if mode == "train" else rewards
-        advantages = group_advantages(rewards, self.G, args.scale_rewards, batch_std=nanstd(all_rewards))
+        G = self.G if mode == "train" else args.num_generations_eval  # evaluation may sample another G
+        advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=nanstd(all_rewards))
         if args.multi_objective_aggregation == "normalize_then_sum":  # each reward normalised in its group first (9b)
             all_ranks = self.processes.gather if mode == "train" else (lambda x: x)
-            advantages = normalize_then_sum(rewards_per_func, self.reward_weights, self.G, all_ranks)
+            advantages = normalize_then_sum(rewards_per_func, self.reward_weights, G, all_ranks)
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
         # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
@@ -876,7 +933,7 @@ class GRPOTrainer:
         args = self.args
         per_token_logps, entropies = self.get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            args.temperature, with_entropy=True)  # float32, also under bf16 autocast (section 8)
+            args.temperature, with_entropy="grad" if self.entropy_bonus.on else True)  # float32 (section 8)
         trace("log-probs", locals(), per_token_logps="N C")
         trace("loss", vars(batch), advantages="N")  # the micro-batch's rows
         # None when no optimizer step falls in between (needs_old_logps): π_θ_old = π_θ, the same log-probs detached.
@@ -896,6 +953,9 @@ class GRPOTrainer:
             importance_sampling_ratio=batch.importance_sampling_ratio, recipe=args,
             sampling_per_token_logps=batch.sampling_per_token_logps if args.use_vllm else None)
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
+        if self.entropy_bonus.on:  # loss - c·H̄ (section 9b), over the tokens the high-entropy mask keeps
+            loss = self.entropy_bonus(loss, entropies, batch.completion_mask * (1 if entropy_mask is None else
+                                                                                entropy_mask), metrics)
         self.report.record(metrics, tokens=batch.completion_mask.sum())  # under torchrun, over every rank's tokens
         return loss
 
@@ -943,6 +1003,10 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        if self.entropy_bonus.on:  # the adaptive coefficient moves with the step's entropy (section 9b)
+            self.report.record(self.entropy_bonus.after_step(self.processes.sum), tokens=torch.tensor(1.0))
+        if self.args.sync_ref_model and self.global_step % self.args.ref_model_sync_steps == 0:  # section 9b
+            mix_into_reference(self.ref_model, unwrap(self.model), self.args.ref_model_mixup_alpha)
         self.report.after_step(loss, grad_norm, learning_rate)  # log and evaluate when it is time
         self.checkpoints.after_step()  # save when it is time, on a signal, or after too many bad steps
 
@@ -1034,6 +1098,10 @@ class RunConfig:
     dataset_train_split: str = knob("train", "Split to train on.")
     dataset_test_split: Optional[str] = knob(None, "Split of dataset_name to evaluate on (for example `test`), or a local data file. Unset: no evaluation.")
     output_dir: str = knob("grpo_output", "Where metrics.jsonl, metrics.png, checkpoints and the final model go.")
+    shuffle_dataset: bool = knob(True, "Shuffle the prompts anew on each pass over the data (RepeatSampler); False keeps their order.")
+    model_init_kwargs: Optional[Union[dict, str]] = knob(None, "A dict (or JSON) for from_pretrained when the policy or a reward model is loaded by name, for example {\"attn_implementation\": \"sdpa\"}; its dtype overrides --dtype.")
+    trust_remote_code: bool = knob(False, "Let a model or tokenizer loaded by name run code from its repository (transformers' trust_remote_code).")
+    cast_lm_head_to_fp32: bool = knob(False, "Keep the LM head in float32 and compute the logits in float32 when the model is bf16 (TRL's).")
     # precision and memory (TRL's ModelConfig names)
     dtype: str = knob("float32", "dtype of the weights: float32, bfloat16, float16 or auto (the checkpoint's). bfloat16 halves their memory, but the optimizer then loses updates below bf16's resolution; --bf16 keeps float32 weights.")
     bf16: bool = knob(False, "Run forward passes under bfloat16 autocast (weights and optimizer stay float32). Fast on GPUs and on CPUs with AMX or AVX-512-BF16; elsewhere float32 is faster, and the run says so.")
@@ -1106,7 +1174,8 @@ def read_dict_knobs(args) -> None:
         except OSError as e:
             raise KnobError("fsdp_config", f"fsdp_config {args.fsdp_config!r} cannot be read ({first_line(e)}); give "
                                            f"a JSON file's path, JSON text or a dict.") from None
-    for name in ("generation_kwargs", "chat_template_kwargs", "lr_scheduler_kwargs", "fsdp_config"):
+    for name in ("generation_kwargs", "chat_template_kwargs", "lr_scheduler_kwargs", "fsdp_config",
+                 "model_init_kwargs"):
         value = getattr(args, name)
         if isinstance(value, str):
             try:
@@ -1197,6 +1266,11 @@ def check_ranges(args) -> None:
         raise KnobError("seed", f"seed must be in [0, 2**32), got {args.seed} (NumPy's range).")
     if args.reward_weights is not None and not all(math.isfinite(w) for w in args.reward_weights):
         raise KnobError("reward_weights", f"reward_weights must be finite numbers, got {args.reward_weights}.")
+    NW, size = args.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1")), args.generation_batch_size
+    if size is not None and (args.steps_per_generation is not None or size % NW):
+        raise KnobError("generation_batch_size", f"generation_batch_size ({size}) is N·W·S, a multiple of "
+                                                 f"per_device_train_batch_size × processes ({NW}), and sets S: give "
+                                                 f"it or steps_per_generation ({args.steps_per_generation}), not both.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1704,7 +1778,7 @@ def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], c
 @shape_checked
 def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"],
                        completion_ids: Int[Tensor, "N C"], completion_mask: Int[Tensor, "N C"], temperature: float,
-                       with_entropy: bool = False, *, pack: bool = True, chunk_size: int = 0
+                       with_entropy: Union[bool, str] = False, *, pack: bool = True, chunk_size: int = 0
                        ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
     """get_per_token_logps, with the LM head applied here to the final hidden states: of packed rows (pack_rows),
     where only the K completion tokens reach the head, or of the padded rows; all at once, or chunk_size tokens
@@ -1750,7 +1824,7 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
 
 @shape_checked
 def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N C"], lm_head: torch.nn.Module,
-                  temperature: float, chunk_size: int, with_entropy: bool = False
+                  temperature: float, chunk_size: int, with_entropy: Union[bool, str] = False
                   ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
     """The same log-probs, with at most `chunk_size` × V logits alive at a time, forward and backward. The logits
     are GRPO's memory peak (V = 151,936, N = 8, C = 1,024: 5 GB in float32, as much for their gradient). Each chunk
@@ -1769,7 +1843,7 @@ def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N
     return per_token_logps, rearrange(torch.cat(entropies), "(n c) -> n c", n=n) if with_entropy else None
 
 
-def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: bool
+def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: Union[bool, str]
                  ) -> tuple[Tensor, Optional[Tensor]]:
     logits = lm_head(hidden)[:, None]  # (chunk, 1, V): a row per token for the functions above
     logps, entropies = logps_from_logits(logits, ids[:, None], temperature, with_entropy)
@@ -2008,7 +2082,7 @@ def engine_limits(config, args: GRPOConfig, device: torch.device) -> dict:
     generator, which a CPU generator cannot ('CPU Generator does not use offset', once a batch's prompts passed
     4,096 tokens), so a step takes at least the context window. Sequences at once: the larger batch, generation's
     or evaluation's (TRL: generation's)."""
-    sequences = max(args.generation_batch_size, args.per_device_eval_batch_size or 0)
+    sequences = max(args.per_device_train_batch_size * args.steps_per_generation, args.per_device_eval_batch_size or 0)
     if device.type != "cpu":
         return dict(max_num_seqs=sequences, max_num_batched_tokens=4096)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -2079,9 +2153,10 @@ def check_config(args: GRPOConfig) -> None:
             f"completions must hold whole groups of num_generations = {G}, but {N * S} is not divisible by "
             f"{G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} "
             f"(for example per_device_train_batch_size={G * math.ceil(N / G)}).")
-    if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size % G != 0:
+    G_eval = args.num_generations_eval
+    if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size % G_eval != 0:
         raise ValueError(f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be a multiple of "
-                         f"num_generations ({G}): evaluation generates G completions for every prompt.")
+                         f"num_generations_eval ({G_eval}): evaluation generates that many completions per prompt.")
     unknown = [name for name in args.report_to if name not in ("none", *Trackers.PACKAGES)]
     if unknown:
         raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(Trackers.PACKAGES)}.")
@@ -2464,6 +2539,7 @@ class Checkpoints:
                    os.path.join(tmp, f"rank{trainer.rank}.pt"))
         sharded = args.fsdp and args.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"
         weights, optimizer = whole_state(trainer.model, trainer.optimizer, sharded and os.path.join(tmp, "shards"))
+        reference = get_model_state_dict(trainer.ref_model, options=WHOLE) if args.sync_ref_model else None  # moved
         barrier()
         if trainer.is_main_process:
             if weights == {}:  # the ranks wrote their shards
@@ -2472,9 +2548,10 @@ class Checkpoints:
                 unwrap(trainer.model).save_pretrained(tmp, state_dict=weights)
             trainer.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
-                        "history": trainer.history}, os.path.join(tmp, "state.pt"))
+                        "history": trainer.history, "reference": reference}, os.path.join(tmp, "state.pt"))
+            bonus = trainer.entropy_bonus  # its adaptive coefficient, and the entropy that decides whether it applies
             loop = {"global_step": trainer.global_step, "micro_step": trainer.micro_step, "bad_steps": self.bad_steps,
-                    **trainer.report.counters()}
+                    "entropy_bonus": [bonus.coef, bonus.last_entropy], **trainer.report.counters()}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({**loop, "world_size": trainer.world_size, "config": asdict(args)}, f, indent=2)
             publish(tmp, path)  # replaces the same step saved by an earlier run
@@ -2505,7 +2582,11 @@ class Checkpoints:
         if state["optimizer"] is not None:  # else it came with the shards
             load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
+        if state.get("reference"):  # sync_ref_model's reference, as the mixes left it
+            set_model_state_dict(trainer.ref_model, state["reference"], options=StateDictOptions(full_state_dict=True))
         self.bad_steps = saved["bad_steps"]
+        bonus = trainer.entropy_bonus
+        bonus.coef, bonus.last_entropy = saved.get("entropy_bonus", [bonus.coef, bonus.last_entropy])
         self.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
         trainer.report.restore(state["history"], mine["metrics"], saved)
         rng = mine["rng"]
@@ -2753,7 +2834,8 @@ class Report:
         for f, name in enumerate(trainer.reward_names):
             m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(all_per_func[:, f])))
             m[f"{prefix}rewards/{name}/std"].append(float(nanstd(all_per_func[:, f])))
-        group_std = nanstd(rearrange(all_rewards, "(b g) -> b g", g=trainer.G), dim=1)
+        G = trainer.G if mode == "train" else self.args.num_generations_eval
+        group_std = nanstd(rearrange(all_rewards, "(b g) -> b g", g=G), dim=1)
         m[f"{prefix}reward"].append(float(torch.nanmean(all_rewards)))
         m[f"{prefix}reward_std"].append(float(nanstd(all_rewards)))  # over the whole batch, as TRL; not in groups
         # Groups whose G rewards are all equal give every member advantage 0: no learning signal at all.
@@ -2858,12 +2940,13 @@ class Report:
         trainer, args = self.trainer, self.args
         trainer.model.eval()
         mine = range(trainer.rank, len(trainer.eval_dataset), trainer.world_size)
-        prompts_at_once = (args.per_device_eval_batch_size or args.generation_batch_size) // trainer.G
+        G = args.num_generations_eval
+        prompts_at_once = max(1, (args.per_device_eval_batch_size or trainer.B * trainer.G) // G)
         totals: dict[str, float] = defaultdict(float)
         with forked_rng(trainer.device):
             for start in range(0, len(mine), prompts_at_once):
                 chunk = [trainer.eval_dataset[i] for i in mine[start:start + prompts_at_once]]
-                trainer.generate_and_score([row for row in chunk for _ in range(trainer.G)], mode="eval")
+                trainer.generate_and_score([row for row in chunk for _ in range(G)], mode="eval")
                 for name in [n for n in self.metrics if n.startswith("eval_")]:
                     totals[name] += self.metrics.pop(name)[0] * len(chunk)  # a chunk's mean, by its size
         trainer.model.train()
@@ -3017,7 +3100,7 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreTrainedTokenizerBase:
     """The tokenizer given, or the model's, with a pad token; and every prompt checked before any model loads."""
     name = model if isinstance(model, str) else model.config._name_or_path
-    tokenizer = processing_class or _from_pretrained(AutoTokenizer, name)
+    tokenizer = processing_class or _from_pretrained(AutoTokenizer, name, trust_remote_code=args.trust_remote_code)
     _ensure_pad_token(tokenizer, model)
     longest = 0  # tokens of the longest prompt, as tokenize_prompts will keep it
     for prompts in (d["prompt"] for d in datasets if d is not None):
@@ -3089,10 +3172,14 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
     --use_peft) or else copy a frozen reference for β ≠ 0, switch dropout off, and wrap it in DDP under torchrun.
     Also the tokens that end its completions (eos_token_ids)."""
     sharded = world_size > 1 and args.fsdp  # each rank keeps 1/W of every weight; only its shards reach its device
+    if args.sync_ref_model and (args.beta == 0.0 or peft_config is not None or args.use_peft):
+        raise KnobError("sync_ref_model", "sync_ref_model moves the reference model, which is loaded only for β ≠ 0 "
+                                          "and without LoRA (whose reference is the policy with its adapter off): set "
+                                          "beta, or drop sync_ref_model.")
     if isinstance(model, str) and sharded and args.fsdp_config["cpu_ram_efficient_loading"]:
         model = load_on_first_rank(model, args)
     elif isinstance(model, str):
-        model = _from_pretrained(AutoModelForCausalLM, model, dtype=args.dtype)
+        model = _from_pretrained(AutoModelForCausalLM, model, **model_kwargs(args))
     if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if peft_config is None and args.use_peft:
@@ -3109,6 +3196,8 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    for each in [m for m in (model, ref_model) if m is not None and args.cast_lm_head_to_fp32]:  # a copy: its own
+        cast_lm_head_to_fp32(each)
     model = shard(model.train(), args, device) if sharded else model.to(device).train()
     ref_model = ref_model and (shard(ref_model, args, device) if sharded else ref_model.to(device))
     if world_size > 1 and not sharded:  # DDP copies rank 0's weights to every rank, then averages gradients in backward
@@ -3126,7 +3215,7 @@ def load_on_first_rank(name: str, args: GRPOConfig) -> PreTrainedModel:
     """fsdp_config's cpu_ram_efficient_loading: rank 0 alone reads the weights; the other ranks build the model on
     the meta device (no memory), from rank 0's config, dtype and generation config (whose EOS ends completions).
     shard() then gives them memory for their shards only, and rank 0's weights."""
-    model = _from_pretrained(AutoModelForCausalLM, name, dtype=args.dtype) if dist.get_rank() == 0 else None
+    model = _from_pretrained(AutoModelForCausalLM, name, **model_kwargs(args)) if dist.get_rank() == 0 else None
     sent = [model and (model.config, model.dtype, model.generation_config)]
     dist.broadcast_object_list(sent, src=0)
     if model is None:
@@ -3135,6 +3224,27 @@ def load_on_first_rank(name: str, args: GRPOConfig) -> PreTrainedModel:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.generation_config = generation_config
     return model
+
+
+def cast_lm_head_to_fp32(model: PreTrainedModel) -> None:
+    """TRL's cast_lm_head_to_fp32: the LM head's weight in float32, and its product computed in float32 outside any
+    autocast, so that the logits (the log-probs are their small differences) are not rounded to bf16. A tied input
+    embedding shares the weight: its output goes back to the model's dtype."""
+    head, dtype = model.get_output_embeddings(), model.dtype
+    head.float()
+
+    def forward(hidden: Tensor) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), head.weight, head.bias)
+
+    head.forward = forward
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.to(dtype))
+
+
+def model_kwargs(args: GRPOConfig) -> dict:
+    """from_pretrained's keywords for the policy, as TRL's: --dtype and trust_remote_code, then model_init_kwargs."""
+    return {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
 
 
 def find_eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -3198,7 +3308,7 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
         reward_funcs.append(args.reward_model_name_or_path)
     if not reward_funcs:
         raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
-    funcs = [_load_reward_func(f, device) for f in reward_funcs]
+    funcs = [_load_reward_func(f, device, args) for f in reward_funcs]
     if not isinstance(reward_processing_classes, (list, tuple)):
         reward_processing_classes = [reward_processing_classes] * len(funcs)
     tokenizers = []
@@ -3272,7 +3382,7 @@ def reward_name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
-def _load_reward_func(func, device: torch.device) -> Union[Callable, PreTrainedModel]:
+def _load_reward_func(func, device: torch.device, args: GRPOConfig) -> Union[Callable, PreTrainedModel]:
     if isinstance(func, str):
         if func in BUILTIN_REWARDS:
             return BUILTIN_REWARDS[func]
@@ -3289,7 +3399,8 @@ def _load_reward_func(func, device: torch.device) -> Union[Callable, PreTrainedM
         if not os.path.exists(func) and "/" not in func:
             raise ValueError(f"Unknown reward {func!r}: not a built-in reward ({', '.join(BUILTIN_REWARDS)}), "
                              f"not a file.py:function, and not a local path or hub name of a reward model.")
-        func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1)
+        func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1,
+                                trust_remote_code=args.trust_remote_code, **(args.model_init_kwargs or {}))
     if isinstance(func, PreTrainedModel):
         return func.eval().requires_grad_(False).to(device)
     if not callable(func):
@@ -3733,7 +3844,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         # The last step is an evaluation step only when eval_steps divides max_steps; otherwise evaluate now.
         last = history[-1]
         eval_after = last["eval_reward"] if "eval_reward" in last else trainer.report.evaluate()["eval_reward"]
-        out(f"Mean reward on {len(eval_dataset)} held-out prompts × {trainer.G} completions: "
+        out(f"Mean reward on {len(eval_dataset)} held-out prompts × {args.num_generations_eval} completions: "
             f"{eval_before:.2f} {'before training' if first_step == 0 else f'at step {first_step}'} -> "
             f"{eval_after:.2f} after{' (best possible: 5)' if builtin_task else ''}.")
     if show:

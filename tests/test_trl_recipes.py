@@ -2,18 +2,26 @@
 GRPOTrainer._compute_loss runs on the same per-token log-probs, with a stand-in for the trainer around it that
 supplies what the loss reads (the log-probs, the config, one process), and the advantages against TRL's formula."""
 
+import functools
 import math
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
-from trl import GRPOConfig as TRLConfig
-from trl.trainer.grpo_trainer import GRPOTrainer as TRLTrainer
 
 import grpo
 
+
+def trl():
+    """TRL's trainer module, imported when a test first runs: it imports trackio, which reads TRACKIO_DIR once, at
+    import, and tests/test_reporting.py points that at a folder of its own."""
+    from trl.trainer import grpo_trainer
+    return grpo_trainer
+
 N, C = 6, 5
+ENTROPY_KNOBS = ["entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+                 "entropy_target"]
 RECIPE_KNOBS = ["sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                 "vespo_lambda_neg", "off_policy_mask_threshold", "multi_objective_aggregation"]
 
@@ -30,32 +38,45 @@ def batch(seed: int = 0) -> dict:
                 is_ratio=torch.rand(N, C, generator=g) + 0.5)
 
 
-def trl_loss(b: dict, loss_type: str, level: str, beta: float, S: int, GA: int, threshold=None, vllm=False):
-    """TRL's _compute_loss on these tensors: (loss, gradient of every log-prob, its metrics)."""
-    logps = b["logps"].clone().requires_grad_(True)
-    metrics = defaultdict(list)
-    args = TRLConfig.__dataclass_fields__
-    stub = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.ones(N, C), None),
+def trl_stub(logps, entropies, loss_type="dapo", level="token", beta=0.0, S=1, GA=1, threshold=None, vllm=False,
+             bonus=None):
+    """A stand-in for TRL's trainer with what its _compute_loss reads: these log-probs and entropies, one process, the
+    config's defaults; bonus: entropy_coef, use_adaptive_entropy and the other entropy knobs."""
+    TRLTrainer, args = trl().GRPOTrainer, trl().GRPOConfig.__dataclass_fields__
+    knobs = {name: args[name].default for name in (*RECIPE_KNOBS[:6], *ENTROPY_KNOBS)}
+    knobs.update(bonus or {})
+    return SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, entropies, None),
         top_entropy_quantile=1.0, off_policy_mask_threshold=threshold, importance_sampling_level=level, beta=beta,
         loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28 if loss_type != "cispo" else 5.0,
-        args=SimpleNamespace(delta=None, use_bias_correction_kl=True, steps_per_generation=S,
-                             **{name: args[name].default for name in RECIPE_KNOBS[:6]}),
+        args=SimpleNamespace(delta=None, use_bias_correction_kl=True, steps_per_generation=S, **knobs),
         use_vllm=vllm, vllm_importance_sampling_correction=vllm, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=GA, max_completion_length=C, _metrics={"train": metrics},
+        current_gradient_accumulation_steps=GA, max_completion_length=C, _metrics={"train": defaultdict(list)},
         accelerator=SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x,
                                     sync_gradients=True),
-        _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        entropy_coef=knobs["entropy_coef"], use_adaptive_entropy=knobs["use_adaptive_entropy"],
+        _entropy_bonus_enabled=knobs["entropy_coef"] != 0 or knobs["use_adaptive_entropy"],
+        _last_world_entropy=math.inf, _entropy_window_stats=None, aux_loss_enabled=False,
         get_off_policy_mask=TRLTrainer.get_off_policy_mask, get_gamma_weights=TRLTrainer.get_gamma_weights)
+
+
+def trl_inputs(b: dict, S: int = 1, vllm: bool = False) -> dict:
     inputs = dict(prompt_ids=torch.zeros(N, 1, dtype=torch.long), prompt_mask=torch.ones(N, 1, dtype=torch.long),
                   completion_ids=torch.zeros(N, C, dtype=torch.long), completion_mask=b["mask"],
                   advantages=b["advantages"], old_per_token_logps=b["old"], ref_per_token_logps=b["ref"],
                   num_items_in_batch=b["mask"].sum() * S)
     if vllm:
         inputs.update(sampling_per_token_logps=b["sampling"], importance_sampling_ratio=b["is_ratio"])
-    loss = TRLTrainer._compute_loss(stub, None, inputs)
+    return inputs
+
+
+def trl_loss(b: dict, loss_type: str, level: str, beta: float, S: int, GA: int, threshold=None, vllm=False):
+    """TRL's _compute_loss on these tensors: (loss, gradient of every log-prob, its metrics)."""
+    logps = b["logps"].clone().requires_grad_(True)
+    stub = trl_stub(logps, torch.ones(N, C), loss_type, level, beta, S, GA, threshold, vllm)
+    loss = trl().GRPOTrainer._compute_loss(stub, None, trl_inputs(b, S, vllm))
     loss.backward()
-    return loss.item(), logps.grad, {k: v[0] for k, v in metrics.items()}
+    return loss.item(), logps.grad, {k: v[0] for k, v in stub._metrics["train"].items()}
 
 
 def our_loss(b: dict, loss_type: str, level: str, beta: float, S: int, GA: int, threshold=None, vllm=False):
@@ -155,6 +176,154 @@ def test_normalize_then_sum_is_trls():
 
 
 def test_the_recipes_knobs_have_trls_defaults():
-    ours, theirs = grpo.GRPOConfig.__dataclass_fields__, TRLConfig.__dataclass_fields__
-    assert {name: ours[name].default for name in RECIPE_KNOBS} == {name: theirs[name].default for name in RECIPE_KNOBS}
+    ours, theirs = grpo.GRPOConfig.__dataclass_fields__, trl().GRPOConfig.__dataclass_fields__
+    names = [*RECIPE_KNOBS, *ENTROPY_KNOBS, "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+             "shuffle_dataset", "generation_batch_size", "model_init_kwargs", "trust_remote_code"]
+    assert {name: ours[name].default for name in names} == {name: theirs[name].default for name in names}
     assert set(grpo.LOSS_TYPES) == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"}
+
+
+# -- the moving reference and the generation-batch and model knobs, on the tiny model ----------------------------
+
+
+def test_sync_ref_model_mixes_as_trls_callback_and_with_the_entropy_bonus_resumes_exactly(tmp_path, tiny_model_dir):
+    """ref_model_sync_steps = 2: after step 2 the reference is α·θ_2 + (1 - α)·θ_0, as TRL's SyncRefModelCallback
+    mixes it. With the adaptive entropy bonus on too (the tiny model's entropy, about 4, is below the target 5, so
+    c rises each step), a run saved at step 2 and resumed to 4 ends with the straight run's policy, reference and
+    logged rows."""
+    from test_trainer import letters_data, params, read_metrics, small_args
+
+    def run(out, **kw):
+        args = small_args(tmp_path, output_dir=str(tmp_path / out), beta=0.1, sync_ref_model=True,
+                          ref_model_sync_steps=2, ref_model_mixup_alpha=0.6, entropy_coef=0.01,
+                          use_adaptive_entropy=True, entropy_target=5.0, entropy_coef_delta=0.01, **kw)
+        return grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+
+    trainer = run("two", max_steps=2)
+    start = grpo.copy.deepcopy(trainer.ref_model)
+    trainer.train()
+    expected = grpo.copy.deepcopy(start)
+    trl().SyncRefModelCallback._sync_target_model(trainer.model, expected, 0.6)
+    assert torch.equal(params(trainer.ref_model), params(expected)) and not torch.equal(params(start), params(expected))
+    straight = run("straight", max_steps=4)
+    straight.train()
+    stopped = run("resumed", max_steps=4, save_steps=2)
+    stopped.train(stop_after=2)
+    resumed = run("resumed", max_steps=4, resume_from_checkpoint="latest")
+    resumed.train()
+    for model in ("model", "ref_model"):
+        assert torch.equal(params(getattr(resumed, model)), params(getattr(straight, model))), model
+    rows = [{k: v for k, v in row.items() if k != "step_time"} for row in read_metrics(straight.args)]
+    assert [row["entropy_coef"] for row in rows] == pytest.approx([0.02, 0.03, 0.04, 0.05])
+    assert all(math.isfinite(row["policy_loss"]) for row in rows)
+    assert [{k: v for k, v in row.items() if k != "step_time"} for row in read_metrics(resumed.args)] == rows
+    for refused in (dict(beta=0.0), dict(use_peft=True)):
+        with pytest.raises(ValueError, match="sync_ref_model moves the reference model"):
+            grpo.GRPOTrainer(tiny_model_dir, "letters", train_dataset=letters_data(),
+                             args=small_args(tmp_path, **{"beta": 0.1, "sync_ref_model": True, **refused}))
+
+
+def test_generation_batch_size_sets_s_as_trl_counts_it(monkeypatch):
+    """TRL: generation_batch_size = N·W·S over every process, the other way to set S."""
+    config = functools.partial(grpo.GRPOConfig, per_device_train_batch_size=4, num_generations=4)
+    assert config(generation_batch_size=12).steps_per_generation == 3
+    assert config(steps_per_generation=3).generation_batch_size == 12
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: 16 = 4 × 2 × S
+    assert config(generation_batch_size=16).steps_per_generation == 2
+    for bad in (dict(generation_batch_size=12), dict(generation_batch_size=16, steps_per_generation=2)):
+        with pytest.raises(ValueError, match=r"generation_batch_size \(1\d\) is N·W·S"):
+            config(**bad)
+
+
+def test_shuffle_dataset_false_keeps_the_datasets_order(tmp_path, tiny_model_dir):
+    from test_trainer import letters_data, small_args
+
+    args = small_args(tmp_path, shuffle_dataset=False)  # B = 2 prompts × G = 4 per generation batch
+    batches = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data()).prompt_batches()
+    assert [row["prompt"] for row in next(batches)] == ["a="] * 4 + ["b="] * 4
+    assert [row["prompt"] for row in next(batches)] == ["c="] * 4 + ["d="] * 4
+
+
+def test_model_init_kwargs_and_trust_remote_code_reach_from_pretrained(tmp_path, tiny_model_dir, monkeypatch):
+    """As TRL: the policy gets --dtype, trust_remote_code and then model_init_kwargs (whose dtype wins); the tokenizer
+    gets trust_remote_code."""
+    from test_trainer import letters_data, small_args
+
+    seen, load = [], grpo._from_pretrained
+    monkeypatch.setattr(grpo, "_from_pretrained", lambda cls, *a, **k: seen.append((cls.__name__, k)) or load(cls, *a, **k))
+    args = small_args(tmp_path, trust_remote_code=True, model_init_kwargs='{"attn_implementation": "eager"}')
+    trainer = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    assert trainer.model.config._attn_implementation == "eager"
+    assert ("AutoModelForCausalLM", {"dtype": "float32", "trust_remote_code": True, "attn_implementation": "eager"}) in seen
+    assert ("AutoTokenizer", {"trust_remote_code": True}) in seen
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_entropy_bonus_and_its_adaptive_coefficient_are_trls(loss_type, adaptive):
+    """Three optimizer steps of GA = 2 micro-batches, the entropies low, high, then low against entropy_target 0.2:
+    each micro-step's loss and the gradients of the log-probs and the entropies equal TRL's, and so do policy_loss
+    and the coefficient after each step (adaptive: it applies only once a step's entropy was at or below target)."""
+    b, GA = batch(2), 2
+    bonus = dict(entropy_coef=0.05, use_adaptive_entropy=adaptive, entropy_coef_delta=0.02, entropy_target=0.2)
+    ours = grpo.EntropyBonus(grpo.AlgorithmConfig(loss_type=loss_type, gradient_accumulation_steps=GA, **bonus))
+    stub = trl_stub(None, None, loss_type, GA=GA, bonus=bonus)
+    coefficients = []
+    for step, level in enumerate([0.1, 0.4, 0.1]):
+        for micro in range(GA):
+            entropies = torch.rand(N, C, generator=torch.Generator().manual_seed(10 * step + micro)) * 2 * level
+            runs = []
+            for side in ("ours", "trl"):
+                logps, ent = b["logps"].clone().requires_grad_(True), entropies.clone().requires_grad_(True)
+                if side == "trl":
+                    stub._get_per_token_logps_and_entropies = lambda *a, **k: (logps, ent, None)
+                    stub.accelerator.sync_gradients = micro == GA - 1
+                    loss = trl().GRPOTrainer._compute_loss(stub, None, trl_inputs(b))
+                else:
+                    loss, metrics = grpo.grpo_loss(logps, b["old"], None, b["advantages"], b["mask"],
+                                                   loss_type=loss_type, gradient_accumulation_steps=GA, epsilon_high=0.28,
+                                                   max_completion_length=C, num_items_in_batch=float(b["mask"].sum()))
+                    loss = ours(loss, ent, b["mask"], metrics)
+                loss.backward()
+                runs.append((loss.item(), logps.grad, ent.grad))
+            assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6, abs=1e-8)
+            torch.testing.assert_close(runs[0][1], runs[1][1])
+            torch.testing.assert_close(runs[0][2], runs[1][2])
+            assert metrics["policy_loss"].item() == pytest.approx(stub._metrics["train"]["policy_loss"][-1], rel=1e-6)
+        coefficients.append(ours.after_step(lambda x: x)["entropy_coef"].item())
+    assert coefficients == pytest.approx(stub._metrics["train"]["entropy_coef"])
+    assert coefficients == pytest.approx([0.07, 0.05, 0.07] if adaptive else [0.05] * 3)
+
+
+def test_cast_lm_head_to_fp32_computes_the_logits_in_float32(tmp_path, tiny_model_dir):
+    """A bf16 policy with the tied head cast as TRL casts it: the head's weight is float32, the embedding still gives
+    bf16 activations, and the log-probs equal those of the bf16 network's last hidden states times the float32
+    weight, while the bf16 head rounds them differently."""
+    from test_trainer import letters_data, small_args
+
+    args = small_args(tmp_path, dtype="bfloat16", cast_lm_head_to_fp32=True, beta=0.1)
+    trainer = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    for model in (trainer.model, trainer.ref_model):
+        assert model.lm_head.weight.dtype == torch.float32 and model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert trainer.model.model.embed_tokens(ids).dtype == torch.bfloat16
+        hidden = trainer.model.model(input_ids=ids).last_hidden_state
+        logits = trainer.model(input_ids=ids).logits
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, hidden.float() @ trainer.model.lm_head.weight.T, rtol=0, atol=0)
+        assert not torch.equal(logits, (hidden @ trainer.model.lm_head.weight.T.bfloat16()).float())
+    trainer.train()  # and it trains: its steps are finite
+    assert trainer.checkpoints.bad_steps == 0
+
+
+def test_num_generations_eval_samples_that_many_per_held_out_prompt(tmp_path, tiny_model_dir):
+    from test_trainer import letters_data, small_args
+
+    args = small_args(tmp_path, num_generations_eval=2, eval_strategy="steps", eval_steps=1, max_steps=1)
+    trainer = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data(),
+                               eval_dataset=letters_data(8))
+    seen, generate_and_score = [], trainer.generate_and_score
+    trainer.generate_and_score = lambda rows, mode="train": seen.append((mode, len(rows))) or generate_and_score(rows, mode)
+    trainer.train()
+    assert seen == [("train", 8), ("eval", 8), ("eval", 8)]  # B·G = 8 rows at once: 4 prompts × 2, twice
