@@ -14,7 +14,8 @@ With the default loss_type="dapo" every completion token of the batch's B prompt
                                             - β D_KL[π_θ||π_ref] ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
-The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has all four.
+The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has four, 9b
+four more of TRL's.
 The loop (GRPOTrainer.train):
 
     for each generation batch of B prompts:          # RepeatSampler: each prompt G times, in adjacent rows
@@ -24,7 +25,7 @@ The loop (GRPOTrainer.train):
 
 Part I is GRPO, complete on its plain paths, in the order the data flows; it reads alone. Part II is what running it
 for real takes, reached from Part I through a few named services. Left out on purpose: transformers.Trainer and its
-callbacks (the loop is written out), DeepSpeed and FSDP (plain DDP). Run `python grpo.py`, or `--help`.
+callbacks (the loop is written out), DeepSpeed (--fsdp shards with FSDP2). Run `python grpo.py`, or `--help`.
 
 Shape letters (used in code, comments, shapes.md and the notebooks):
     B  unique prompts in one generation batch         G  num_generations, completions per prompt
@@ -120,35 +121,15 @@ class AlgorithmConfig:
     use_bias_correction_kl: bool = knob(True, "Weigh the per-token KL by the ratio π_θ/π_θ_old (DeepSeek-V3.2): the unbiased gradient of KL(π_θ||π_ref).")
     epsilon: float = knob(0.2, "ε_low: the ratio is clipped below at 1-ε.", low=0, below=1,
                           why="the ratio is clipped below at 1 - epsilon, which must stay above 0, and a negative epsilon crosses the two clip bounds")
-    epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon.", low=0,
+    epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon. For cispo: the cap on the ratio itself (ScaleRL suggests 5).", low=0,
                                          why="the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross")
     delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.", above=1)
     top_entropy_quantile: float = knob(1.0, "ρ: the clipped term (not the KL) trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in Wang et al. 2025, 'Beyond the 80/20 rule'); 1 keeps all.", low=0, high=1)
-    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens).")
+    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens); or TRL's cispo, sapo, luspo, vespo (section 9b).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
-    # TRL's other recipes (section 9b), each off unless asked for
-    multi_objective_aggregation: str = knob("sum_then_normalize", "sum_then_normalize: weigh and sum the rewards, then take group statistics; normalize_then_sum: each reward normalised within its group first (GDPO).")
-    off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. Default: off.", low=0,
-                                                      why="the mean gap estimates a KL divergence, which is never negative")
-    sapo_temperature_pos: float = knob(1.0, "SAPO: τ of the gate σ(τ(r-1)) where A > 0.", above=0, why="the gate divides by τ")
-    sapo_temperature_neg: float = knob(1.05, "SAPO: τ of the gate where A < 0.", above=0, why="the gate divides by τ")
-    vespo_k_pos: float = knob(2.0, "VESPO: k of the weight φ(w) = e^λ·w^k·e^(-λw) where A >= 0.", low=0)
-    vespo_lambda_pos: float = knob(3.0, "VESPO: λ of φ(w) where A >= 0.", above=0, why="φ(w) must fall off for large w")
-    vespo_k_neg: float = knob(3.0, "VESPO: k of φ(w) where A < 0.", low=0)
-    vespo_lambda_neg: float = knob(2.0, "VESPO: λ of φ(w) where A < 0.", above=0, why="φ(w) must fall off for large w")
-    entropy_coef: float = knob(0.0, "c of the entropy bonus: loss - c·H̄, H̄ the mean entropy of a micro-batch's completion tokens (0: off; costs the logits' memory again).", low=0, why="a bonus; below 0 it would punish exploring")
-    use_adaptive_entropy: bool = knob(False, "Skywork-OR1's adaptive c: after each optimizer step, up by entropy_coef_delta while the step's entropy is at or below entropy_target, else down; applied only while at or below.")
-    entropy_coef_min: float = knob(0.0, "The adaptive c's floor.", low=0)
-    entropy_coef_max: float = knob(1.0, "The adaptive c's ceiling.", low=0)
-    entropy_coef_delta: float = knob(0.005, "The adaptive c's change per optimizer step.", low=0)
-    entropy_target: float = knob(0.2, "The entropy (nats per token) the adaptive c holds the policy at.", low=0)
-    sync_ref_model: bool = knob(False, "TR-DPO's moving reference: every ref_model_sync_steps steps, π_ref <- α·π_θ + (1-α)·π_ref (needs β ≠ 0, no LoRA).")
-    ref_model_mixup_alpha: float = knob(0.6, "α, the policy's share in sync_ref_model's mix.", low=0, high=1)
-    ref_model_sync_steps: int = knob(512, "Optimizer steps between two of sync_ref_model's mixes.", low=1)
-
     def __post_init__(self):  # defaults that follow other knobs, as in TRL
         NW = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets WORLD_SIZE
         if self.generation_batch_size is not None and self.steps_per_generation is None:
@@ -214,7 +195,7 @@ class GenerationBatch:
     old_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when no optimizer step can fall in between
     ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
     num_items_in_batch: float  # completion tokens of the global generation batch, all ranks' (for "dapo")
-    sampling_per_token_logps: Optional[Float[Tensor, "BG C"]] = None  # the sampler's, for vLLM's correction
+    sampling_per_token_logps: Optional[Float[Tensor, "BG C"]] = None  # the sampler's: vLLM's correction (and mask)
     importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 13)
 
     def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
@@ -526,7 +507,9 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
 # ----------------------------------------------------------------------------------------------------------
 # 9. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # the last four: 9b
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # the last four: TRL's, 9b
+OTHER_POLICY_LOSSES = ("cispo", "sapo", "vespo")  # their own policy term, in place of the clipped one (9b)
+NORMALISED_AS = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}  # each averages as TRL 1.16 averages it
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -553,17 +536,17 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
               use_bias_correction_kl: bool = True, delta: Optional[float] = None,
               entropy_mask: Optional[Bool[Tensor, "N C"]] = None,
               importance_sampling_ratio: Optional[Float[Tensor, "N #C"]] = None,
-              recipe: Optional[AlgorithmConfig] = None, sampling_per_token_logps: Optional[Float[Tensor, "N C"]] = None
+              recipe: Optional["RecipeConfig"] = None, sampling_per_token_logps: Optional[Float[Tensor, "N C"]] = None
               ) -> tuple[Float[Tensor, ""], dict]:
     """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL). For "dapo",
     num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
     for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C. entropy_mask
     (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 13) weigh the policy term only.
-    recipe: the config holding the settings of TRL's other recipes (9b), with sampling_per_token_logps for the
-    off-policy mask."""
+    recipe: the config whose knobs TRL's other recipes read (section 9b; None: their defaults, no off-policy mask),
+    sampling_per_token_logps the sampler's log-probs that the off-policy mask compares with (None: π_θ_old's)."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
-    log_ratio = token_log_ratio = per_token_logps - old_per_token_logps
+    log_ratio = token_log_ratio = per_token_logps - old_per_token_logps  # token_log_ratio: VESPO's (9b)
     # (Four variants, a line or two each, can be skipped on a first read: GSPO's one ratio per completion, δ's cap,
     # the high-entropy mask and vLLM's correction.)
     if importance_sampling_level == "sequence":  # GSPO: one ratio per completion, log s_i = (1/|o_i|) Σ_t log r_{i,t}
@@ -581,19 +564,21 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
     per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
-    recipe = recipe or AlgorithmConfig()
-    metrics = {}
-    if loss_type in OTHER_POLICY_LOSSES:  # TRL's other policy terms in place of the clip (9b)
+    # How often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step falls
+    # inside a generation batch (μ = 1, S = GA); rising: the policy moves fast between steps.
+    metrics = clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level)
+    if loss_type in OTHER_POLICY_LOSSES:  # CISPO, SAPO or VESPO: their own term in place of the clipped one (9b)
         per_token_loss, metrics = other_policy_loss(loss_type, per_token_logps, token_log_ratio, ratio, A, mask,
-                                                    epsilon_high, recipe, importance_sampling_ratio)
-    if recipe.off_policy_mask_threshold is not None:  # DeepSeek-V3.2's off-policy sequence mask (9b)
+                                                    epsilon_high, importance_sampling_level, recipe,
+                                                    importance_sampling_ratio)
+    if recipe is not None and recipe.off_policy_mask_threshold is not None:  # DeepSeek-V3.2's mask (9b)
         sampling = old_per_token_logps if sampling_per_token_logps is None else sampling_per_token_logps
         per_token_loss = per_token_loss * off_policy_mask(per_token_logps, sampling, A, mask,
                                                           recipe.off_policy_mask_threshold)
     if entropy_mask is not None:  # top_entropy_quantile < 1: the policy term on the high-entropy tokens only
         per_token_loss = per_token_loss * entropy_mask
-    if importance_sampling_ratio is not None and loss_type != "vespo":  # vLLM sampled: π_θ_old/π_vLLM (VESPO: 9b)
-        per_token_loss = per_token_loss * importance_sampling_ratio
+    if importance_sampling_ratio is not None and loss_type != "vespo":  # vLLM sampled: π_θ_old/π_vLLM (VESPO folds
+        per_token_loss = per_token_loss * importance_sampling_ratio  # it into its own weight instead, 9b)
     if beta != 0.0:
         # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased in value, always >= 0)
         ref_minus_logp = ref_per_token_logps - per_token_logps
@@ -607,10 +592,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = masked_mean(per_token_kl, mask)
 
-    normaliser = NORMALISED_AS.get(loss_type, loss_type)  # each of TRL's other losses averages as one of these four
-    if normaliser == "luspo":  # LUSPO (9b): 1/N Σ_i Σ_t L_{i,t}, each completion's sum, so longer ones weigh more
-        loss = (per_token_loss * mask).sum(-1).mean() / gradient_accumulation_steps
-    elif normaliser == "grpo":
+    normaliser = NORMALISED_AS.get(loss_type, loss_type)  # CISPO, SAPO, VESPO average as one of these four (9b)
+    if normaliser == "grpo":
         # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the paper's form (its 1/G, here over N rows). A long completion's tokens each
         # weigh less, so long wrong answers are punished less per token (the length bias Dr. GRPO names).
         loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
@@ -630,16 +613,11 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         tokens = max(1.0, mask.sum().item() if num_items_in_batch is None else num_items_in_batch)
         tokens_per_step = tokens / world_size * gradient_accumulation_steps / steps_per_generation
         loss = (per_token_loss * mask).sum() / tokens_per_step
+    elif normaliser == "luspo":  # LUSPO (9b): 1/N Σ_i Σ_t L_{i,t}, each completion's sum: longer ones weigh more
+        loss = (per_token_loss * mask).sum(-1).mean() / gradient_accumulation_steps
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
     trace("loss", locals(), ratio="N C", clipped_ratio="N C", per_token_kl="N C", per_token_loss="N C", loss="")
-    # How often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step falls
-    # inside a generation batch (μ = 1, S = GA); rising: the policy moves fast between steps.
-    if loss_type == "cispo":  # TRL's cispo_clip_ratio: the share of tokens with A > 0 whose weight the cap held
-        metrics["cispo_clip_ratio"] = clip_metrics(ratio, A, mask, epsilon_low, epsilon_high - 1,
-                                                   importance_sampling_level)["clip_ratio/high_mean"]
-    elif loss_type not in OTHER_POLICY_LOSSES:
-        metrics.update(clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level))
     return loss, metrics
 
 
@@ -663,27 +641,56 @@ def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, eps
 
 # ----------------------------------------------------------------------------------------------------------
 # 9b. TRL's other recipes, for a reader who wants them (GRPO needs none): four other policy losses, the off-policy
-# mask, and another way to combine several rewards. Each is off unless its knob asks for it.
+# mask, another way to combine several rewards, the entropy bonus and a moving reference. Each is off unless its
+# knob asks for it.
 
-OTHER_POLICY_LOSSES = ("cispo", "sapo", "vespo")  # luspo keeps the clipped term and changes only the average
-NORMALISED_AS = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}  # as TRL 1.16 averages them
+
+@dataclass
+class RecipeConfig:
+    """The knobs of these recipes, each off (or unused) by default; GRPOConfig holds them with all the others."""
+    multi_objective_aggregation: str = knob("sum_then_normalize", "sum_then_normalize: weigh and sum the rewards, then take group statistics; normalize_then_sum: each reward normalised within its group, summed, then normalised over the whole batch, whatever scale_rewards says (GDPO).")
+    off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. It acts where the policy moved since sampling: μ > 1, S > GA, or vLLM. Default: off.", low=0,
+                                                      why="the mean gap estimates a KL divergence, which is never negative")
+    sapo_temperature_pos: float = knob(1.0, "SAPO: τ of the gate σ(τ(r-1)) where A > 0.", above=0, why="the gate divides by τ")
+    sapo_temperature_neg: float = knob(1.05, "SAPO: τ of the gate where A < 0.", above=0, why="the gate divides by τ")
+    vespo_k_pos: float = knob(2.0, "VESPO: k of the weight φ(w) = e^λ·w^k·e^(-λw) where A >= 0.", low=0)
+    vespo_lambda_pos: float = knob(3.0, "VESPO: λ of φ(w) where A >= 0.", above=0, why="φ(w) must fall off for large w")
+    vespo_k_neg: float = knob(3.0, "VESPO: k of φ(w) where A < 0.", low=0)
+    vespo_lambda_neg: float = knob(2.0, "VESPO: λ of φ(w) where A < 0.", above=0, why="φ(w) must fall off for large w")
+    entropy_coef: float = knob(0.0, "c of the entropy bonus: loss - c·H̄, H̄ the mean entropy of a micro-batch's completion tokens (0: off; the starting c with use_adaptive_entropy). Keeps a float32 (N, C, V) softmax for backward.", low=0, why="a bonus; below 0 it would punish exploring")
+    use_adaptive_entropy: bool = knob(False, "Skywork-OR1's adaptive c: after each optimizer step, up by entropy_coef_delta if the step's entropy was at or below entropy_target, else down; a step gets the bonus only if the step before it was at or below (not the first).")
+    entropy_coef_min: float = knob(0.0, "The adaptive c's floor.", low=0)
+    entropy_coef_max: float = knob(1.0, "The adaptive c's ceiling.", low=0)
+    entropy_coef_delta: float = knob(0.005, "The adaptive c's change per optimizer step.", low=0)
+    entropy_target: float = knob(0.2, "The entropy (nats per token) the adaptive c holds the policy at.", low=0)
+    sync_ref_model: bool = knob(False, "TR-DPO's moving reference: every ref_model_sync_steps steps, π_ref <- α·π_θ + (1-α)·π_ref (needs β ≠ 0, no LoRA).")
+    ref_model_mixup_alpha: float = knob(0.6, "α, the policy's share in sync_ref_model's mix.", low=0, high=1)
+    ref_model_sync_steps: int = knob(512, "Optimizer steps between two of sync_ref_model's mixes.", low=1)
+
+
+# LUSPO (loss_type="luspo") keeps the clipped term and only sums each completion's tokens (section 9's last average).
 
 
 def other_policy_loss(loss_type: str, logps: Tensor, token_log_ratio: Tensor, ratio: Tensor, A: Tensor, mask: Tensor,
-                      epsilon_high: float, recipe: AlgorithmConfig, importance_sampling_ratio: Optional[Tensor]
-                      ) -> tuple[Tensor, dict]:
-    """The per-token policy term of a loss that replaces the clip, and the diagnostic TRL logs for it."""
+                      epsilon_high: float, importance_sampling_level: str, recipe: Optional[RecipeConfig],
+                      importance_sampling_ratio: Optional[Tensor]) -> tuple[Tensor, dict]:
+    """The per-token policy term of CISPO, SAPO or VESPO, and the diagnostic TRL logs for it."""
+    recipe = recipe or RecipeConfig()  # each knob's default
     if loss_type == "cispo":
-        # CISPO (MiniMax-M1, 2025): L = -sg(min(r, ε_high))·A·log π. The ratio, capped, is a constant weight, so
-        # every token keeps a gradient, where the clip would drop it. (Here ε_high is the cap itself, as in TRL.)
-        return -torch.clamp(ratio, max=epsilon_high).detach() * A * logps, {}
+        # CISPO (MiniMax-M1, 2025): L = -sg(min(r, cap))·A·log π, cap = epsilon_high itself (as in TRL; ScaleRL
+        # suggests 5). The capped ratio is a constant weight, so every token keeps a gradient, where the clip drops
+        # some. cispo_clip_ratio: the share of tokens with A > 0 whose weight the cap held (clip_metrics' count
+        # above 1 + ε, with ε = cap - 1).
+        metric = clip_metrics(ratio, A, mask, 0.0, epsilon_high - 1, importance_sampling_level)["clip_ratio/high_mean"]
+        return -torch.clamp(ratio, max=epsilon_high).detach() * A * logps, {"cispo_clip_ratio": metric}
     if loss_type == "sapo":
-        # SAPO (Qwen, 2025): L = -(4/τ)·σ(τ(r - 1))·A, a smooth gate in place of the clip: its weight is 1 at r = 1
-        # and fades as r leaves 1; τ is larger (the gate narrower) where A < 0.
+        # SAPO (Qwen, 2025): L = -(4/τ)·σ(τ(r - 1))·A, a smooth gate in place of the clip: its gradient weight is 1 at
+        # r = 1, as PPO's unclipped r·A, and fades as r leaves 1; τ is larger (the gate narrower) where A ≤ 0.
         tau = torch.where(A > 0, recipe.sapo_temperature_pos, recipe.sapo_temperature_neg)
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A, {}
     # VESPO: L = -sg(φ(w))·A·log π, with w = Π_t r_t the completion's ratio (times vLLM's per-token correction) and
-    # φ(w) = e^λ·w^k·e^(-λw), which is 1 at w = 1 and falls off on both sides (k, λ by the sign of A).
+    # φ(w) = e^λ·w^k·e^(-λw): 1 at w = 1, largest at w = k/λ, towards 0 as w goes to 0 or ∞ (k, λ by the sign of A).
+    # It multiplies the tokens' own ratios whatever importance_sampling_level says (TRL advises "token").
     with torch.no_grad():
         log_w = (token_log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
         if importance_sampling_ratio is not None:
@@ -720,9 +727,11 @@ class EntropyBonus:
     high-entropy mask keeps, if on), divided by GA like the loss. Its gradient raises the entropy: the policy keeps
     exploring. With use_adaptive_entropy (Skywork-OR1, 2025) c follows the entropy instead: after each optimizer
     step, up by entropy_coef_delta if the step's mean entropy over every rank was at or below entropy_target, down if
-    above, within [entropy_coef_min, entropy_coef_max], and the bonus applies only while it is at or below."""
+    above, within [entropy_coef_min, entropy_coef_max]; a step gets the bonus only if the step before it ended at or
+    below the target (the first gets none). Called on a micro-batch, it also records TRL's policy_loss: the loss
+    before the bonus, and for the types that average per completion before their division by GA, as TRL logs it."""
 
-    def __init__(self, args: AlgorithmConfig):
+    def __init__(self, args: "GRPOConfig"):
         self.args, self.coef, self.last_entropy, self.window = args, args.entropy_coef, math.inf, torch.zeros(2)
         self.on = args.entropy_coef != 0.0 or args.use_adaptive_entropy
 
@@ -751,7 +760,8 @@ class EntropyBonus:
 @torch.no_grad()
 def mix_into_reference(ref_model: torch.nn.Module, model: torch.nn.Module, alpha: float) -> None:
     """sync_ref_model (TR-DPO, Gorbatovski et al. 2024): π_ref <- α·π_θ + (1 - α)·π_ref, weight by weight, so that
-    the KL penalty holds the policy near where it has lately been rather than where it started."""
+    the KL penalty holds the policy near where it has lately been rather than where it started. The next generation
+    batch's π_ref log-probs are the first to see it. (load_policy refuses it where there is no π_ref: β = 0, LoRA.)"""
     for ref, weight in zip(ref_model.parameters(), model.parameters(), strict=True):
         ref.mul_(1 - alpha).add_(weight, alpha=alpha)
 
@@ -792,7 +802,8 @@ class GRPOTrainer:
         self.reward_funcs, self.reward_names, self.reward_weights = load_rewards(
             reward_funcs, reward_processing_classes, reward_weights, args, self.device)
         # The policy π_θ (dropout off: the same tokens must get the same log-probs in every pass); when β ≠ 0 the
-        # reference π_ref, a frozen copy of it, never updated; the tokens that end a completion.
+        # reference π_ref, a frozen copy of it, never updated (unless sync_ref_model, 9b); the tokens that end a
+        # completion.
         self.model, self.ref_model, self.eos_token_ids = load_policy(model, self.tokenizer, args, self.device,
                                                                      self.world_size, peft_config)
 
@@ -862,8 +873,9 @@ class GRPOTrainer:
         # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 12).
         all_rewards = self.processes.gather(rewards) if mode == "train" else rewards
         G = self.G if mode == "train" else args.num_generations_eval  # evaluation may sample another G
-        advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=nanstd(all_rewards))
-        if args.multi_objective_aggregation == "normalize_then_sum":  # each reward normalised in its group first (9b)
+        if args.multi_objective_aggregation == "sum_then_normalize":
+            advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=nanstd(all_rewards))
+        else:  # normalize_then_sum: each reward normalised in its group before the sum (section 9b)
             all_ranks = self.processes.gather if mode == "train" else (lambda x: x)
             advantages = normalize_then_sum(rewards_per_func, self.reward_weights, G, all_ranks)
 
@@ -892,9 +904,9 @@ class GRPOTrainer:
     def generate(self, prompts: list) -> tuple[Int[Tensor, "BG P"], Int[Tensor, "BG P"], Int[Tensor, "BG C"],
                                                Float[Tensor, "BG C"]]:
         """Tokenize the prompts (section 4), then sample one completion each (section 5): C <= max_completion_length.
-        Also the log-prob the sampler drew each token with, kept for vLLM's correction only: the loss recomputes
-        π_θ_old with the training pass itself, since the cached, batched sampling pass rounds slightly differently
-        and the ratio must be exactly 1 where the policy has not moved."""
+        Also the log-prob the sampler drew each token with, kept for vLLM (its correction, and the off-policy mask,
+        9b): the loss recomputes π_θ_old with the training pass itself, since the cached, batched sampling pass
+        rounds slightly differently and the ratio must be exactly 1 where the policy has not moved."""
         args = self.args
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
                                                    args.chat_template_kwargs)
@@ -951,6 +963,8 @@ class GRPOTrainer:
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
             use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta, entropy_mask=entropy_mask,
             importance_sampling_ratio=batch.importance_sampling_ratio, recipe=args,
+            # TRL's off-policy mask compares with vLLM's own log-probs; without vLLM with π_θ_old's (the sampler's
+            # here differ from those by rounding only, which is not the policy moving)
             sampling_per_token_logps=batch.sampling_per_token_logps if args.use_vllm else None)
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
         if self.entropy_bonus.on:  # loss - c·H̄ (section 9b), over the tokens the high-entropy mask keeps
@@ -1034,7 +1048,6 @@ class GRPOTrainer:
 
 import asyncio
 import concurrent.futures
-import importlib
 import importlib.util
 import itertools
 import json
@@ -1150,7 +1163,7 @@ class RunConfig:
 
 
 @dataclass
-class GRPOConfig(RunConfig, AlgorithmConfig):
+class GRPOConfig(RunConfig, RecipeConfig, AlgorithmConfig):
     """Every knob, with TRL's names: the algorithm's (Part I) first, then those of running it."""
 
     def __post_init__(self):
@@ -1299,7 +1312,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def shutdown_distributed() -> None:
-    for engine in VLLM_ENGINES:  # first: an engine shutting down leaves the process group it runs in
+    for engine in list(VLLM_ENGINES):  # first: an engine shutting down leaves the process group it runs in
         engine.close()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -1309,10 +1322,15 @@ def _several_ranks() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather(x: Tensor) -> Tensor:
-    """x from every rank, concatenated along dim 0 in rank order: the rows of the global batch."""
+def gather(x: Union[Tensor, list]) -> Union[Tensor, list]:
+    """x from every rank, concatenated in rank order: a tensor along dim 0 (the rows of the global batch), or a list
+    (texts, for the completions table)."""
     if not _several_ranks():
         return x
+    if isinstance(x, list):
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, x)
+        return [item for part in parts for item in part]
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
@@ -1324,15 +1342,6 @@ def reduce_over_ranks(x: Tensor, op: str = "sum") -> Tensor:
         x = x.clone()
         dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return x
-
-
-def gather_objects(items: list) -> list:
-    """A list from every rank, concatenated in rank order (texts, for the completions table)."""
-    if not _several_ranks():
-        return items
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
 
 
 def barrier() -> None:
@@ -1347,11 +1356,8 @@ class Processes:
     def __init__(self):
         self.rank, self.world_size, self.device = init_distributed()
 
-    def gather(self, x: Tensor) -> Tensor:
-        return gather(x)
-
-    def sum(self, x: Tensor) -> Tensor:
-        return reduce_over_ranks(x, "sum")
+    gather = staticmethod(gather)
+    sum = staticmethod(reduce_over_ranks)  # its op defaults to "sum"
 
     def gather_uneven(self, x: Tensor) -> Tensor:
         """Every rank's values of a non-negative 1-d x, whose length differs between ranks (their completion tokens):
@@ -1534,7 +1540,7 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         problem = "the weights are sharded (--fsdp)" if sharded else prepacking_problem(model, bf16)
         if problem is None:
             sample = functools.partial(sample_prepacked, sample=sample, autocast_dtype=bf16)
-        said.append(f"{'prepacked weights' if problem is None else f'plain weights ({problem})'}")
+        said.append("prepacked weights" if problem is None else f"plain weights ({problem})")
     # Packing was measured on CPUs only; on a GPU its dense (L, L) mask would also take SDPA off its flash kernel.
     pack, chunk = args.padding_free and on_cpu and wide and can_pack(model), args.logits_chunk_size
     if pack or chunk:
@@ -1898,7 +1904,7 @@ def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast_dtype)):
             plain = layer(x)
-            with prepacked_linears(layer, 4, autocast_dtype or None):
+            with prepacked_linears(layer, 4, autocast_dtype):
                 packed = layer(x)
     except (RuntimeError, AttributeError) as e:  # AttributeError: a PyTorch built without oneDNN
         return f"oneDNN refused: {first_line(e, 100)}"
@@ -1958,16 +1964,13 @@ def vllm_correction(args: GRPOConfig, old_per_token_logps: Optional[Tensor], sam
     gap = (old_per_token_logps - sampling).abs()
     gap = gap[mask & ~gap.isnan()]
     flat = ratio.flatten() if ratio.size(1) == 1 else ratio[mask]
-    stats = [(gap, torch.mean), (gap, torch.max), (flat, torch.min), (flat, torch.mean), (flat, torch.max)]
+    stats = ([("sampling_logp_difference", gap, how) for how in ("mean", "max")]
+             + [("importance_sampling_ratio", flat, how) for how in ("min", "mean", "max")])
     # 0 where a rank has no token, as TRL
-    mine = torch.stack([f(x) if x.numel() else x.new_zeros(()) for x, f in stats]).float()
+    mine = torch.stack([getattr(x, how)() if x.numel() else x.new_zeros(()) for _, x, how in stats]).float()
     ranks = gather(mine[None]).view(-1, 5)  # one row per rank; TRL averages the means, and takes min and max
-    m = report.metrics
-    m["sampling/sampling_logp_difference/mean"].append(float(ranks[:, 0].mean()))
-    m["sampling/sampling_logp_difference/max"].append(float(ranks[:, 1].max()))
-    m["sampling/importance_sampling_ratio/min"].append(float(ranks[:, 2].min()))
-    m["sampling/importance_sampling_ratio/mean"].append(float(ranks[:, 3].mean()))
-    m["sampling/importance_sampling_ratio/max"].append(float(ranks[:, 4].max()))
+    for column, (name, _, how) in enumerate(stats):
+        report.metrics[f"sampling/{name}/{how}"].append(float(getattr(ranks[:, column], how)()))
     return ratio
 
 
@@ -2117,8 +2120,6 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
         model.unmerge_adapter()
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 14. Validation: every bad input is refused before any work is lost, with a message that says what to change.
 
@@ -2243,7 +2244,7 @@ def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B:
     """What can be checked before any model loads: output_dir (created, writable) and the datasets (a prompt column,
     rows, enough prompts for one generation batch on every rank, the columns each reward function needs)."""
     check_output_dir(args.output_dir)
-    check_reward_columns(reward_funcs, args, train_dataset, eval_dataset)
+    check_reward_columns(reward_funcs, train_dataset, eval_dataset)
     if train_dataset is None:
         raise ValueError("GRPOTrainer needs a train_dataset with a `prompt` column.")
     for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
@@ -2277,7 +2278,7 @@ def check_output_dir(output_dir: str) -> None:
 REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every reward function is given
 
 
-def check_reward_columns(reward_funcs, args: GRPOConfig, *datasets) -> None:
+def check_reward_columns(reward_funcs, *datasets) -> None:
     """Every reward function is called with prompts, completions, completion_ids and each other dataset column as
     keywords: it must take them all (by name or **kwargs), and its arguments without a default (accuracy_reward's
     `answer`) must be columns of every dataset. Checked now, or the run would fail in its first reward, after the
@@ -2431,7 +2432,19 @@ class Checkpoints:
 
     def find(self, resume_from_checkpoint: Optional[str]) -> Optional[str]:
         """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
-        return find_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is None:
+            return None
+        if resume_from_checkpoint == "latest":
+            checkpoints = list_checkpoints(output_dir)
+            if not checkpoints:
+                raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} has no complete "
+                                        f"checkpoint-N folder.")
+            return checkpoints[-1]
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+            raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
+                                    f"checkpoints in {output_dir!r}: {list_checkpoints(output_dir) or 'none'}.")
+        return resume_from_checkpoint
 
     def hold(self, micro_batches: list[GenerationBatch]) -> None:
         """The generation batch now in training: a checkpoint saved inside it keeps it, to resume inside it."""
@@ -2510,10 +2523,8 @@ class Checkpoints:
                                   f"then stopping. Send it again to stop at once.")
             self.stop_signal = self.stop_signal or signum
 
-        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-            yield
-            return
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        on_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM) if on_main_thread}
         try:
             yield
         finally:
@@ -2655,22 +2666,6 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def find_checkpoint(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
-    """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            raise FileNotFoundError(f"resume_from_checkpoint=latest, but {output_dir!r} has no complete "
-                                    f"checkpoint-N folder.")
-        return checkpoints[-1]
-    if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
-        raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a checkpoint folder (no trainer_state.json); "
-                                f"checkpoints in {output_dir!r}: {list_checkpoints(output_dir) or 'none'}.")
-    return resume_from_checkpoint
-
-
 def read_checkpoint_file(path: str, name: str, read: Callable) -> Any:
     """read(path/name), or one line that names the file that cannot be read and says what to do, rather than the
     reader's traceback (torch's would advise weights_only=False, unsafe for a file of unknown origin)."""
@@ -2777,6 +2772,9 @@ class Report:
         advice = {("luspo", "token"): "LUSPO's paper uses 'sequence'",
                   ("vespo", "sequence"): "VESPO builds its own completion weights from the token ratios: use 'token'",
                   **{(name, "sequence"): summed for name in ("bnpo", "dr_grpo", "dapo", "cispo")}}
+        if loss == "cispo" and self.args.epsilon_high < 1:  # on-policy the ratio is 1: every weight would be capped
+            advice[loss, level] = (f"CISPO caps each token's weight at epsilon_high = {self.args.epsilon_high}, under "
+                                   f"the on-policy ratio 1, so every weight is {self.args.epsilon_high}; ScaleRL uses 5")
         if (loss, level) in advice:
             say(trainer, f"[grpo] warning: loss_type={loss!r} with importance_sampling_level={level!r}: "
                          f"{advice[loss, level]}.")
@@ -2844,7 +2842,7 @@ class Report:
         if mode != "train":
             return
         if self.args.log_completions:  # every rank's rows, as TRL's table (all_per_func, all_rewards: gathered)
-            self.keep_samples(gather_objects(prompts), gather_objects(completions_text), all_per_func,
+            self.keep_samples(gather(prompts), gather(completions_text), all_per_func,
                               gather(advantages), all_rewards)
         self.generation_batches += 1
         if all_rewards.isnan().all() or zero_std.all():
@@ -3318,7 +3316,6 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
             _ensure_pad_token(tokenizer)
             func.config.pad_token_id = tokenizer.pad_token_id
         tokenizers.append(tokenizer)
-    # The metric names, as TRL's: a function's __name__ (rewards/accuracy_reward/mean), a model's last path part.
     names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights

@@ -150,8 +150,10 @@ def test_part_one_holds_the_algorithm_and_its_loop_has_the_algorithms_shape():
              "completion_mask_from_eos", "decode", "compute_rewards", "weighted_rewards", "nanstd", "group_advantages",
              "selective_log_softmax", "get_per_token_logps", "masked_mean", "grpo_loss", "GRPOTrainer"]
     assert [name for name in defined if name in order] == order
-    # GRPO in about 910 lines, and section 9b: TRL's other recipes, which a reader who wants GRPO alone skips
-    assert len(PART_ONE.splitlines()) <= 1000, f"Part I is {len(PART_ONE.splitlines())} lines"
+    # GRPO, and section 9b: TRL's other recipes, which a reader who wants GRPO alone skips
+    recipes = re.search(r"^# -+\n# 9b\..*?(?=^# -+\n# 10\.)", PART_ONE, re.M | re.S).group(0)
+    assert len(PART_ONE.splitlines()) - len(recipes.splitlines()) <= 920, "Part I without 9b is over 920 lines"
+    assert len(recipes.splitlines()) <= 130, f"section 9b is {len(recipes.splitlines())} lines"
     train = inspect.getsource(grpo.GRPOTrainer.train)
     assert len(train.splitlines()) <= 25 and "continue" not in train
     loops = [line.strip() for line in train.splitlines() if line.strip().startswith("for ")]

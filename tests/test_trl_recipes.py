@@ -4,6 +4,7 @@ supplies what the loss reads (the log-probs, the config, one process), and the a
 
 import functools
 import math
+import re
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -81,7 +82,7 @@ def trl_loss(b: dict, loss_type: str, level: str, beta: float, S: int, GA: int, 
 
 def our_loss(b: dict, loss_type: str, level: str, beta: float, S: int, GA: int, threshold=None, vllm=False):
     logps = b["logps"].clone().requires_grad_(True)
-    recipe = grpo.AlgorithmConfig(off_policy_mask_threshold=threshold)
+    recipe = grpo.RecipeConfig(off_policy_mask_threshold=threshold)
     loss, metrics = grpo.grpo_loss(
         logps, b["old"], b["ref"], b["advantages"], b["mask"], beta=beta, epsilon_low=0.2,
         epsilon_high=0.28 if loss_type != "cispo" else 5.0, loss_type=loss_type, importance_sampling_level=level,
@@ -250,11 +251,13 @@ def test_model_init_kwargs_and_trust_remote_code_reach_from_pretrained(tmp_path,
     from test_trainer import letters_data, small_args
 
     seen, load = [], grpo._from_pretrained
-    monkeypatch.setattr(grpo, "_from_pretrained", lambda cls, *a, **k: seen.append((cls.__name__, k)) or load(cls, *a, **k))
+    monkeypatch.setattr(grpo, "_from_pretrained",
+                        lambda cls, *a, **k: seen.append((cls.__name__, k)) or load(cls, *a, **k))
     args = small_args(tmp_path, trust_remote_code=True, model_init_kwargs='{"attn_implementation": "eager"}')
     trainer = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
     assert trainer.model.config._attn_implementation == "eager"
-    assert ("AutoModelForCausalLM", {"dtype": "float32", "trust_remote_code": True, "attn_implementation": "eager"}) in seen
+    policy = {"dtype": "float32", "trust_remote_code": True, "attn_implementation": "eager"}
+    assert ("AutoModelForCausalLM", policy) in seen
     assert ("AutoTokenizer", {"trust_remote_code": True}) in seen
 
 
@@ -266,7 +269,7 @@ def test_the_entropy_bonus_and_its_adaptive_coefficient_are_trls(loss_type, adap
     and the coefficient after each step (adaptive: it applies only once a step's entropy was at or below target)."""
     b, GA = batch(2), 2
     bonus = dict(entropy_coef=0.05, use_adaptive_entropy=adaptive, entropy_coef_delta=0.02, entropy_target=0.2)
-    ours = grpo.EntropyBonus(grpo.AlgorithmConfig(loss_type=loss_type, gradient_accumulation_steps=GA, **bonus))
+    ours = grpo.EntropyBonus(grpo.GRPOConfig(loss_type=loss_type, gradient_accumulation_steps=GA, **bonus))
     stub = trl_stub(None, None, loss_type, GA=GA, bonus=bonus)
     coefficients = []
     for step, level in enumerate([0.1, 0.4, 0.1]):
@@ -281,7 +284,8 @@ def test_the_entropy_bonus_and_its_adaptive_coefficient_are_trls(loss_type, adap
                     loss = trl().GRPOTrainer._compute_loss(stub, None, trl_inputs(b))
                 else:
                     loss, metrics = grpo.grpo_loss(logps, b["old"], None, b["advantages"], b["mask"],
-                                                   loss_type=loss_type, gradient_accumulation_steps=GA, epsilon_high=0.28,
+                                                   loss_type=loss_type, gradient_accumulation_steps=GA,
+                                                   epsilon_high=0.28,
                                                    max_completion_length=C, num_items_in_batch=float(b["mask"].sum()))
                     loss = ours(loss, ent, b["mask"], metrics)
                 loss.backward()
@@ -304,7 +308,8 @@ def test_cast_lm_head_to_fp32_computes_the_logits_in_float32(tmp_path, tiny_mode
     args = small_args(tmp_path, dtype="bfloat16", cast_lm_head_to_fp32=True, beta=0.1)
     trainer = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
     for model in (trainer.model, trainer.ref_model):
-        assert model.lm_head.weight.dtype == torch.float32 and model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert model.lm_head.weight.dtype == torch.float32
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert trainer.model.model.embed_tokens(ids).dtype == torch.bfloat16
@@ -324,6 +329,63 @@ def test_num_generations_eval_samples_that_many_per_held_out_prompt(tmp_path, ti
     trainer = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data(),
                                eval_dataset=letters_data(8))
     seen, generate_and_score = [], trainer.generate_and_score
-    trainer.generate_and_score = lambda rows, mode="train": seen.append((mode, len(rows))) or generate_and_score(rows, mode)
+    trainer.generate_and_score = lambda rows, mode="train": (seen.append((mode, len(rows)))
+                                                             or generate_and_score(rows, mode))
     trainer.train()
     assert seen == [("train", 8), ("eval", 8), ("eval", 8)]  # B·G = 8 rows at once: 4 prompts × 2, twice
+
+
+def loss_table() -> dict[str, tuple[str, str]]:
+    """shapes.md's table of the eight loss types: {loss_type: (L, loss)}, each cell a Python expression."""
+    text = (grpo.os.path.join(grpo.os.path.dirname(grpo.__file__), "shapes.md"))
+    rows = re.findall(r"^\| `(\w+)`[^|]*\| `([^`]+)` \| `([^`]+)` \|$", open(text).read(), re.M)
+    return {name: (per_token, total) for name, per_token, total in rows}
+
+
+@pytest.mark.parametrize("loss_type", list(grpo.LOSS_TYPES))
+def test_shapes_md_formula_of_each_loss_type_is_the_code(loss_type):
+    """Each loss type's two formulas in shapes.md, evaluated on a small off-policy micro-batch (2 ranks, S = 2,
+    GA = 1), give grpo_loss's value and gradient."""
+    per_token, total = loss_table()[loss_type]
+    b, recipe = batch(3), grpo.RecipeConfig()
+    A, m = b["advantages"][:, None], b["mask"].float()
+    T, W, S, GA = float(m.sum() * 2 * 2), 2, 2, 1  # the generation batch: 2 micro-batches on each of 2 ranks
+    values = []
+    for formula in (True, False):
+        logp = b["logps"].clone().requires_grad_(True)
+        if formula:
+            r = torch.exp(logp - b["old"])
+            w = torch.exp(((logp - b["old"]) * m).sum(1, keepdim=True))
+            k = torch.where(A >= 0, recipe.vespo_k_pos, recipe.vespo_k_neg)
+            lam = torch.where(A >= 0, recipe.vespo_lambda_pos, recipe.vespo_lambda_neg)
+            env = dict(r=r, A=A, m=m, logp=logp, w=w, T=T, W=W, S=S, GA=GA, N=N, max_completion_length=C,
+                       eps_low=0.2, eps_high=0.28, min=lambda x, y: torch.minimum(x, torch.as_tensor(y)),
+                       clip=torch.clamp, sg=torch.Tensor.detach, sigmoid=torch.sigmoid,
+                       tau=torch.where(A > 0, recipe.sapo_temperature_pos, recipe.sapo_temperature_neg),
+                       phi=lambda w: torch.exp(lam) * w ** k * torch.exp(-lam * w))
+            env["L"] = eval(per_token, {}, env)
+            loss = eval(total, {}, env)
+        else:
+            loss, _ = grpo.grpo_loss(logp, b["old"], None, b["advantages"], b["mask"], loss_type=loss_type,
+                                     epsilon_high=0.28, max_completion_length=C, gradient_accumulation_steps=GA,
+                                     steps_per_generation=S, num_items_in_batch=T, world_size=W)
+        loss.backward()
+        values.append((loss.item(), logp.grad))
+    assert values[0][0] == pytest.approx(values[1][0], rel=1e-6)
+    torch.testing.assert_close(values[0][1], values[1][1])
+    assert set(loss_table()) == set(grpo.LOSS_TYPES)
+
+
+def test_trls_refusals_and_advice_for_the_recipes(tmp_path, tiny_model_dir, capsys):
+    """VESPO folds vLLM's correction into its weight token by token, so a sequence-level correction is refused, as TRL
+    refuses it; TRL's advice on importance_sampling_level, and a CISPO cap below the on-policy ratio, are warned."""
+    from test_trainer import letters_data, small_args
+
+    with pytest.raises(ValueError, match="loss_type='vespo' with vllm_importance_sampling_mode='sequence_mask'"):
+        grpo.GRPOConfig(use_vllm=True, loss_type="vespo")
+    assert grpo.GRPOConfig(use_vllm=True, loss_type="vespo", vllm_importance_sampling_mode="token_mask")
+    for knobs, said in ((dict(loss_type="luspo"), "LUSPO's paper uses 'sequence'"),
+                        (dict(loss_type="dapo", importance_sampling_level="sequence"), "GSPO's is loss_type='grpo'"),
+                        (dict(loss_type="cispo"), "CISPO caps each token's weight at epsilon_high = 0.2")):
+        grpo.GRPOTrainer(tiny_model_dir, "letters", args=small_args(tmp_path, **knobs), train_dataset=letters_data())
+        assert said in capsys.readouterr().out
