@@ -762,6 +762,8 @@ def mix_into_reference(ref_model: torch.nn.Module, model: torch.nn.Module, alpha
     """sync_ref_model (TR-DPO, Gorbatovski et al. 2024): π_ref <- α·π_θ + (1 - α)·π_ref, weight by weight, so that
     the KL penalty holds the policy near where it has lately been rather than where it started. The next generation
     batch's π_ref log-probs are the first to see it. (load_policy refuses it where there is no π_ref: β = 0, LoRA.)"""
+    for module in (ref_model, model):  # under --fsdp: both back to their shards (a root stays gathered after use)
+        getattr(module, "reshard", lambda: None)()
     for ref, weight in zip(ref_model.parameters(), model.parameters(), strict=True):
         ref.mul_(1 - alpha).add_(weight, alpha=alpha)
 
@@ -2140,6 +2142,10 @@ def check_config(args: GRPOConfig) -> None:
         raise KnobError("fsdp", "--fsdp with --use_peft is not supported yet: LoRA's adapters are merged into whole "
                                 "weights, which FSDP shards. Drop one of the two (without --fsdp, each rank holds the "
                                 "whole model).")
+    if args.fsdp and args.cast_lm_head_to_fp32:
+        raise KnobError("fsdp", "--fsdp with cast_lm_head_to_fp32 is not supported: FSDP2 shards each group of weights "
+                                "in one dtype, and the LM head would be float32 among the root group's bf16 weights. "
+                                "Drop one of the two.")
     args.gradient_checkpointing |= args.fsdp and args.fsdp_config["activation_checkpointing"]  # the same recompute
     check_scheduler(args.lr_scheduler_type, args.lr_scheduler_kwargs or {})
     if args.top_k == 1:

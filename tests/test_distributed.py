@@ -176,9 +176,11 @@ def test_resume_under_torchrun_is_the_same_run(tmp_path):
 def test_resume_under_fsdp_is_the_same_run_and_its_checkpoint_resumes_under_ddp(tmp_path):
     """A run sharded with --fsdp, stopped after step 3 and resumed (sharded, or under DDP) to step 6, ends with the
     weights and metrics of the straight run: the checkpoint holds the whole weights and the whole AdamW state. With
-    SHARDED_STATE_DICT each rank writes and reads its own shards, to the same end."""
+    SHARDED_STATE_DICT each rank writes and reads its own shards, to the same end. The reference model moves
+    (sync_ref_model, every 2 steps) and the entropy bonus adapts its coefficient: the checkpoint holds both."""
     argv = ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--eval_steps", "100",
-            "--per_device_train_batch_size", "64", "--steps_per_generation", "2", "--num_iterations", "2"]
+            "--per_device_train_batch_size", "64", "--steps_per_generation", "2", "--num_iterations", "2",
+            "--sync_ref_model", "--ref_model_sync_steps", "2", "--use_adaptive_entropy", "--entropy_target", "5"]
     shards = ["--fsdp", "--fsdp_config", '{"state_dict_type": "SHARDED_STATE_DICT"}']
     straight, straight_shards = tmp_path / "straight", tmp_path / "straight-shards"
     first = _run([*TORCHRUN, "grpo.py", "--fsdp", "--output_dir", str(straight), *argv])

@@ -41,6 +41,7 @@ REFUSED = [  # (the command line, what its one line says)
     ("--fsdp --fsdp_config no-such-file.json", "fsdp_config 'no-such-file.json' cannot be read"),
     ("--fsdp hybrid_shard", "fsdp 'hybrid_shard' is not a setting"),
     ("--fsdp --use_peft", "--fsdp with --use_peft is not supported yet"),
+    ("--fsdp --cast_lm_head_to_fp32", "--fsdp with cast_lm_head_to_fp32 is not supported"),
 ]
 
 
