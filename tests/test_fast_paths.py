@@ -84,13 +84,17 @@ def grouped_batch(shuffle=False):
     return tuple(x[order] for x in (prompt_ids, prompt_mask, completion_ids, completion_mask))
 
 
-def logps_and_grads(model, fast, **kw):
+def logps_and_grads(model, fast, entropy_grad=False, **kw):
+    """The log-probs, entropies and the gradient of their sum (the entropies' too with entropy_grad, as the entropy
+    bonus takes them)."""
     batch = grouped_batch(kw.pop("shuffle", False))
     completion_mask = batch[3]
     model.zero_grad()
-    logps, entropy = (hidden_state_logps(model, *batch, 0.9, with_entropy=True, **kw) if fast else
-                      get_per_token_logps(model, *batch, 0.9, with_entropy=True))
-    (logps * completion_mask).sum().backward()
+    with_entropy = "grad" if entropy_grad else True
+    logps, entropy = (hidden_state_logps(model, *batch, 0.9, with_entropy=with_entropy, **kw) if fast else
+                      get_per_token_logps(model, *batch, 0.9, with_entropy=with_entropy))
+    assert entropy.requires_grad == entropy_grad
+    ((logps + entropy * entropy_grad) * completion_mask).sum().backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     return logps.detach() * completion_mask, entropy * completion_mask, grads
 
@@ -103,21 +107,23 @@ def count_forward_rows(model):
     return rows
 
 
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["", "entropy bonus"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("chunk_size", [0, 4], ids=["plain", "chunked"])
 @pytest.mark.parametrize("width,shuffle", [(64, False), (8, False), (64, True)], ids=["one row", "cut rows", "shuffled"])
-def test_packed_rows_give_part_one_logps_and_gradients(model, chunk_size, attention, width, shuffle):
+def test_packed_rows_give_part_one_logps_and_gradients(model, chunk_size, attention, width, shuffle, entropy_grad):
     model.set_attn_implementation(attention)
-    padded = logps_and_grads(model, fast=False, shuffle=shuffle)
+    padded = logps_and_grads(model, fast=False, entropy_grad=entropy_grad, shuffle=shuffle)
     calls = count_forward_rows(model)
     # Packed rows are cut at max(P + C, hidden_size) tokens: the model's 64, or 11 when it claims to be 8 wide.
     model.config.hidden_size = width
-    packed = logps_and_grads(model, fast=True, pack=True, chunk_size=chunk_size, shuffle=shuffle)
+    packed = logps_and_grads(model, fast=True, entropy_grad=entropy_grad, pack=True, chunk_size=chunk_size,
+                             shuffle=shuffle)
     # One pass over 3 + (6 + 2 + 4) + 5 + (6 + 1) = 27 tokens, where the padded batch has 5 rows of P + C = 11.
     # Cut at 11: 3 + 6 + 2 = 11 and 3 + 4 = 7 for the first prompt, 5 + 6 = 11 and 5 + 1 = 6 for the second.
     assert calls == ([(1, 27)] if width == 64 else [(4, 11)])
     for a, b in zip(packed, padded):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=0)
     assert padded[2].abs().max() > 1e-3  # the gradients compared are not all zero
 
 
