@@ -1878,7 +1878,8 @@ def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optiona
     `rows` rows (0: none): 0.15-0.3 s for SmolLM2, once per generation batch, and one more copy of the weights.
     With autocast_dtype, in that dtype."""
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and rows
-               and (autocast_dtype or m.weight.dtype) in (torch.float32, torch.bfloat16)]  # rows = 0: none
+               and (autocast_dtype or m.weight.dtype) in (torch.float32, torch.bfloat16)  # rows = 0: none
+               and "forward" not in vars(m)]  # one whose forward was replaced keeps it (cast_lm_head_to_fp32's head)
     packed = []
     try:
         for linear in linears:

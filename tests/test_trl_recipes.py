@@ -389,3 +389,20 @@ def test_trls_refusals_and_advice_for_the_recipes(tmp_path, tiny_model_dir, caps
                         (dict(loss_type="cispo"), "CISPO caps each token's weight at epsilon_high = 0.2")):
         grpo.GRPOTrainer(tiny_model_dir, "letters", args=small_args(tmp_path, **knobs), train_dataset=letters_data())
         assert said in capsys.readouterr().out
+
+
+def test_prepacked_weights_leave_the_float32_head_alone(model):
+    """On a CPU, sampling may run with prepacked weights (section 13), which replace each nn.Linear's forward for
+    the while: the head that cast_lm_head_to_fp32 made keeps its own, within and after, and its logits stay float32."""
+    model = model.to(torch.bfloat16)
+    grpo.cast_lm_head_to_fp32(model)
+    head_forward, ids = model.lm_head.forward, torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with grpo.prepacked_linears(model, 4):
+            assert "forward" in vars(model.model.layers[0].mlp.up_proj)  # the other layers are prepacked
+            packed = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert model.lm_head.forward is head_forward and packed.dtype == after.dtype == torch.float32
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    torch.testing.assert_close(packed, expected, rtol=0, atol=0.1)  # the layers' bf16 products may round otherwise
