@@ -3149,16 +3149,17 @@ def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreT
             warn_once("truncate", f"{too_long} of {len(lengths)} prompts are longer than max_prompt_length="
                                   f"{args.max_prompt_length} tokens; their start is cut off.")
         longest = max(longest, min(max(lengths), args.max_prompt_length or math.inf))
-    check_positions(model, longest, args.max_completion_length)
+    check_positions(model, longest, args.max_completion_length, args.trust_remote_code)
     return tokenizer
 
 
-def check_positions(model, longest_prompt: int, max_completion_length: int) -> None:
+def check_positions(model, longest_prompt: int, max_completion_length: int, trust_remote_code: bool) -> None:
     """A model with learned absolute positions (GPT-2's n_positions, OPT's) has none past its last: a prompt and its
     completion must fit, or sampling fails with an IndexError deep in the embedding. Read from the model's config,
     before the weights load; rotary models (Llama, Qwen) compute any position, and are not limited here."""
     try:
-        config = model.config if isinstance(model, PreTrainedModel) else _from_pretrained(AutoConfig, model)
+        config = model.config if isinstance(model, PreTrainedModel) else _from_pretrained(
+            AutoConfig, model, trust_remote_code=trust_remote_code)
     except OSError:
         return  # a hub name, offline: the model's own loading will say so
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
