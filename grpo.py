@@ -753,8 +753,9 @@ class EntropyBonus:
                 self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
             else:
                 self.coef = max(self.coef - args.entropy_coef_delta, args.entropy_coef_min)
+        coef = torch.tensor(self.coef, device=self.window.device)  # on the device the ranks' collectives use
         self.window = torch.zeros(2)
-        return {"entropy_coef": torch.tensor(self.coef)}
+        return {"entropy_coef": coef}
 
 
 @torch.no_grad()
