@@ -130,6 +130,7 @@ class AlgorithmConfig:
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
+
     def __post_init__(self):  # defaults that follow other knobs, as in TRL
         NW = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets WORLD_SIZE
         if self.generation_batch_size is not None and self.steps_per_generation is None:
@@ -577,8 +578,9 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
                                                           recipe.off_policy_mask_threshold)
     if entropy_mask is not None:  # top_entropy_quantile < 1: the policy term on the high-entropy tokens only
         per_token_loss = per_token_loss * entropy_mask
-    if importance_sampling_ratio is not None and loss_type != "vespo":  # vLLM sampled: π_θ_old/π_vLLM (VESPO folds
-        per_token_loss = per_token_loss * importance_sampling_ratio  # it into its own weight instead, 9b)
+    # vLLM sampled the tokens: TRL's correction, π_θ_old/π_vLLM (VESPO folds it into its own weight instead, 9b)
+    if importance_sampling_ratio is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * importance_sampling_ratio
     if beta != 0.0:
         # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased in value, always >= 0)
         ref_minus_logp = ref_per_token_logps - per_token_logps
@@ -747,7 +749,8 @@ class EntropyBonus:
     def after_step(self, sum_over_ranks: Callable) -> dict:
         """At an optimizer step: the adaptive c's update from the step's entropy; the coefficient, for the log."""
         if self.args.use_adaptive_entropy:
-            args, (total, count) = self.args, sum_over_ranks(self.window).tolist()
+            args = self.args
+            total, count = sum_over_ranks(self.window).tolist()  # the step's micro-batches, every rank's
             self.last_entropy = total / max(count, 1.0)
             if self.last_entropy <= args.entropy_target:
                 self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
