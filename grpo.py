@@ -642,9 +642,9 @@ def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, eps
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9b. TRL's other recipes, for a reader who wants them (GRPO needs none): four other policy losses, the off-policy
-# mask, another way to combine several rewards, the entropy bonus and a moving reference. Each is off unless its
-# knob asks for it.
+# 9b. TRL's other recipes, for a reader who wants them (GRPO needs none): four other policy losses (LUSPO keeps the
+# clipped term and only sums each completion's tokens: section 9's last average), the off-policy mask, another way
+# to combine several rewards, the entropy bonus and a moving reference. Each is off unless its knob asks for it.
 
 
 @dataclass
@@ -668,9 +668,6 @@ class RecipeConfig:
     sync_ref_model: bool = knob(False, "TR-DPO's moving reference: every ref_model_sync_steps steps, π_ref <- α·π_θ + (1-α)·π_ref (needs β ≠ 0, no LoRA).")
     ref_model_mixup_alpha: float = knob(0.6, "α, the policy's share in sync_ref_model's mix.", low=0, high=1)
     ref_model_sync_steps: int = knob(512, "Optimizer steps between two of sync_ref_model's mixes.", low=1)
-
-
-# LUSPO (loss_type="luspo") keeps the clipped term and only sums each completion's tokens (section 9's last average).
 
 
 def other_policy_loss(loss_type: str, logps: Tensor, token_log_ratio: Tensor, ratio: Tensor, A: Tensor, mask: Tensor,
