@@ -89,10 +89,8 @@ def knob(default, help, *, low=None, above=None, high=None, below=None, why=None
     """A dataclass field whose help text `python grpo.py --help` prints, and the numbers it may take: at least `low`,
     more than `above`, at most `high`, less than `below` (why: the reason, said when a value is refused). A knob
     whose default is None may be None, and so may one with none_ok."""
-    if isinstance(default, list):
-        made = field(default_factory=lambda: list(default), metadata={"help": help})
-    else:
-        made = field(default=default, metadata={"help": help})
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    made = field(**factory, metadata={"help": help})
     BOUNDS[made] = dict(low=low, above=above, high=high, below=below, why=why, none_ok=none_ok or default is None)
     return made
 
@@ -461,25 +459,19 @@ def selective_log_softmax(logits: Float[Tensor, "N C V"], index: Int[Tensor, "N 
     return selected - torch.cat([torch.logsumexp(rows.float(), dim=-1) for rows in few_rows(logits)])
 
 
-@shape_checked
-def entropy_from_logits(logits: Float[Tensor, "N C V"], grad: bool = False) -> Float[Tensor, "N C"]:
-    """H = logsumexp(l) - Σ softmax(l)·l per position, a few positions at a time: a diagnostic, without gradient
-    unless asked (the entropy bonus of 9b, which then keeps every chunk's softmax for the backward pass). einsum sums
-    p·l without building their product."""
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):  # a few rows at a time in float32: converting
-        # a bf16 tensor whole would allocate (N, C, V) anew
-        return torch.cat([torch.logsumexp(rows, -1) - torch.einsum("ncv,ncv->nc", rows.softmax(-1), rows)
-                          for rows in (r.float() for r in few_rows(logits))])
-
-
 def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entropy: Union[bool, str]
                       ) -> tuple[Tensor, Optional[Tensor]]:
     """Sampling divided the logits by the temperature, so we must too, or the log-probs we train on are not those of
     the policy that sampled. top_k, top_p, min_p and repetition_penalty change only what is sampled, here as in TRL:
-    with any of them on, the tokens come from a slightly other distribution than the π_θ trained on."""
+    with any of them on, the tokens come from a slightly other distribution than the π_θ trained on. with_entropy:
+    also H = logsumexp(l) - Σ softmax(l)·l per position, a diagnostic, without gradient unless "grad" (the entropy
+    bonus of 9b, which then keeps every chunk's softmax for the backward pass)."""
     if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
         logits = logits / temperature
-    entropies = entropy_from_logits(logits, grad=with_entropy == "grad") if with_entropy else None
+    with torch.set_grad_enabled(with_entropy == "grad" and torch.is_grad_enabled()):  # H, a few rows at a time in
+        # float32 (converting a bf16 tensor whole would allocate (N, C, V) anew); einsum sums p·l without their product
+        entropies = torch.cat([torch.logsumexp(rows, -1) - torch.einsum("ncv,ncv->nc", rows.softmax(-1), rows)
+                               for rows in (r.float() for r in few_rows(logits))]) if with_entropy else None
     return selective_log_softmax(logits, ids), entropies
 
 
@@ -598,8 +590,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     if normaliser == "grpo":
         # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the paper's form (its 1/G, here over N rows). A long completion's tokens each
         # weigh less, so long wrong answers are punished less per token (the length bias Dr. GRPO names).
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-        loss = loss / gradient_accumulation_steps
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / gradient_accumulation_steps
     elif normaliser == "bnpo":
         # Σ_{i,t} L_{i,t} / (tokens in this micro-batch)
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / gradient_accumulation_steps
@@ -889,8 +880,10 @@ class GRPOTrainer:
             batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
             if self.needs_old_logps:
                 old_per_token_logps = self.logps_no_grad(self.model, *batch)
-            if args.beta != 0.0:
-                ref_per_token_logps = self.reference_logps(*batch)
+            if args.beta != 0.0:  # π_ref: the frozen copy, or with LoRA the policy with its adapter off (one network)
+                lora = self.ref_model is None
+                with unwrap(self.model).disable_adapter() if lora else contextlib.nullcontext():
+                    ref_per_token_logps = self.logps_no_grad(self.model if lora else self.ref_model, *batch)
             trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
             # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 13); otherwise None.
             importance_sampling_ratio = vllm_correction(args, old_per_token_logps, sampling_per_token_logps,
@@ -934,14 +927,6 @@ class GRPOTrainer:
                                                        completion_ids[i:i + N], completion_mask[i:i + N],
                                                        self.args.temperature)[0]
                               for i in range(0, prompt_ids.size(0), N)]).float()
-
-    def reference_logps(self, *batch: Tensor) -> Tensor:
-        """log π_ref of a generation batch: the frozen copy's, or with LoRA the policy's with its adapter switched
-        off (the same network, so no second copy in memory)."""
-        if self.ref_model is not None:
-            return self.logps_no_grad(self.ref_model, *batch)
-        with unwrap(self.model).disable_adapter():
-            return self.logps_no_grad(self.model, *batch)
 
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
         """The loss of one micro-batch (N of the generation batch's rows), and its diagnostics."""
@@ -987,7 +972,7 @@ class GRPOTrainer:
             for rows in self.checkpoints.batches_left(self.prompt_batches()):
                 batch = self.generate_and_score(rows)  # G completions per prompt, rewards, advantages
                 micro_batches = batch.shuffled_split(self.S)  # once, as TRL (PPO reshuffles each epoch)
-                self.checkpoints.hold(micro_batches)  # a checkpoint saved inside this batch keeps it, to resume there
+                self.checkpoints.micro_batches = micro_batches  # a checkpoint saved inside it keeps it, to resume
                 for iteration in range(self.mu):  # μ passes over the batch: PPO's update epochs
                     for micro_batch in micro_batches:  # every GA of them: one optimizer step
                         if self.training_step(micro_batch):
@@ -1708,8 +1693,7 @@ def can_pack(model: torch.nn.Module) -> bool:
     """Packing needs an attention that takes our (R, 1, L, L) mask, SDPA or the eager one (FlashAttention takes
     no mask), and no sliding window, which the mask would not apply."""
     config = _causal_lm(model).config
-    return (config._attn_implementation in ("sdpa", "eager")
-            and not getattr(config, "sliding_window", None))
+    return config._attn_implementation in ("sdpa", "eager") and not getattr(config, "sliding_window", None)
 
 
 # A micro-batch laid out by pack_rows, R rows of L tokens: input_ids and position_ids (R, L), each token's position
@@ -1839,24 +1823,16 @@ def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N
     are GRPO's memory peak (V = 151,936, N = 8, C = 1,024: 5 GB in float32, as much for their gradient). Each chunk
     is projected, reduced to one log-prob per token and dropped; checkpointing redoes the projection in backward,
     so the (N, C, V) tensor never exists (the stage's peak fell to 0.19 of the unchunked one)."""
-    flat_hidden, flat_ids = rearrange(hidden, "n c h -> (n c) h"), rearrange(completion_ids, "n c -> (n c)")
-    logps, entropies = [], []
-    for start in range(0, flat_ids.size(0), chunk_size):
-        chunk_logps, chunk_entropy = torch.utils.checkpoint.checkpoint(
-            _chunk_logps, flat_hidden[start:start + chunk_size], flat_ids[start:start + chunk_size], lm_head,
-            temperature, with_entropy, use_reentrant=False)
-        logps.append(chunk_logps)
-        entropies.append(chunk_entropy)
-    n = completion_ids.size(0)
-    per_token_logps = rearrange(torch.cat(logps), "(n c) -> n c", n=n)
-    return per_token_logps, rearrange(torch.cat(entropies), "(n c) -> n c", n=n) if with_entropy else None
+    flat_hidden, flat_ids = rearrange(hidden, "n c h -> (n c) 1 h"), rearrange(completion_ids, "n c -> (n c) 1")
 
+    def head_logps(rows: Tensor, ids: Tensor):  # (chunk, 1, V) logits: a row per token for the functions above
+        return logps_from_logits(lm_head(rows), ids, temperature, with_entropy)
 
-def _chunk_logps(hidden: Tensor, ids: Tensor, lm_head: torch.nn.Module, temperature: float, with_entropy: Union[bool, str]
-                 ) -> tuple[Tensor, Optional[Tensor]]:
-    logits = lm_head(hidden)[:, None]  # (chunk, 1, V): a row per token for the functions above
-    logps, entropies = logps_from_logits(logits, ids[:, None], temperature, with_entropy)
-    return logps[:, 0], entropies[:, 0] if with_entropy else None
+    logps, entropies = zip(*[torch.utils.checkpoint.checkpoint(head_logps, flat_hidden[start:start + chunk_size],
+                                                               flat_ids[start:start + chunk_size], use_reentrant=False)
+                             for start in range(0, flat_ids.size(0), chunk_size)])
+    unflatten = lambda parts: rearrange(torch.cat(parts), "(n c) 1 -> n c", n=completion_ids.size(0))  # noqa: E731
+    return unflatten(logps), unflatten(entropies) if with_entropy else None
 
 
 PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
@@ -2069,14 +2045,10 @@ class VLLMSampler:
                                  max_tokens=max_new_tokens, stop_token_ids=eos_token_ids, logprobs=0, seed=seed)
                   for seed in seeds]
         outputs = [request.outputs[0] for request in self.llm.generate(prompts, params, use_tqdm=False)]
-        width = max(len(out.token_ids) for out in outputs)
-        tokens = torch.full((len(outputs), width), pad_token_id, dtype=torch.long)
-        logps = torch.zeros(len(outputs), width)
-        for row, out in enumerate(outputs):
-            tokens[row, :len(out.token_ids)] = torch.tensor(out.token_ids)
-            logps[row, :len(out.token_ids)] = torch.tensor([float("nan") if step is None or token not in step
-                                                            else step[token].logprob
-                                                            for step, token in zip(out.logprobs, out.token_ids)])
+        pad = functools.partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)  # each row to the longest
+        tokens = pad([torch.tensor(out.token_ids, dtype=torch.long) for out in outputs], padding_value=pad_token_id)
+        logps = pad([torch.tensor([float("nan") if step is None or token not in step else step[token].logprob
+                                   for step, token in zip(out.logprobs, out.token_ids)]) for out in outputs])
         return tokens.to(prompt_ids.device), logps.to(prompt_ids.device)
 
 
@@ -2275,8 +2247,7 @@ def check_output_dir(output_dir: str) -> None:
     probe = os.path.join(output_dir, f".grpo-write-test-{os.getpid()}")
     try:
         os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "w"):
-            pass
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"output_dir {output_dir!r} cannot be used ({e.strerror or type(e).__name__}): metrics, "
@@ -2454,10 +2425,6 @@ class Checkpoints:
                                     f"checkpoints in {output_dir!r}: {list_checkpoints(output_dir) or 'none'}.")
         return resume_from_checkpoint
 
-    def hold(self, micro_batches: list[GenerationBatch]) -> None:
-        """The generation batch now in training: a checkpoint saved inside it keeps it, to resume inside it."""
-        self.micro_batches = micro_batches
-
     def batches_left(self, batches: Iterator[list[dict]]) -> Iterator[list[dict]]:
         """The prompt batches still to train on, until the trainer's last step. A run resumed (or train called again)
         at micro-step k stopped in generation batch k // (S·μ): the batches before it are skipped, and the micro-steps
@@ -2540,9 +2507,7 @@ class Checkpoints:
                 signal.signal(sig, old)
 
     def save(self) -> str:
-        trainer, args = self.trainer, self.args
-        if not weights_are_finite(trainer.model):  # every checkpoint is one a run can continue from
-            raise RuntimeError(f"Not saving checkpoint-{trainer.global_step}: its weights are not finite.")
+        trainer, args = self.trainer, self.args  # after_step, the only caller, has checked the weights are finite
         path = os.path.join(args.output_dir, f"checkpoint-{trainer.global_step}")
         tmp = path + ".tmp"
         if trainer.is_main_process:
@@ -2570,7 +2535,8 @@ class Checkpoints:
                         "history": trainer.history, "reference": reference}, os.path.join(tmp, "state.pt"))
             bonus = trainer.entropy_bonus  # its adaptive coefficient, and the entropy that decides whether it applies
             loop = {"global_step": trainer.global_step, "micro_step": trainer.micro_step, "bad_steps": self.bad_steps,
-                    "entropy_bonus": [bonus.coef, bonus.last_entropy], **trainer.report.counters()}
+                    "entropy_bonus": [bonus.coef, bonus.last_entropy],
+                    **{name: getattr(trainer.report, name) for name in Report.COUNTERS}}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({**loop, "world_size": trainer.world_size, "config": asdict(args)}, f, indent=2)
             publish(tmp, path)  # replaces the same step saved by an earlier run
@@ -2646,9 +2612,7 @@ def claim_output_dir(args: GRPOConfig) -> None:
     runs without a word. overwrite_output_dir (transformers' knob) deletes them first; otherwise one line says what
     to do. Under torchrun the first rank deletes, the others wait."""
     earlier = list_checkpoints(args.output_dir)
-    if not earlier:
-        return
-    if not args.overwrite_output_dir:
+    if earlier and not args.overwrite_output_dir:
         raise ValueError(f"output_dir {args.output_dir!r} holds checkpoints of an earlier run "
                          f"({', '.join(os.path.basename(p) for p in earlier)}). Continue that run with "
                          f"--resume_from_checkpoint latest, or start this one in another output_dir, or pass "
@@ -2771,9 +2735,8 @@ class Report:
         self.num_tokens = 0  # prompt and completion tokens generated so far, over all ranks
         self.generation_batches = self.silent_batches = 0  # and how many of them had every advantage 0
         self.samples: list[dict] = []  # the newest batch's first rows, for log_completions
-        self.trackers = (Trackers([n for n in self.args.report_to if n != "none"], self.args.output_dir,
-                                  asdict(self.args)) if trainer.is_main_process else None)
-        self.evaluating = trainer.eval_dataset is not None  # off while trace_shapes runs its one step
+        names = [n for n in self.args.report_to if n != "none"] if trainer.is_main_process else []  # rank 0 reports
+        self.trackers = Trackers(names, self.args.output_dir, asdict(self.args))
         self.bar = None
         level, loss = self.args.importance_sampling_level, self.args.loss_type  # TRL's advice, as its warnings
         summed = "this loss sums per-token terms, so a completion weighs by its length; GSPO's is loss_type='grpo'"
@@ -2787,16 +2750,9 @@ class Report:
             say(trainer, f"[grpo] warning: loss_type={loss!r} with importance_sampling_level={level!r}: "
                          f"{advice[loss, level]}.")
 
-    @contextlib.contextmanager
-    def without_evaluation(self):
-        evaluating, self.evaluating = self.evaluating, False
-        try:
-            yield
-        finally:
-            self.evaluating = evaluating
-
-    def counters(self) -> dict:
-        return {name: getattr(self, name) for name in self.COUNTERS}
+    @property
+    def evaluating(self) -> bool:  # not while the shape tracer runs (trace_shapes): evaluation's batches differ in size
+        return self.trainer.eval_dataset is not None and _TRACE is None
 
     def restore(self, history: list[dict], metrics: dict, counters: dict) -> None:
         """The report as a checkpoint saved it; metrics.jsonl rewritten so (rows logged after it are gone)."""
@@ -2850,8 +2806,7 @@ class Report:
         if mode != "train":
             return
         if self.args.log_completions:  # every rank's rows, as TRL's table (all_per_func, all_rewards: gathered)
-            self.keep_samples(gather(prompts), gather(completions_text), all_per_func,
-                              gather(advantages), all_rewards)
+            self.keep_samples(gather(prompts), gather(completions_text), all_per_func, gather(advantages), all_rewards)
         self.generation_batches += 1
         if all_rewards.isnan().all() or zero_std.all():
             self.silent_batches += 1
@@ -2977,8 +2932,7 @@ class Report:
         else:
             self.history.append(row)
         self.write_metrics_file()
-        if self.trackers is not None:
-            self.trackers.log(row, samples)
+        self.trackers.log(row, samples)
 
     def write_metrics_file(self) -> None:
         """Rewrite output_dir/metrics.jsonl from the history, through a temporary file: never half-written."""
@@ -2994,20 +2948,15 @@ class Report:
     def progress_bar(self):
         trainer = self.trainer
         interactive = sys.stderr.isatty() or os.environ.get("GRPO_PROGRESS") == "1"
-        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="GRPO", dynamic_ncols=True,
-                        disable=not (interactive and trainer.is_main_process))
-        self.step_start = time.perf_counter()
-        try:
+        with tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="GRPO", dynamic_ncols=True,
+                  disable=not (interactive and trainer.is_main_process)) as self.bar:
+            self.step_start = time.perf_counter()
             yield
-        finally:
-            self.bar.close()
-            self.bar = None
 
     def finish(self) -> None:
         if self.trainer.is_main_process and self.history:
             plot_metrics(self.history, os.path.join(self.args.output_dir, "metrics.png"))
-        if self.trackers is not None:
-            self.trackers.finish()
+        self.trackers.finish()
 
 
 class Trackers:
@@ -3028,8 +2977,6 @@ class Trackers:
         self.runs: dict[str, Any] = {}  # the open run (a SummaryWriter for TensorBoard) of each tracker
 
     def log(self, row: dict, samples: Optional[list[dict]] = None) -> None:
-        if not self.modules:
-            return
         for name, module in self.modules.items() if not self.runs else ():  # open them at the first row
             if name == "tensorboard":
                 self.runs[name] = module.SummaryWriter(os.path.join(self.output_dir, "runs"))
@@ -3075,8 +3022,7 @@ def plot_metrics(history: list[dict], path: str) -> bool:
         return False
     panels = [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl"]),
               ("completion length (tokens)", ["completions/mean_length"])]
-    panels = [(title, keys) for title, keys in panels
-              if any(row.get(k) is not None for row in history for k in keys)]
+    panels = [(title, keys) for title, keys in panels if any(row.get(k) is not None for row in history for k in keys)]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
@@ -3084,8 +3030,7 @@ def plot_metrics(history: list[dict], path: str) -> bool:
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3,
                         label={"reward": "train", "eval_reward": "eval (held out)"}.get(key, key))
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
+        ax.set(title=title, xlabel="optimizer step")
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend()
@@ -3183,10 +3128,8 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
         raise KnobError("sync_ref_model", "sync_ref_model moves the reference model, which is loaded only for β ≠ 0 "
                                           "and without LoRA (whose reference is the policy with its adapter off): set "
                                           "beta, or drop sync_ref_model.")
-    if isinstance(model, str) and sharded and args.fsdp_config["cpu_ram_efficient_loading"]:
-        model = load_on_first_rank(model, args)
-    elif isinstance(model, str):
-        model = _from_pretrained(AutoModelForCausalLM, model, **model_kwargs(args))
+    if isinstance(model, str):
+        model = load_causal_lm(model, args, first_rank_only=sharded and args.fsdp_config["cpu_ram_efficient_loading"])
     if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if peft_config is None and args.use_peft:
@@ -3218,13 +3161,16 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
     return model, ref_model, find_eos_token_ids(model, tokenizer)
 
 
-def load_on_first_rank(name: str, args: GRPOConfig) -> PreTrainedModel:
-    """fsdp_config's cpu_ram_efficient_loading: rank 0 alone reads the weights; the other ranks build the model on
-    the meta device (no memory), from rank 0's config, dtype and generation config (whose EOS ends completions).
-    shard() then gives them memory for their shards only, and rank 0's weights."""
-    model = _from_pretrained(AutoModelForCausalLM, name, **model_kwargs(args)) if dist.get_rank() == 0 else None
+def load_causal_lm(name: str, args: GRPOConfig, first_rank_only: bool) -> PreTrainedModel:
+    """The policy by name, with TRL's keywords: --dtype and trust_remote_code, then model_init_kwargs (whose dtype
+    wins). first_rank_only (fsdp_config's cpu_ram_efficient_loading): rank 0 alone reads the weights; the other ranks
+    build the model on the meta device (no memory), from rank 0's config, dtype and generation config (whose EOS ends
+    completions). shard() then gives them memory for their shards only, and rank 0's weights."""
+    kwargs = {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
+    model = None if first_rank_only and dist.get_rank() > 0 else _from_pretrained(AutoModelForCausalLM, name, **kwargs)
     sent = [model and (model.config, model.dtype, model.generation_config)]
-    dist.broadcast_object_list(sent, src=0)
+    if first_rank_only:
+        dist.broadcast_object_list(sent, src=0)
     if model is None:
         config, dtype, generation_config = sent[0]
         with torch.device("meta"):
@@ -3247,11 +3193,6 @@ def cast_lm_head_to_fp32(model: PreTrainedModel) -> None:
     head.forward = forward
     if getattr(model.config, "tie_word_embeddings", False):
         model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.to(dtype))
-
-
-def model_kwargs(args: GRPOConfig) -> dict:
-    """from_pretrained's keywords for the policy, as TRL's: --dtype and trust_remote_code, then model_init_kwargs."""
-    return {"dtype": args.dtype, "trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
 
 
 def find_eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -3437,9 +3378,8 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
     except (OSError, ValueError) as e:  # not found, not a model of this kind, ...
         raise OSError(f"Cannot load {path!r} with {cls.__name__}: {first_line(e)}") from e
     except Exception as e:  # a file that cannot be parsed: safetensors' SafetensorError for a truncated one, ...
-        reason = first_line(e)
-        raise OSError(f"Cannot load {path!r} with {cls.__name__} ({type(e).__name__}: {reason}): a file there is "
-                      f"damaged or was not written to its end; copy or download it again.") from e
+        raise OSError(f"Cannot load {path!r} with {cls.__name__} ({type(e).__name__}: {first_line(e)}): a file there "
+                      f"is damaged or was not written to its end; copy or download it again.") from e
     if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
         # transformers marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
         # serializable"). Its weights are plain tensors by now: a model built from its config saves them. Building
@@ -3577,7 +3517,7 @@ def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
     """Train one optimizer step (one generation batch) with the tracer on, and return what it recorded."""
     sizes = dict(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
                  F=len(trainer.reward_funcs))
-    with trainer.report.without_evaluation(), tracing(**sizes) as shape_trace:  # evaluation's batches differ in size
+    with tracing(**sizes) as shape_trace:  # which turns evaluation off (Report.evaluating)
         trainer.train(stop_after=trainer.global_step + 1)
     return shape_trace
 
@@ -3666,8 +3606,7 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|endoftext|>")
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant: {% endif %}")
     return tokenizer
@@ -3829,8 +3768,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
             f"μ={trainer.mu}, β={args.beta}):\n\n{shape_trace.table()}")
         return trainer
     # A few held-out prompts, to show what the policy writes for them before and after training.
-    show = (["a=", "bc=", "hgf="] if builtin_task else [] if eval_dataset is None else
-            [eval_dataset[i]["prompt"] for i in range(min(3, len(eval_dataset)))])
+    show = ["a=", "bc=", "hgf="] if builtin_task else [] if eval_dataset is None else eval_dataset[:3]["prompt"]
     first_step = trainer.global_step  # not 0 when resuming
     before = sample_completions(trainer, show)
     train_evaluates_first = args.eval_on_start and first_step == 0  # train() evaluates at step 0 only
