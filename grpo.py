@@ -405,11 +405,9 @@ def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Fl
 # 7. Group-relative advantages: the one idea GRPO adds to PPO.
 
 
-def nanstd(x: Tensor, dim: Optional[int] = None) -> Tensor:
+def nanstd(x: Tensor, dim: int = 0) -> Tensor:
     """The unbiased standard deviation, Σ(x - mean)² / (n - 1) (Bessel's correction, as Tensor.std and TRL), over
     the values that are not NaN; NaN where fewer than two are left. Example: [1, 2, 3] -> 1 (the biased std: 0.816)."""
-    if dim is None:
-        x, dim = x.flatten(), 0
     count = (~x.isnan()).sum(dim=dim)
     squares = torch.nansum((x - torch.nanmean(x, dim=dim, keepdim=True)) ** 2, dim=dim)
     return (squares / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
