@@ -218,7 +218,6 @@ def is_conversational(prompt: Any) -> bool:
 
 def prompt_to_text(prompt: Union[str, list[dict]], tokenizer: PreTrainedTokenizerBase,
                    chat_template_kwargs: Optional[dict] = None) -> str:
-    """The text of a prompt; for messages, the chat template's, ending with the header of the assistant's turn."""
     if isinstance(prompt, str):
         return prompt
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
