@@ -816,12 +816,12 @@ class GRPOTrainer:
 
         self.report = Report(self)  # metrics (TRL's names), the log, metrics.jsonl, trackers, evaluation, warnings
         self.history = self.report.history  # the rows logged so far (metrics.jsonl)
-        # Where the loop stands; a checkpoint saves it, with the generation batch under way and the random states.
-        self.global_step = self.micro_step = 0
-        self.step_loss, self.last_step = 0.0, self.max_steps
         if self.world_size > 1:  # then each rank its own stream, so that their completions differ
             set_seed(args.seed + self.rank)
-        self.resume(resume)
+        # Where the loop stands: the start, or the checkpoint's step (which restores the weights, the optimizer, the
+        # random states and the report's rows; a checkpoint also keeps the generation batch under way).
+        self.step_loss, self.last_step = 0.0, self.max_steps
+        self.global_step, self.micro_step = self.checkpoints.load(resume) if resume else (0, 0)
 
     def autocast(self):
         """bf16 autocast on the trainer's device when args.bf16 (the weights stay in their dtype), else nothing."""
@@ -961,7 +961,8 @@ class GRPOTrainer:
     def train(self, stop_after: Optional[int] = None, resume_from_checkpoint: Optional[str] = None) -> list[dict]:
         """Run the optimizer steps of the config (or stop at step `stop_after`); return the logged rows. The final
         model is saved when the run is complete; Ctrl-C or SIGTERM stops after the optimizer step under way."""
-        self.resume(self.checkpoints.find(resume_from_checkpoint))  # a checkpoint folder, "latest", or None
+        if resume_from_checkpoint is not None:  # a checkpoint folder, or "latest"
+            self.global_step, self.micro_step = self.checkpoints.load(self.checkpoints.find(resume_from_checkpoint))
         self.last_step = min(self.max_steps, stop_after or self.max_steps)
         with self.report.progress_bar(), self.checkpoints.guard():  # no earlier run's checkpoints; Ctrl-C saves
             self.report.evaluate_before_training()
@@ -1008,12 +1009,6 @@ class GRPOTrainer:
             mix_into_reference(self.ref_model, unwrap(self.model), self.args.ref_model_mixup_alpha)
         self.report.after_step(loss, grad_norm, learning_rate)  # log and evaluate when it is time
         self.checkpoints.after_step()  # save when it is time, on a signal, or after too many bad steps
-
-    def resume(self, checkpoint: Optional[str]) -> None:
-        """Continue the run saved in `checkpoint` (None: nothing to do): the checkpoint restores the weights, the
-        optimizer, the random states and the report's rows, and says where the loop stood."""
-        if checkpoint is not None:
-            self.global_step, self.micro_step = self.checkpoints.load(checkpoint)
 
     def finish(self) -> list[dict]:
         """The end of train: the final model when the run is complete (one that stopped early leaves its
