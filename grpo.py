@@ -712,11 +712,9 @@ def normalize_then_sum(rewards_per_func: Float[Tensor, "BG F"], reward_weights: 
 class EntropyBonus:
     """TRL's entropy bonus: loss - c·H̄, with H̄ the mean entropy of the micro-batch's completion tokens (those the
     high-entropy mask keeps, if on), divided by GA like the loss. Its gradient raises the entropy: the policy keeps
-    exploring. With use_adaptive_entropy (Skywork-OR1, 2025) c follows the entropy instead: after each optimizer
-    step, up by entropy_coef_delta if the step's mean entropy over every rank was at or below entropy_target, down if
-    above, within [entropy_coef_min, entropy_coef_max]; a step gets the bonus only if the step before it ended at or
-    below the target (the first gets none). Called on a micro-batch, it also records TRL's policy_loss: the loss
-    before the bonus, and for the types that average per completion before their division by GA, as TRL logs it."""
+    exploring. With use_adaptive_entropy (Skywork-OR1, 2025) c follows the step's mean entropy over every rank
+    instead, as that knob's help says. Called on a micro-batch, it also records TRL's policy_loss: the loss before
+    the bonus, and for the types that average per completion before their division by GA, as TRL logs it."""
 
     def __init__(self, args: "GRPOConfig"):
         self.args, self.coef, self.last_entropy, self.window = args, args.entropy_coef, math.inf, torch.zeros(2)
@@ -789,7 +787,6 @@ class GRPOTrainer:
         self.tokenizer = load_tokenizer(model, processing_class, args, train_dataset, eval_dataset)
         set_seed(args.seed)  # every rank alike while the weights (and LoRA's) are built: the ranks start equal
 
-        # The reward functions (reward models loaded as functions), with their names (for the metrics) and weights.
         self.reward_funcs, self.reward_names, self.reward_weights = load_rewards(
             reward_funcs, reward_processing_classes, reward_weights, args, self.device)
         # The policy π_θ (dropout off: the same tokens must get the same log-probs in every pass); when β ≠ 0 the
@@ -849,7 +846,7 @@ class GRPOTrainer:
         prompts = [row["prompt"] for row in rows]
         prompt_ids, prompt_mask, completion_ids, sampling_per_token_logps = self.generate(prompts)
         completion_mask, is_truncated = completion_mask_from_eos(completion_ids, self.eos_token_ids)
-        trace("generation", locals(), completion_mask="BG C", is_truncated="BG")
+        trace("generation", locals(), completion_ids="BG C", completion_mask="BG C", is_truncated="BG")
         completion_lengths = completion_mask.sum(1)
         if args.mask_truncated_completions:
             # A truncated completion was cut off, not finished: its reward judges an unfinished answer. It leaves the
@@ -911,13 +908,11 @@ class GRPOTrainer:
                                                          args.max_completion_length, self.eos_token_ids,
                                                          self.tokenizer.pad_token_id)
         trace("prompts", locals(), prompt_ids="BG P", prompt_mask="BG P")
-        trace("generation", locals(), completion_ids="BG C")
         # Tensors made in inference mode cannot be saved for backward: copies that can.
         return prompt_ids, prompt_mask, completion_ids.clone(), sampling_logps.clone()
 
     def logps_no_grad(self, model: torch.nn.Module, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Tensor:
-        """log π of every completion token of a generation batch, N rows at a time (the memory of one micro-batch),
-        without gradients: π_θ_old, or π_ref."""
+        """log π of every completion token of a generation batch, N rows at a time (the memory of one micro-batch)."""
         N = self.args.per_device_train_batch_size
         with torch.no_grad(), self.autocast():  # no gradients, so nothing for DDP to do: the model unwrapped
             return torch.cat([self.get_per_token_logps(unwrap(model), prompt_ids[i:i + N], prompt_mask[i:i + N],
@@ -942,8 +937,7 @@ class GRPOTrainer:
         loss, metrics = grpo_loss(
             per_token_logps, old, batch.ref_per_token_logps, batch.advantages, batch.completion_mask,
             beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
-            importance_sampling_level=args.importance_sampling_level,
-            max_completion_length=args.max_completion_length,
+            importance_sampling_level=args.importance_sampling_level, max_completion_length=args.max_completion_length,
             gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
             use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta, entropy_mask=entropy_mask,
