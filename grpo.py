@@ -1774,11 +1774,14 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
                        with_entropy: Union[bool, str] = False, *, pack: bool = True, chunk_size: int = 0
                        ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
     """get_per_token_logps, with the LM head applied here to the final hidden states: of packed rows (pack_rows),
-    where only the K completion tokens reach the head, or of the padded rows; all at once, or chunk_size tokens
-    at a time (chunked_logps). Packed, on SmolLM2's sums (G = 8, C = 64, K = 574), forward and backward took
-    5.9 s against 11.0 s padded, in float32. A packed row's attention is dense, which per token costs about
-    L / (5·H) of the other matmuls, so rows are cut at H tokens (or P + C), at H/2 under bf16, whose matmuls are
-    4× faster while attention is not. Positions outside completion_mask are 0 when packed."""
+    where only the K completion tokens reach the head, or of the padded rows. Packed, on SmolLM2's sums (G = 8,
+    C = 64, K = 574), forward and backward took 5.9 s against 11.0 s padded, in float32. A packed row's attention
+    is dense, which per token costs about L / (5·H) of the other matmuls, so rows are cut at H tokens (or P + C), at
+    H/2 under bf16, whose matmuls are 4× faster while attention is not. Positions outside completion_mask are 0
+    when packed. With chunk_size, at most chunk_size × V logits are alive at a time, forward and backward. The
+    logits are GRPO's memory peak (V = 151,936, N = 8, C = 1,024: 5 GB in float32, as much for their gradient).
+    Each chunk is projected, reduced to one log-prob per token and dropped; checkpointing redoes the projection in
+    backward, so the (N, C, V) tensor never exists (the stage's peak fell to 0.19 of the unchunked one)."""
     causal_lm, C, real = _causal_lm(model), completion_ids.size(1), completion_mask.bool()
     if pack:
         width = getattr(causal_lm.config, "hidden_size", 0)
@@ -1789,8 +1792,7 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
         trace("log-probs", {"packed_input_ids": packed.input_ids}, packed_input_ids="R L")
         mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
         if causal_lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            dtype = causal_lm.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            mask = torch.zeros_like(mask, dtype=causal_lm.dtype).masked_fill(~mask, torch.finfo(causal_lm.dtype).min)
         inputs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
     else:  # the padded rows, as Part I's pass
         attention_mask = torch.cat([prompt_mask, completion_mask], 1)
@@ -1803,8 +1805,14 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
     else:
         hidden, ids = hidden[:, -(C + 1):-1], completion_ids  # position t predicts token t+1
     lm_head = causal_lm.get_output_embeddings()
-    if chunk_size > 0:
-        logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
+    if chunk_size > 0:  # a row per token, (chunk_size, 1, V) logits at a time
+        def head_logps(rows: Tensor, row_ids: Tensor):
+            return logps_from_logits(lm_head(rows), row_ids, temperature, with_entropy)
+
+        rows, row_ids = rearrange(hidden, "n c h -> (n c) 1 h"), rearrange(ids, "n c -> (n c) 1")
+        logps, entropies = zip(*[torch.utils.checkpoint.checkpoint(head_logps, *chunk, use_reentrant=False)
+                                 for chunk in zip(rows.split(chunk_size), row_ids.split(chunk_size))])
+        logps, entropies = torch.cat(logps).view_as(ids), torch.cat(entropies).view_as(ids) if with_entropy else None
     else:
         logits = lm_head(hidden)
         trace("log-probs", {"completion_logits": logits}, completion_logits="K 1 V" if pack else "N C V")
@@ -1813,26 +1821,6 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
         return logps, entropies
     unpack = lambda x: torch.zeros_like(real, dtype=x.dtype).masked_scatter(real, x[:, 0])  # noqa: E731
     return unpack(logps), unpack(entropies) if with_entropy else None
-
-
-@shape_checked
-def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N C"], lm_head: torch.nn.Module,
-                  temperature: float, chunk_size: int, with_entropy: Union[bool, str] = False
-                  ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
-    """The same log-probs, with at most `chunk_size` × V logits alive at a time, forward and backward. The logits
-    are GRPO's memory peak (V = 151,936, N = 8, C = 1,024: 5 GB in float32, as much for their gradient). Each chunk
-    is projected, reduced to one log-prob per token and dropped; checkpointing redoes the projection in backward,
-    so the (N, C, V) tensor never exists (the stage's peak fell to 0.19 of the unchunked one)."""
-    flat_hidden, flat_ids = rearrange(hidden, "n c h -> (n c) 1 h"), rearrange(completion_ids, "n c -> (n c) 1")
-
-    def head_logps(rows: Tensor, ids: Tensor):  # (chunk, 1, V) logits: a row per token for the functions above
-        return logps_from_logits(lm_head(rows), ids, temperature, with_entropy)
-
-    logps, entropies = zip(*[torch.utils.checkpoint.checkpoint(head_logps, flat_hidden[start:start + chunk_size],
-                                                               flat_ids[start:start + chunk_size], use_reentrant=False)
-                             for start in range(0, flat_ids.size(0), chunk_size)])
-    unflatten = lambda parts: rearrange(torch.cat(parts), "(n c) 1 -> n c", n=completion_ids.size(0))  # noqa: E731
-    return unflatten(logps), unflatten(entropies) if with_entropy else None
 
 
 PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
