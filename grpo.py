@@ -1519,7 +1519,7 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         said.append(f"sampling with vLLM {sample.version} (correction: "
                     f"{args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else 'off'})")
     elif on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
-        with gathered(trainer.model, reshard) if sharded else contextlib.nullcontext():
+        with gathered(trainer.model, reshard):  # a no-op unless sharded
             problem = sampling_problem(sample_grouped, unwrap(trainer.model))
         if problem is None:
             sample = sample_grouped
@@ -1845,7 +1845,6 @@ def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optiona
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and rows
                and (autocast_dtype or m.weight.dtype) in (torch.float32, torch.bfloat16)  # rows = 0: none
                and "forward" not in vars(m)]  # one whose forward was replaced keeps it (cast_lm_head_to_fp32's head)
-    packed = []
     try:
         for linear in linears:
             dtype = autocast_dtype or linear.weight.dtype
@@ -1854,11 +1853,10 @@ def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optiona
             linear.forward = functools.partial(  # PyTorch's own prepacked linear (torch.compile's CPU backend's)
                 lambda x, w, b, dtype: torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], ""),
                 w=weight, b=bias, dtype=dtype)
-            packed.append(linear)
         yield
     finally:  # also when packing itself fails part way: every layer gets nn.Linear.forward back
-        for linear in packed:
-            del linear.forward
+        for linear in linears:
+            vars(linear).pop("forward", None)  # packed ones only: none in `linears` had its own forward before
 
 
 def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
@@ -1908,11 +1906,8 @@ def vllm_importance_sampling_ratio(old_per_token_logps: Float[Tensor, "BG C"],
     if mode.startswith("sequence"):
         gap = gap.sum(-1, keepdim=True)
     ratio = torch.exp(gap)
-    if mode.endswith("truncate"):
-        return torch.clamp(ratio, min=clip_min, max=clip_max)
-    low = -math.inf if clip_min is None else clip_min
-    high = math.inf if clip_max is None else clip_max
-    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    clamped = ratio.clamp(-math.inf if clip_min is None else clip_min, math.inf if clip_max is None else clip_max)
+    return clamped if mode.endswith("truncate") else ratio.masked_fill(clamped != ratio, 0.0)
 
 
 def vllm_correction(args: GRPOConfig, old_per_token_logps: Optional[Tensor], sampling: Tensor,
@@ -2052,10 +2047,9 @@ def engine_limits(config, args: GRPOConfig, device: torch.device) -> dict:
     sequences = max(args.per_device_train_batch_size * args.steps_per_generation, args.per_device_eval_batch_size or 0)
     if device.type != "cpu":
         return dict(max_num_seqs=sequences, max_num_batched_tokens=4096)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     context = args.vllm_max_model_length or getattr(text, "max_position_embeddings", None) or 2**16  # as vLLM
-    length = context if args.max_prompt_length is None else min(context, args.max_prompt_length +
-                                                                 args.max_completion_length)
+    length = min(context, (args.max_prompt_length or math.inf) + args.max_completion_length)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     # K and V of every layer, 4 bytes each (float32, the widest dtype the engine runs in)
@@ -2076,10 +2070,8 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     model.merge_adapter()
     try:
         for name, param in model.named_parameters():
-            if "lora_" in name:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            yield name, param.detach().clone()
+            if "lora_" not in name:  # the adapters, merged into the base layers' weights
+                yield name.removeprefix("base_model.model.").replace(".base_layer", ""), param.detach().clone()
     finally:
         model.unmerge_adapter()
 
