@@ -1602,18 +1602,15 @@ def sample_grouped(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prom
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
-def probe_batch(model: torch.nn.Module, completion_length: int = 0) -> list[Tensor]:
-    """Two random prompts of 5 tokens, one left-padded, each in two rows; with completion_length, random
-    completions of that many tokens whose masks end at other lengths."""
+def probe_batch(model: torch.nn.Module) -> list[Tensor]:
+    """Two random prompts of 5 tokens, one left-padded, each in two rows, and random completions of 4 tokens whose
+    masks end at other lengths."""
     g, V, device = torch.Generator().manual_seed(0), model.get_output_embeddings().weight.size(0), model.device
     prompt_ids = torch.randint(0, V, (2, 5), generator=g)[[0, 0, 1, 1]]
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1]] * 2 + [[1] * 5] * 2)
-    batch = [prompt_ids, prompt_mask]
-    if completion_length:
-        lengths = torch.tensor([[4], [2], [3], [1]]).clamp(max=completion_length)
-        batch += [torch.randint(0, V, (4, completion_length), generator=g),
-                  (torch.arange(completion_length)[None] < lengths).long()]
-    return [x.to(device) for x in batch]
+    completion_ids = torch.randint(0, V, (4, 4), generator=g)
+    completion_mask = (torch.arange(4)[None] < torch.tensor([[4], [2], [3], [1]])).long()
+    return [x.to(device) for x in (prompt_ids, prompt_mask, completion_ids, completion_mask)]
 
 
 class ForcedTokens:
@@ -1630,7 +1627,7 @@ class ForcedTokens:
         return torch.full_like(scores, -math.inf).scatter(1, forced, 0.0)
 
 
-def sampling_problem(fast: Callable, model: torch.nn.Module, temperature: float = 0.7) -> Optional[str]:
+def sampling_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
     """None if `fast` samples from the distributions sample_with_cache samples from; otherwise why not. Both are fed
     the same tokens (ForcedTokens: those Part I's loop drew, one row ending early at its second), so each step's
     prefix is the same, and the distributions they drew from must agree within float rounding: a total variation
@@ -1639,10 +1636,10 @@ def sampling_problem(fast: Callable, model: torch.nn.Module, temperature: float 
     instead would fail wherever rounding moves a uniform number across a boundary of the cumulative distribution
     (seen on an AVX2 CPU: Part I's loop drew token 2273, the grouped one 2275, both of probability 1e-6)."""
     lm = _causal_lm(model)
-    prompt_ids, prompt_mask = probe_batch(lm)
+    prompt_ids, prompt_mask, _, _ = probe_batch(lm)  # the prompts only
 
     def sample(how, eos, forced=None):
-        processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([forced] if forced else []))
+        processors = LogitsProcessorList([TemperatureLogitsWarper(0.7)] + ([forced] if forced else []))
         with forked_rng(model.device):
             torch.manual_seed(0)
             with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
@@ -1667,16 +1664,15 @@ def sampling_problem(fast: Callable, model: torch.nn.Module, temperature: float 
 
 
 def logps_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
-    """None if `fast` gives the log-probs of get_per_token_logps (the model's own forward) on a probe batch of two
-    prompts, one left-padded, each with two completions of other lengths; otherwise why not. The probe runs in
-    the weights' dtype without autocast, where the two differ by float rounding: about 1e-5 in float32, where a
-    skipped Granite scaling moved them by 0.28. Known transforms are refused by name, since on a random model's
-    small logits a softcap of 30 changes too little to see, and logits grow as the model trains."""
+    """None if `fast` gives the log-probs of get_per_token_logps (the model's own forward) on probe_batch; otherwise
+    why not. The probe runs in the weights' dtype without autocast, where the two differ by float rounding: about
+    1e-5 in float32, where a skipped Granite scaling moved them by 0.28. Known transforms are refused by name, since
+    on a random model's small logits a softcap of 30 changes too little to see, and logits grow as the model trains."""
     lm = _causal_lm(model)
     for name, neutral in HEAD_TRANSFORMS:
         if getattr(lm.config, name, None) not in (None, neutral):
             return f"would skip the {name}={getattr(lm.config, name)} this model applies after its LM head"
-    batch = probe_batch(lm, completion_length=4)
+    batch = probe_batch(lm)
     try:
         with torch.no_grad(), torch.autocast(lm.device.type, enabled=False):
             plain, faster = get_per_token_logps(model, *batch, 0.7)[0], fast(model, *batch, 0.7)[0]
