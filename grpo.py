@@ -1481,6 +1481,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 PACK_FROM_WIDTH = 256  # from this width on a step is matmuls, which packing saves; below, it is Python overhead
 # that packing adds to (3 ms a pass on the 64-wide demo model, where 8 rows then took 18 ms instead of 15)
+PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (sample_prepacked)
 HEAD_TRANSFORMS = (("final_logit_softcapping", None), ("logits_scaling", 1), ("logit_scale", 1))  # Gemma 2 and
 # 3, Granite, Cohere: a transform their forward applies after the LM head, by its config field and neutral value
 
@@ -1819,9 +1820,6 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
     return unpack(logps), unpack(entropies) if with_entropy else None
 
 
-PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
-
-
 def sample_prepacked(model: torch.nn.Module, prompt_ids: Tensor, *args, sample: Callable = sample_with_cache,
                      autocast_dtype: Optional[torch.dtype] = None, **kwargs) -> tuple[Tensor, Tensor]:
     """`sample` (Part I's loop or sample_grouped), with every nn.Linear multiplying by a copy of its weight that
@@ -1950,9 +1948,8 @@ class VLLMSampler:
                               f"'vLLM').") from e
         self.trainer, args = trainer, trainer.args
         policy = _causal_lm(trainer.model)  # with LoRA the base model, saved with policy_weights
-        # The engine loads from disk: the starting policy (with LoRA, merged under the base model's names) and the
-        # tokenizer, which the first rank writes (transformers saves on that one only) where every rank can read,
-        # and removes once every engine has loaded.
+        # The engine loads from disk: the starting policy and the tokenizer, which the first rank writes (transformers
+        # saves on that one only) where every rank can read, and removes once every engine has loaded.
         directory = os.path.join(args.output_dir, "vllm-start")
         weights, _ = whole_state(trainer.model)  # under --fsdp gathered onto the first rank; else None
         if trainer.is_main_process:
@@ -1961,8 +1958,7 @@ class VLLMSampler:
             trainer.tokenizer.save_pretrained(directory)
         barrier()
         self.version = vllm.__version__
-        # As TRL 1.16 starts it; processed_logprobs: the log-probs after temperature and the filters, those the
-        # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it.
+        # As TRL 1.16 starts it (processed_logprobs: see above). On a CPU, compiling costs more than a short run gains.
         self.llm = vllm.LLM(model=directory, dtype=str(policy.dtype).removeprefix("torch."),
                             seed=args.seed + trainer.rank, tensor_parallel_size=args.vllm_tensor_parallel_size,
                             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -2009,8 +2005,7 @@ class VLLMSampler:
 
     def __call__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, processors, max_new_tokens: int,
                  eos_token_ids: list[int], pad_token_id: int) -> tuple[Tensor, Tensor]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams, TokensPrompt
         if self.synced_step != self.trainer.global_step:
             self.sync_weights()
         args = self.trainer.args
