@@ -1641,10 +1641,9 @@ def sampling_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
 
     def sample(how, eos, forced=None):
         processors = LogitsProcessorList([TemperatureLogitsWarper(0.7)] + ([forced] if forced else []))
-        with forked_rng(model.device):
+        with forked_rng(model.device), torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
             torch.manual_seed(0)
-            with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
-                return how(model, prompt_ids, prompt_mask, processors, 6, eos, 0)[0]
+            return how(model, prompt_ids, prompt_mask, processors, 6, eos, 0)[0]
 
     try:
         free = sample(sample_with_cache, [-1])  # six tokens for every row
