@@ -1467,6 +1467,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 PACK_FROM_WIDTH = 256  # from this width on a step is matmuls, which packing saves; below, it is Python overhead
 # that packing adds to (3 ms a pass on the 64-wide demo model, where 8 rows then took 18 ms instead of 15)
+PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (sample_prepacked)
 HEAD_TRANSFORMS = (("final_logit_softcapping", None), ("logits_scaling", 1), ("logit_scale", 1))  # Gemma 2 and
 # 3, Granite, Cohere: a transform their forward applies after the LM head, by its config field and neutral value
 
@@ -1505,7 +1506,7 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         said.append(f"sampling with vLLM {sample.version} (correction: "
                     f"{args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else 'off'})")
     elif on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
-        with gathered(trainer.model, reshard) if sharded else contextlib.nullcontext():
+        with gathered(trainer.model, reshard):  # a no-op unless sharded
             problem = sampling_problem(sample_grouped, unwrap(trainer.model))
         if problem is None:
             sample = sample_grouped
@@ -1588,18 +1589,15 @@ def sample_grouped(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prom
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
-def probe_batch(model: torch.nn.Module, completion_length: int = 0) -> list[Tensor]:
-    """Two random prompts of 5 tokens, one left-padded, each in two rows; with completion_length, random
-    completions of that many tokens whose masks end at other lengths."""
+def probe_batch(model: torch.nn.Module) -> list[Tensor]:
+    """Two random prompts of 5 tokens, one left-padded, each in two rows, and random completions of 4 tokens whose
+    masks end at other lengths."""
     g, V, device = torch.Generator().manual_seed(0), model.get_output_embeddings().weight.size(0), model.device
     prompt_ids = torch.randint(0, V, (2, 5), generator=g)[[0, 0, 1, 1]]
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1]] * 2 + [[1] * 5] * 2)
-    batch = [prompt_ids, prompt_mask]
-    if completion_length:
-        lengths = torch.tensor([[4], [2], [3], [1]]).clamp(max=completion_length)
-        batch += [torch.randint(0, V, (4, completion_length), generator=g),
-                  (torch.arange(completion_length)[None] < lengths).long()]
-    return [x.to(device) for x in batch]
+    completion_ids = torch.randint(0, V, (4, 4), generator=g)
+    completion_mask = (torch.arange(4)[None] < torch.tensor([[4], [2], [3], [1]])).long()
+    return [x.to(device) for x in (prompt_ids, prompt_mask, completion_ids, completion_mask)]
 
 
 class ForcedTokens:
@@ -1616,7 +1614,7 @@ class ForcedTokens:
         return torch.full_like(scores, -math.inf).scatter(1, forced, 0.0)
 
 
-def sampling_problem(fast: Callable, model: torch.nn.Module, temperature: float = 0.7) -> Optional[str]:
+def sampling_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
     """None if `fast` samples from the distributions sample_with_cache samples from; otherwise why not. Both are fed
     the same tokens (ForcedTokens: those Part I's loop drew, one row ending early at its second), so each step's
     prefix is the same, and the distributions they drew from must agree within float rounding: a total variation
@@ -1625,14 +1623,13 @@ def sampling_problem(fast: Callable, model: torch.nn.Module, temperature: float 
     instead would fail wherever rounding moves a uniform number across a boundary of the cumulative distribution
     (seen on an AVX2 CPU: Part I's loop drew token 2273, the grouped one 2275, both of probability 1e-6)."""
     lm = _causal_lm(model)
-    prompt_ids, prompt_mask = probe_batch(lm)
+    prompt_ids, prompt_mask, _, _ = probe_batch(lm)  # the prompts only
 
     def sample(how, eos, forced=None):
-        processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)] + ([forced] if forced else []))
-        with forked_rng(model.device):
+        processors = LogitsProcessorList([TemperatureLogitsWarper(0.7)] + ([forced] if forced else []))
+        with forked_rng(model.device), torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
             torch.manual_seed(0)
-            with torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
-                return how(model, prompt_ids, prompt_mask, processors, 6, eos, 0)[0]
+            return how(model, prompt_ids, prompt_mask, processors, 6, eos, 0)[0]
 
     try:
         free = sample(sample_with_cache, [-1])  # six tokens for every row
@@ -1653,16 +1650,15 @@ def sampling_problem(fast: Callable, model: torch.nn.Module, temperature: float 
 
 
 def logps_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
-    """None if `fast` gives the log-probs of get_per_token_logps (the model's own forward) on a probe batch of two
-    prompts, one left-padded, each with two completions of other lengths; otherwise why not. The probe runs in
-    the weights' dtype without autocast, where the two differ by float rounding: about 1e-5 in float32, where a
-    skipped Granite scaling moved them by 0.28. Known transforms are refused by name, since on a random model's
-    small logits a softcap of 30 changes too little to see, and logits grow as the model trains."""
+    """None if `fast` gives the log-probs of get_per_token_logps (the model's own forward) on probe_batch; otherwise
+    why not. The probe runs in the weights' dtype without autocast, where the two differ by float rounding: about
+    1e-5 in float32, where a skipped Granite scaling moved them by 0.28. Known transforms are refused by name, since
+    on a random model's small logits a softcap of 30 changes too little to see, and logits grow as the model trains."""
     lm = _causal_lm(model)
     for name, neutral in HEAD_TRANSFORMS:
         if getattr(lm.config, name, None) not in (None, neutral):
             return f"would skip the {name}={getattr(lm.config, name)} this model applies after its LM head"
-    batch = probe_batch(lm, completion_length=4)
+    batch = probe_batch(lm)
     try:
         with torch.no_grad(), torch.autocast(lm.device.type, enabled=False):
             plain, faster = get_per_token_logps(model, *batch, 0.7)[0], fast(model, *batch, 0.7)[0]
@@ -1760,11 +1756,14 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
                        with_entropy: Union[bool, str] = False, *, pack: bool = True, chunk_size: int = 0
                        ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
     """get_per_token_logps, with the LM head applied here to the final hidden states: of packed rows (pack_rows),
-    where only the K completion tokens reach the head, or of the padded rows; all at once, or chunk_size tokens
-    at a time (chunked_logps). Packed, on SmolLM2's sums (G = 8, C = 64, K = 574), forward and backward took
-    5.9 s against 11.0 s padded, in float32. A packed row's attention is dense, which per token costs about
-    L / (5·H) of the other matmuls, so rows are cut at H tokens (or P + C), at H/2 under bf16, whose matmuls are
-    4× faster while attention is not. Positions outside completion_mask are 0 when packed."""
+    where only the K completion tokens reach the head, or of the padded rows. Packed, on SmolLM2's sums (G = 8,
+    C = 64, K = 574), forward and backward took 5.9 s against 11.0 s padded, in float32. A packed row's attention
+    is dense, which per token costs about L / (5·H) of the other matmuls, so rows are cut at H tokens (or P + C), at
+    H/2 under bf16, whose matmuls are 4× faster while attention is not. Positions outside completion_mask are 0
+    when packed. With chunk_size, at most chunk_size × V logits are alive at a time, forward and backward. The
+    logits are GRPO's memory peak (V = 151,936, N = 8, C = 1,024: 5 GB in float32, as much for their gradient).
+    Each chunk is projected, reduced to one log-prob per token and dropped; checkpointing redoes the projection in
+    backward, so the (N, C, V) tensor never exists (the stage's peak fell to 0.19 of the unchunked one)."""
     causal_lm, C, real = _causal_lm(model), completion_ids.size(1), completion_mask.bool()
     if pack:
         width = getattr(causal_lm.config, "hidden_size", 0)
@@ -1775,8 +1774,7 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
         trace("log-probs", {"packed_input_ids": packed.input_ids}, packed_input_ids="R L")
         mask = packed.allowed[:, None]  # (R, 1, L, L): one mask for every head
         if causal_lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            dtype = causal_lm.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            mask = torch.zeros_like(mask, dtype=causal_lm.dtype).masked_fill(~mask, torch.finfo(causal_lm.dtype).min)
         inputs = dict(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
     else:  # the padded rows, as Part I's pass
         attention_mask = torch.cat([prompt_mask, completion_mask], 1)
@@ -1789,8 +1787,14 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
     else:
         hidden, ids = hidden[:, -(C + 1):-1], completion_ids  # position t predicts token t+1
     lm_head = causal_lm.get_output_embeddings()
-    if chunk_size > 0:
-        logps, entropies = chunked_logps(hidden, ids, lm_head, temperature, chunk_size, with_entropy)
+    if chunk_size > 0:  # a row per token, (chunk_size, 1, V) logits at a time
+        def head_logps(rows: Tensor, row_ids: Tensor):
+            return logps_from_logits(lm_head(rows), row_ids, temperature, with_entropy)
+
+        rows, row_ids = rearrange(hidden, "n c h -> (n c) 1 h"), rearrange(ids, "n c -> (n c) 1")
+        logps, entropies = zip(*[torch.utils.checkpoint.checkpoint(head_logps, *chunk, use_reentrant=False)
+                                 for chunk in zip(rows.split(chunk_size), row_ids.split(chunk_size))])
+        logps, entropies = torch.cat(logps).view_as(ids), torch.cat(entropies).view_as(ids) if with_entropy else None
     else:
         logits = lm_head(hidden)
         trace("log-probs", {"completion_logits": logits}, completion_logits="K 1 V" if pack else "N C V")
@@ -1799,29 +1803,6 @@ def hidden_state_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], p
         return logps, entropies
     unpack = lambda x: torch.zeros_like(real, dtype=x.dtype).masked_scatter(real, x[:, 0])  # noqa: E731
     return unpack(logps), unpack(entropies) if with_entropy else None
-
-
-@shape_checked
-def chunked_logps(hidden: Float[Tensor, "N C H"], completion_ids: Int[Tensor, "N C"], lm_head: torch.nn.Module,
-                  temperature: float, chunk_size: int, with_entropy: Union[bool, str] = False
-                  ) -> tuple[Float[Tensor, "N C"], Optional[Float[Tensor, "N C"]]]:
-    """The same log-probs, with at most `chunk_size` × V logits alive at a time, forward and backward. The logits
-    are GRPO's memory peak (V = 151,936, N = 8, C = 1,024: 5 GB in float32, as much for their gradient). Each chunk
-    is projected, reduced to one log-prob per token and dropped; checkpointing redoes the projection in backward,
-    so the (N, C, V) tensor never exists (the stage's peak fell to 0.19 of the unchunked one)."""
-    flat_hidden, flat_ids = rearrange(hidden, "n c h -> (n c) 1 h"), rearrange(completion_ids, "n c -> (n c) 1")
-
-    def head_logps(rows: Tensor, ids: Tensor):  # (chunk, 1, V) logits: a row per token for the functions above
-        return logps_from_logits(lm_head(rows), ids, temperature, with_entropy)
-
-    logps, entropies = zip(*[torch.utils.checkpoint.checkpoint(head_logps, flat_hidden[start:start + chunk_size],
-                                                               flat_ids[start:start + chunk_size], use_reentrant=False)
-                             for start in range(0, flat_ids.size(0), chunk_size)])
-    unflatten = lambda parts: rearrange(torch.cat(parts), "(n c) 1 -> n c", n=completion_ids.size(0))  # noqa: E731
-    return unflatten(logps), unflatten(entropies) if with_entropy else None
-
-
-PREPACK_ROWS = 64  # sampling rows up to which prepacked weights pay (below)
 
 
 def sample_prepacked(model: torch.nn.Module, prompt_ids: Tensor, *args, sample: Callable = sample_with_cache,
@@ -1843,7 +1824,6 @@ def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optiona
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and rows
                and (autocast_dtype or m.weight.dtype) in (torch.float32, torch.bfloat16)  # rows = 0: none
                and "forward" not in vars(m)]  # one whose forward was replaced keeps it (cast_lm_head_to_fp32's head)
-    packed = []
     try:
         for linear in linears:
             dtype = autocast_dtype or linear.weight.dtype
@@ -1852,11 +1832,10 @@ def prepacked_linears(model: torch.nn.Module, rows: int, autocast_dtype: Optiona
             linear.forward = functools.partial(  # PyTorch's own prepacked linear (torch.compile's CPU backend's)
                 lambda x, w, b, dtype: torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], ""),
                 w=weight, b=bias, dtype=dtype)
-            packed.append(linear)
         yield
     finally:  # also when packing itself fails part way: every layer gets nn.Linear.forward back
-        for linear in packed:
-            del linear.forward
+        for linear in linears:
+            vars(linear).pop("forward", None)  # packed ones only: none in `linears` had its own forward before
 
 
 def prepacking_problem(model: torch.nn.Module, autocast_dtype) -> Optional[str]:
@@ -1906,11 +1885,8 @@ def vllm_importance_sampling_ratio(old_per_token_logps: Float[Tensor, "BG C"],
     if mode.startswith("sequence"):
         gap = gap.sum(-1, keepdim=True)
     ratio = torch.exp(gap)
-    if mode.endswith("truncate"):
-        return torch.clamp(ratio, min=clip_min, max=clip_max)
-    low = -math.inf if clip_min is None else clip_min
-    high = math.inf if clip_max is None else clip_max
-    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+    clamped = ratio.clamp(-math.inf if clip_min is None else clip_min, math.inf if clip_max is None else clip_max)
+    return clamped if mode.endswith("truncate") else ratio.masked_fill(clamped != ratio, 0.0)
 
 
 def vllm_correction(args: GRPOConfig, old_per_token_logps: Optional[Tensor], sampling: Tensor,
@@ -1957,9 +1933,8 @@ class VLLMSampler:
                               f"'vLLM').") from e
         self.trainer, args = trainer, trainer.args
         policy = _causal_lm(trainer.model)  # with LoRA the base model, saved with policy_weights
-        # The engine loads from disk: the starting policy (with LoRA, merged under the base model's names) and the
-        # tokenizer, which the first rank writes (transformers saves on that one only) where every rank can read,
-        # and removes once every engine has loaded.
+        # The engine loads from disk: the starting policy and the tokenizer, which the first rank writes (transformers
+        # saves on that one only) where every rank can read, and removes once every engine has loaded.
         directory = os.path.join(args.output_dir, "vllm-start")
         weights, _ = whole_state(trainer.model)  # under --fsdp gathered onto the first rank; else None
         if trainer.is_main_process:
@@ -1968,8 +1943,7 @@ class VLLMSampler:
             trainer.tokenizer.save_pretrained(directory)
         barrier()
         self.version = vllm.__version__
-        # As TRL 1.16 starts it; processed_logprobs: the log-probs after temperature and the filters, those the
-        # tokens were drawn from. On a CPU, compiling the model costs more than a short run gains from it.
+        # As TRL 1.16 starts it (processed_logprobs: see above). On a CPU, compiling costs more than a short run gains.
         self.llm = vllm.LLM(model=directory, dtype=str(policy.dtype).removeprefix("torch."),
                             seed=args.seed + trainer.rank, tensor_parallel_size=args.vllm_tensor_parallel_size,
                             gpu_memory_utilization=args.vllm_gpu_memory_utilization,
@@ -2016,8 +1990,7 @@ class VLLMSampler:
 
     def __call__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, processors, max_new_tokens: int,
                  eos_token_ids: list[int], pad_token_id: int) -> tuple[Tensor, Tensor]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams, TokensPrompt
         if self.synced_step != self.trainer.global_step:
             self.sync_weights()
         args = self.trainer.args
@@ -2050,10 +2023,9 @@ def engine_limits(config, args: GRPOConfig, device: torch.device) -> dict:
     sequences = max(args.per_device_train_batch_size * args.steps_per_generation, args.per_device_eval_batch_size or 0)
     if device.type != "cpu":
         return dict(max_num_seqs=sequences, max_num_batched_tokens=4096)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     context = args.vllm_max_model_length or getattr(text, "max_position_embeddings", None) or 2**16  # as vLLM
-    length = context if args.max_prompt_length is None else min(context, args.max_prompt_length +
-                                                                 args.max_completion_length)
+    length = min(context, (args.max_prompt_length or math.inf) + args.max_completion_length)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     # K and V of every layer, 4 bytes each (float32, the widest dtype the engine runs in)
@@ -2074,10 +2046,8 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     model.merge_adapter()
     try:
         for name, param in model.named_parameters():
-            if "lora_" in name:
-                continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            yield name, param.detach().clone()
+            if "lora_" not in name:  # the adapters, merged into the base layers' weights
+                yield name.removeprefix("base_model.model.").replace(".base_layer", ""), param.detach().clone()
     finally:
         model.unmerge_adapter()
 
