@@ -2129,11 +2129,10 @@ def check_config(args: GRPOConfig) -> None:
     args.eval_steps = args.eval_steps or args.logging_steps
     if (N * S) % G != 0:
         fits = [g for g in range(2, N * S + 1) if (N * S) % g == 0]
-        raise ValueError(
-            f"The generation batch per_device_train_batch_size × steps_per_generation = {N} × {S} = {N * S} "
-            f"completions must hold whole groups of num_generations = {G}, but {N * S} is not divisible by "
-            f"{G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} "
-            f"(for example per_device_train_batch_size={G * math.ceil(N / G)}).")
+        raise ValueError(f"The generation batch per_device_train_batch_size × steps_per_generation = {N} × {S} = "
+                         f"{N * S} completions must hold whole groups of num_generations = {G}, but {N * S} is not "
+                         f"divisible by {G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} (for "
+                         f"example per_device_train_batch_size={G * math.ceil(N / G)}).")
     G_eval = args.num_generations_eval
     if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size % G_eval != 0:
         raise ValueError(f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be a multiple of "
@@ -2142,8 +2141,7 @@ def check_config(args: GRPOConfig) -> None:
     if unknown:
         raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(Trackers.PACKAGES)}.")
     for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", ("group", "batch", "none")),
-                          ("eval_strategy", ("no", "steps")),
-                          ("dtype", ("float32", "bfloat16", "float16", "auto")),
+                          ("eval_strategy", ("no", "steps")), ("dtype", ("float32", "bfloat16", "float16", "auto")),
                           ("importance_sampling_level", ("token", "sequence")),
                           ("multi_objective_aggregation", ("sum_then_normalize", "normalize_then_sum"))):
         if getattr(args, name) not in allowed:
@@ -2166,12 +2164,10 @@ def check_scheduler(name: str, kwargs: dict) -> None:
 
     schedules = {kind.value: function for kind, function in TYPE_TO_SCHEDULER_FUNCTION.items()}
     driven = [kind for kind in schedules if kind not in ("reduce_lr_on_plateau", "greedy")]
-    if name in ("reduce_lr_on_plateau", "greedy"):
-        raise KnobError("lr_scheduler_type", f"lr_scheduler_type {name} lowers the rate when a metric stops "
-                                             f"improving, and this loop steps its schedule on none; choose one of "
-                                             f"{', '.join(driven)}.")
-    if name not in schedules:
-        raise KnobError("lr_scheduler_type", f"Unknown lr_scheduler_type {name!r}; choose one of {', '.join(driven)}.")
+    if name not in driven:
+        why = (f"lr_scheduler_type {name} lowers the rate when a metric stops improving, and this loop steps its "
+               f"schedule on none" if name in schedules else f"Unknown lr_scheduler_type {name!r}")
+        raise KnobError("lr_scheduler_type", f"{why}; choose one of {', '.join(driven)}.")
     taken = [p for p in inspect.signature(schedules[name]).parameters.values()][1:]  # after the optimizer
     settable = [p.name for p in taken if p.name not in ("num_warmup_steps", "num_training_steps", "last_epoch")]
     unknown = [key for key in kwargs if key not in settable]
