@@ -2402,8 +2402,7 @@ class Checkpoints:
         self.micro_batches: list[GenerationBatch] = []  # the S micro-batches of the generation batch under way
         self.bad_steps = 0  # non-finite optimizer steps in a row, skipped
         self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
-        self.stop_agreed = False  # some rank got a signal: every rank saves and stops after this step
-        self.stopped = False  # a signal stopped the run, with a checkpoint
+        self.stopped = False  # some rank got a signal: every rank saves a checkpoint and stops after this step
 
     def find(self, resume_from_checkpoint: Optional[str]) -> Optional[str]:
         """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
@@ -2448,7 +2447,7 @@ class Checkpoints:
         after DDP's all-reduce."""
         flags = reduce_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(self.stop_signal is not None)],
                                                device=self.trainer.device)).tolist()
-        finite, self.stop_agreed = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+        finite, self.stopped = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
         self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight
         return finite
 
@@ -2459,11 +2458,10 @@ class Checkpoints:
         trainer, args = self.trainer, self.args
         if not weights_are_finite(trainer.model):
             kept = list_checkpoints(args.output_dir)
-            raise RuntimeError(
-                f"The weights are not finite after optimizer step {trainer.global_step} (learning_rate="
-                f"{args.learning_rate}, max_grad_norm={args.max_grad_norm}); training stopped and nothing was saved. "
-                + (f"The newest checkpoint, {kept[-1]}, has finite weights." if kept else "There is no checkpoint.")
-                + " Lower learning_rate.")
+            newest = f"The newest checkpoint, {kept[-1]}, has finite weights." if kept else "There is no checkpoint."
+            raise RuntimeError(f"The weights are not finite after optimizer step {trainer.global_step} (learning_rate="
+                               f"{args.learning_rate}, max_grad_norm={args.max_grad_norm}); training stopped and "
+                               f"nothing was saved. {newest} Lower learning_rate.")
         if self.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
             path = self.save()
             raise RuntimeError(
@@ -2471,9 +2469,9 @@ class Checkpoints:
                 f"{trainer.global_step}), so training stopped. Those steps were skipped: {path} holds the weights "
                 f"of step {trainer.global_step - self.bad_steps}, the last good one. Lower learning_rate or "
                 f"max_grad_norm, or check the rewards, then resume with --resume_from_checkpoint {path}.")
-        if self.stop_agreed:
+        if self.stopped:
             self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
-            path, self.stopped = self.save(), True
+            path = self.save()
             say(trainer, f"Stopped by {signal.Signals(self.stop_signal).name} after step {trainer.global_step}; "
                          f"saved {path}. Resume with --resume_from_checkpoint {path} (or latest).")
         elif args.save_steps > 0 and trainer.global_step % args.save_steps == 0:
@@ -2643,10 +2641,10 @@ def read_checkpoint_file(path: str, name: str, read: Callable) -> Any:
         reason = first_line(e, 200)
         if "weights_only" in reason:  # torch's advice to unpickle a file of unknown origin is not to be passed on
             reason = "not a file that torch.save wrote, or a damaged one"
-        others = [os.path.basename(p) for p in list_checkpoints(os.path.dirname(path.rstrip("/"))) if p != path]
+        others = ",".join(os.path.basename(p) for p in list_checkpoints(os.path.dirname(path.rstrip("/"))) if p != path)
         raise ValueError(f"Cannot resume from {path}: {name} cannot be read ({type(e).__name__}: {reason}). The "
                          f"checkpoint is damaged or of another model; resume from another one"
-                         f"{f' ({chr(44).join(others)})' if others else ''}, or start anew.") from e
+                         f"{f' ({others})' if others else ''}, or start anew.") from e
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
