@@ -2601,8 +2601,7 @@ class Checkpoints:
 def claim_output_dir(args: GRPOConfig) -> None:
     """A run that does not resume starts with no checkpoint of another run in output_dir: it would rotate them away
     with its own (save_total_limit) or leave them for `--resume_from_checkpoint latest` to pick up later, mixing two
-    runs without a word. overwrite_output_dir (transformers' knob) deletes them first; otherwise one line says what
-    to do. Under torchrun the first rank deletes, the others wait."""
+    runs without a word. overwrite_output_dir (transformers' knob) deletes them first."""
     earlier = list_checkpoints(args.output_dir)
     if earlier and not args.overwrite_output_dir:
         raise ValueError(f"output_dir {args.output_dir!r} holds checkpoints of an earlier run "
@@ -2671,10 +2670,9 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def publish(tmp: str, path: str) -> None:
-    """Put the file or folder written at `tmp` in place at `path` with one rename, its files pushed to disk first (a
-    power cut cannot publish what is still only in the page cache): a crash or a kill in the middle of a write leaves
-    `path` as it was, never half-written. A folder replaces the one at `path`. (The push took 0.4 ms for
-    metrics.jsonl, rewritten at every log, on an AMD EPYC's virtual disk.)"""
+    """Put the file or folder written at `tmp` in place at `path` with one rename, never half-written (a folder
+    replaces the one there), its files pushed to disk first: a power cut cannot publish what is only in the page
+    cache. (The push took 0.4 ms for metrics.jsonl, rewritten at every log, on an AMD EPYC's virtual disk.)"""
     for file in [os.path.join(tmp, name) for name in os.listdir(tmp)] if os.path.isdir(tmp) else [tmp]:
         if os.path.isfile(file):
             with open(file, "rb") as f:
