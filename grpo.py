@@ -2254,10 +2254,9 @@ REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every re
 
 
 def check_reward_columns(reward_funcs, *datasets) -> None:
-    """Every reward function is called with prompts, completions, completion_ids and each other dataset column as
-    keywords: it must take them all (by name or **kwargs), and its arguments without a default (accuracy_reward's
-    `answer`) must be columns of every dataset. Checked now, or the run would fail in its first reward, after the
-    model has loaded and sampled."""
+    """A reward function must take every keyword it is given (section 6), by name or **kwargs, and its arguments
+    without a default (accuracy_reward's `answer`) must be columns of every dataset: checked now, or the run would
+    fail in its first reward, after the model has loaded and sampled."""
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     for func in (BUILTIN_REWARDS.get(f, f) if isinstance(f, str) else f for f in funcs):
         if not callable(func) or isinstance(func, torch.nn.Module):
@@ -2423,12 +2422,12 @@ class Checkpoints:
         at micro-step k stopped in generation batch k // (S·μ): the batches before it are skipped, and the micro-steps
         left of it are trained on first, from its micro-batches (which a checkpoint keeps)."""
         trainer = self.trainer
-        done = trainer.micro_step % (trainer.S * trainer.mu)
+        skipped, done = divmod(trainer.micro_step, trainer.S * trainer.mu)  # whole generation batches, micro-steps
         if self.stop_signal is not None:  # came before this run's first step (in the first evaluation)
             say(trainer, f"Stopped by {signal.Signals(self.stop_signal).name} before step {trainer.global_step + 1}: "
                          f"no step was taken, so nothing was saved.")
             return
-        batches = itertools.islice(batches, trainer.micro_step // (trainer.S * trainer.mu), None)
+        batches = itertools.islice(batches, skipped, None)
         if done:
             next(batches)  # the rows of the batch the run stopped in, which the kept micro-batches hold
             for micro_batch in (self.micro_batches * trainer.mu)[done:]:
@@ -2450,9 +2449,8 @@ class Checkpoints:
         return finite
 
     def after_step(self) -> None:
-        """After an optimizer step: stop the run at once if the weights are no longer finite (nothing is saved), after
-        too many non-finite steps in a row, or on a signal (any rank's), each with a checkpoint; else save every
-        save_steps."""
+        """After an optimizer step: stop at once if the weights are no longer finite (saving nothing), or with a
+        checkpoint after too many non-finite steps in a row or on any rank's signal; else save every save_steps."""
         trainer, args = self.trainer, self.args
         if not weights_are_finite(trainer.model):
             kept = list_checkpoints(args.output_dir)
