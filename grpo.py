@@ -2186,8 +2186,8 @@ def check_scheduler(name: str, kwargs: dict) -> None:
 def check_vllm(args: GRPOConfig) -> None:
     """vLLM's knobs mean what they mean in TRL 1.16; what this file does not do with them is refused, none ignored."""
     if not args.use_vllm:
-        changed = [f"{name}={getattr(args, name)!r}" for name in GRPOConfig.__dataclass_fields__
-                   if name.startswith("vllm_") and getattr(args, name) != GRPOConfig.__dataclass_fields__[name].default]
+        changed = [f"{f.name}={getattr(args, f.name)!r}" for f in fields(args)
+                   if f.name.startswith("vllm_") and getattr(args, f.name) != f.default]
         if changed:
             raise ValueError(f"{changed[0]} is a vLLM setting, and use_vllm is False: set use_vllm=True, or drop it.")
         return
