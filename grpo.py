@@ -2085,11 +2085,10 @@ def check_config(args: GRPOConfig) -> None:
     args.eval_steps = args.eval_steps or args.logging_steps
     if (N * S) % G != 0:
         fits = [g for g in range(2, N * S + 1) if (N * S) % g == 0]
-        raise ValueError(
-            f"The generation batch per_device_train_batch_size × steps_per_generation = {N} × {S} = {N * S} "
-            f"completions must hold whole groups of num_generations = {G}, but {N * S} is not divisible by "
-            f"{G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} "
-            f"(for example per_device_train_batch_size={G * math.ceil(N / G)}).")
+        raise ValueError(f"The generation batch per_device_train_batch_size × steps_per_generation = {N} × {S} = "
+                         f"{N * S} completions must hold whole groups of num_generations = {G}, but {N * S} is not "
+                         f"divisible by {G}. Use num_generations in {fits}, or make {N} × {S} a multiple of {G} (for "
+                         f"example per_device_train_batch_size={G * math.ceil(N / G)}).")
     G_eval = args.num_generations_eval
     if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size % G_eval != 0:
         raise ValueError(f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be a multiple of "
@@ -2098,8 +2097,7 @@ def check_config(args: GRPOConfig) -> None:
     if unknown:
         raise ValueError(f"Unknown report_to {', '.join(unknown)}; choose from none, {', '.join(Trackers.PACKAGES)}.")
     for name, allowed in (("loss_type", LOSS_TYPES), ("scale_rewards", ("group", "batch", "none")),
-                          ("eval_strategy", ("no", "steps")),
-                          ("dtype", ("float32", "bfloat16", "float16", "auto")),
+                          ("eval_strategy", ("no", "steps")), ("dtype", ("float32", "bfloat16", "float16", "auto")),
                           ("importance_sampling_level", ("token", "sequence")),
                           ("multi_objective_aggregation", ("sum_then_normalize", "normalize_then_sum"))):
         if getattr(args, name) not in allowed:
@@ -2122,12 +2120,10 @@ def check_scheduler(name: str, kwargs: dict) -> None:
 
     schedules = {kind.value: function for kind, function in TYPE_TO_SCHEDULER_FUNCTION.items()}
     driven = [kind for kind in schedules if kind not in ("reduce_lr_on_plateau", "greedy")]
-    if name in ("reduce_lr_on_plateau", "greedy"):
-        raise KnobError("lr_scheduler_type", f"lr_scheduler_type {name} lowers the rate when a metric stops "
-                                             f"improving, and this loop steps its schedule on none; choose one of "
-                                             f"{', '.join(driven)}.")
-    if name not in schedules:
-        raise KnobError("lr_scheduler_type", f"Unknown lr_scheduler_type {name!r}; choose one of {', '.join(driven)}.")
+    if name not in driven:
+        why = (f"lr_scheduler_type {name} lowers the rate when a metric stops improving, and this loop steps its "
+               f"schedule on none" if name in schedules else f"Unknown lr_scheduler_type {name!r}")
+        raise KnobError("lr_scheduler_type", f"{why}; choose one of {', '.join(driven)}.")
     taken = [p for p in inspect.signature(schedules[name]).parameters.values()][1:]  # after the optimizer
     settable = [p.name for p in taken if p.name not in ("num_warmup_steps", "num_training_steps", "last_epoch")]
     unknown = [key for key in kwargs if key not in settable]
@@ -2146,8 +2142,8 @@ def check_scheduler(name: str, kwargs: dict) -> None:
 def check_vllm(args: GRPOConfig) -> None:
     """vLLM's knobs mean what they mean in TRL 1.16; what this file does not do with them is refused, none ignored."""
     if not args.use_vllm:
-        changed = [f"{name}={getattr(args, name)!r}" for name in GRPOConfig.__dataclass_fields__
-                   if name.startswith("vllm_") and getattr(args, name) != GRPOConfig.__dataclass_fields__[name].default]
+        changed = [f"{f.name}={getattr(args, f.name)!r}" for f in fields(args)
+                   if f.name.startswith("vllm_") and getattr(args, f.name) != f.default]
         if changed:
             raise ValueError(f"{changed[0]} is a vLLM setting, and use_vllm is False: set use_vllm=True, or drop it.")
         return
@@ -2214,10 +2210,9 @@ REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what every re
 
 
 def check_reward_columns(reward_funcs, *datasets) -> None:
-    """Every reward function is called with prompts, completions, completion_ids and each other dataset column as
-    keywords: it must take them all (by name or **kwargs), and its arguments without a default (accuracy_reward's
-    `answer`) must be columns of every dataset. Checked now, or the run would fail in its first reward, after the
-    model has loaded and sampled."""
+    """A reward function must take every keyword it is given (section 6), by name or **kwargs, and its arguments
+    without a default (accuracy_reward's `answer`) must be columns of every dataset: checked now, or the run would
+    fail in its first reward, after the model has loaded and sampled."""
     funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     for func in (BUILTIN_REWARDS.get(f, f) if isinstance(f, str) else f for f in funcs):
         if not callable(func) or isinstance(func, torch.nn.Module):
@@ -2324,9 +2319,7 @@ def _check_json_rows(path: str, extension: str) -> None:
                 raise ValueError(f"dataset file {path!r}, line {e.lineno}: not valid JSON ({e.msg}, column "
                                  f"{e.colno}).") from None
     lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    if not lines:
-        raise ValueError(f"dataset file {path!r} has no rows.")
-    for number, line in lines:
+    for number, line in lines:  # none: load_dataset finds no data, and load_data_file says the file has no rows
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
@@ -2362,8 +2355,7 @@ class Checkpoints:
         self.micro_batches: list[GenerationBatch] = []  # the S micro-batches of the generation batch under way
         self.bad_steps = 0  # non-finite optimizer steps in a row, skipped
         self.stop_signal: Optional[int] = None  # SIGINT or SIGTERM, once received
-        self.stop_agreed = False  # some rank got a signal: every rank saves and stops after this step
-        self.stopped = False  # a signal stopped the run, with a checkpoint
+        self.stopped = False  # some rank got a signal: every rank saves a checkpoint and stops after this step
 
     def find(self, resume_from_checkpoint: Optional[str]) -> Optional[str]:
         """The folder that `resume_from_checkpoint` names (`latest`: the newest under output_dir), checked early."""
@@ -2386,12 +2378,12 @@ class Checkpoints:
         at micro-step k stopped in generation batch k // (S·μ): the batches before it are skipped, and the micro-steps
         left of it are trained on first, from its micro-batches (which a checkpoint keeps)."""
         trainer = self.trainer
-        done = trainer.micro_step % (trainer.S * trainer.mu)
+        skipped, done = divmod(trainer.micro_step, trainer.S * trainer.mu)  # whole generation batches, micro-steps
         if self.stop_signal is not None:  # came before this run's first step (in the first evaluation)
             say(trainer, f"Stopped by {signal.Signals(self.stop_signal).name} before step {trainer.global_step + 1}: "
                          f"no step was taken, so nothing was saved.")
             return
-        batches = itertools.islice(batches, trainer.micro_step // (trainer.S * trainer.mu), None)
+        batches = itertools.islice(batches, skipped, None)
         if done:
             next(batches)  # the rows of the batch the run stopped in, which the kept micro-batches hold
             for micro_batch in (self.micro_batches * trainer.mu)[done:]:
@@ -2408,22 +2400,20 @@ class Checkpoints:
         after DDP's all-reduce."""
         flags = reduce_over_ranks(torch.tensor([float(not math.isfinite(loss)), float(self.stop_signal is not None)],
                                                device=self.trainer.device)).tolist()
-        finite, self.stop_agreed = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
+        finite, self.stopped = flags[0] == 0 and math.isfinite(grad_norm), flags[1] > 0
         self.bad_steps = 0 if finite else self.bad_steps + 1  # a skipped step changes no weight
         return finite
 
     def after_step(self) -> None:
-        """After an optimizer step: stop the run at once if the weights are no longer finite (nothing is saved), after
-        too many non-finite steps in a row, or on a signal (any rank's), each with a checkpoint; else save every
-        save_steps."""
+        """After an optimizer step: stop at once if the weights are no longer finite (saving nothing), or with a
+        checkpoint after too many non-finite steps in a row or on any rank's signal; else save every save_steps."""
         trainer, args = self.trainer, self.args
         if not weights_are_finite(trainer.model):
             kept = list_checkpoints(args.output_dir)
-            raise RuntimeError(
-                f"The weights are not finite after optimizer step {trainer.global_step} (learning_rate="
-                f"{args.learning_rate}, max_grad_norm={args.max_grad_norm}); training stopped and nothing was saved. "
-                + (f"The newest checkpoint, {kept[-1]}, has finite weights." if kept else "There is no checkpoint.")
-                + " Lower learning_rate.")
+            newest = f"The newest checkpoint, {kept[-1]}, has finite weights." if kept else "There is no checkpoint."
+            raise RuntimeError(f"The weights are not finite after optimizer step {trainer.global_step} (learning_rate="
+                               f"{args.learning_rate}, max_grad_norm={args.max_grad_norm}); training stopped and "
+                               f"nothing was saved. {newest} Lower learning_rate.")
         if self.bad_steps >= MAX_BAD_STEPS_IN_A_ROW:
             path = self.save()
             raise RuntimeError(
@@ -2431,9 +2421,9 @@ class Checkpoints:
                 f"{trainer.global_step}), so training stopped. Those steps were skipped: {path} holds the weights "
                 f"of step {trainer.global_step - self.bad_steps}, the last good one. Lower learning_rate or "
                 f"max_grad_norm, or check the rewards, then resume with --resume_from_checkpoint {path}.")
-        if self.stop_agreed:
+        if self.stopped:
             self.stop_signal = self.stop_signal or signal.SIGTERM  # another rank got it
-            path, self.stopped = self.save(), True
+            path = self.save()
             say(trainer, f"Stopped by {signal.Signals(self.stop_signal).name} after step {trainer.global_step}; "
                          f"saved {path}. Resume with --resume_from_checkpoint {path} (or latest).")
         elif args.save_steps > 0 and trainer.global_step % args.save_steps == 0:
@@ -2565,8 +2555,7 @@ class Checkpoints:
 def claim_output_dir(args: GRPOConfig) -> None:
     """A run that does not resume starts with no checkpoint of another run in output_dir: it would rotate them away
     with its own (save_total_limit) or leave them for `--resume_from_checkpoint latest` to pick up later, mixing two
-    runs without a word. overwrite_output_dir (transformers' knob) deletes them first; otherwise one line says what
-    to do. Under torchrun the first rank deletes, the others wait."""
+    runs without a word. overwrite_output_dir (transformers' knob) deletes them first."""
     earlier = list_checkpoints(args.output_dir)
     if earlier and not args.overwrite_output_dir:
         raise ValueError(f"output_dir {args.output_dir!r} holds checkpoints of an earlier run "
@@ -2603,10 +2592,10 @@ def read_checkpoint_file(path: str, name: str, read: Callable) -> Any:
         reason = first_line(e, 200)
         if "weights_only" in reason:  # torch's advice to unpickle a file of unknown origin is not to be passed on
             reason = "not a file that torch.save wrote, or a damaged one"
-        others = [os.path.basename(p) for p in list_checkpoints(os.path.dirname(path.rstrip("/"))) if p != path]
+        others = ",".join(os.path.basename(p) for p in list_checkpoints(os.path.dirname(path.rstrip("/"))) if p != path)
         raise ValueError(f"Cannot resume from {path}: {name} cannot be read ({type(e).__name__}: {reason}). The "
                          f"checkpoint is damaged or of another model; resume from another one"
-                         f"{f' ({chr(44).join(others)})' if others else ''}, or start anew.") from e
+                         f"{f' ({others})' if others else ''}, or start anew.") from e
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
@@ -2635,10 +2624,9 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def publish(tmp: str, path: str) -> None:
-    """Put the file or folder written at `tmp` in place at `path` with one rename, its files pushed to disk first (a
-    power cut cannot publish what is still only in the page cache): a crash or a kill in the middle of a write leaves
-    `path` as it was, never half-written. A folder replaces the one at `path`. (The push took 0.4 ms for
-    metrics.jsonl, rewritten at every log, on an AMD EPYC's virtual disk.)"""
+    """Put the file or folder written at `tmp` in place at `path` with one rename, never half-written (a folder
+    replaces the one there), its files pushed to disk first: a power cut cannot publish what is only in the page
+    cache. (The push took 0.4 ms for metrics.jsonl, rewritten at every log, on an AMD EPYC's virtual disk.)"""
     for file in [os.path.join(tmp, name) for name in os.listdir(tmp)] if os.path.isdir(tmp) else [tmp]:
         if os.path.isfile(file):
             with open(file, "rb") as f:
