@@ -1285,20 +1285,6 @@ def check_ranges(args) -> None:
 #   - the metrics are gathered, so that they describe the global batch as one process would.
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """This process's rank, the number of ranks, and its device. Under torchrun (which sets RANK, WORLD_SIZE
-    and LOCAL_RANK) join the process group first: NCCL between GPUs, gloo between CPU processes."""
-    cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def shutdown_distributed() -> None:
     for engine in list(VLLM_ENGINES):  # first: an engine shutting down leaves the process group it runs in
         engine.close()
@@ -1342,7 +1328,17 @@ class Processes:
     number of ranks W and its device; the global batch's rows; sums over ranks; DDP's gradient all-reduce."""
 
     def __init__(self):
-        self.rank, self.world_size, self.device = init_distributed()
+        """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group first: NCCL between
+        GPUs, gloo between CPU processes."""
+        cuda = torch.cuda.is_available()
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+            if cuda:
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     gather = staticmethod(gather)
     sum = staticmethod(reduce_over_ranks)  # its op defaults to "sum"
@@ -3715,7 +3711,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         parser.error(str(e))  # one line and the usage, not a traceback
     CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
     builtin_task = demo and args.dataset_name is None  # the letters task, with held-out prompts to evaluate on
-    rank, _, _ = init_distributed()
+    rank = Processes().rank  # under torchrun, joins the process group
     out = print if rank == 0 else lambda *_: None
 
     if demo:
