@@ -3714,29 +3714,26 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     rank = Processes().rank  # under torchrun, joins the process group
     out = print if rank == 0 else lambda *_: None
 
-    if demo:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        model = os.path.join(args.output_dir, "demo-base-model")
-        try:
-            check_output_dir(args.output_dir)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        # vLLM's CPU attention refuses heads 16 wide: with --use_vllm the demo's model has 2 heads of 32, not 4 of 16.
-        heads = 2 if args.use_vllm and not torch.cuda.is_available() else 4
-        if rank == 0:
-            save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS, heads)
-        barrier()  # the other ranks load what rank 0 wrote
-    else:
-        name = args.model_name_or_path
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1  # a hub name is "owner/model"
-        if looks_local and not os.path.exists(os.path.expanduser(name)):
-            raise SystemExit(f"error: model {name!r} is neither a local folder nor a hub name.")
-        if args.dataset_name is None:
-            raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
-        model = os.path.expanduser(name)
     # Bad input (a missing file, a wrong column, a typo in a name) is reported in one line, not a traceback.
     try:
+        if demo:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+            model = os.path.join(args.output_dir, "demo-base-model")
+            check_output_dir(args.output_dir)  # before save_demo_model writes there
+            # vLLM's CPU attention refuses heads 16 wide: under --use_vllm the demo has 2 heads of 32, not 4 of 16.
+            heads = 2 if args.use_vllm and not torch.cuda.is_available() else 4
+            if rank == 0:
+                save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS, heads)
+            barrier()  # the other ranks load what rank 0 wrote
+        else:
+            name = args.model_name_or_path
+            looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1  # a hub name is "owner/model"
+            if looks_local and not os.path.exists(os.path.expanduser(name)):
+                raise SystemExit(f"error: model {name!r} is neither a local folder nor a hub name.")
+            if args.dataset_name is None:
+                raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
+            model = os.path.expanduser(name)
         if args.resume_from_checkpoint is None:  # before the model loads, what train() would refuse at its start
             claim_output_dir(args)
         if builtin_task:
