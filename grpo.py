@@ -3511,9 +3511,8 @@ def tracing(**sizes: int) -> Iterator[ShapeTrace]:
 
 def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
     """Train one optimizer step (one generation batch) with the tracer on, and return what it recorded."""
-    sizes = dict(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
-                 F=len(trainer.reward_funcs))
-    with tracing(**sizes) as shape_trace:  # which turns evaluation off (Report.evaluating)
+    with tracing(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
+                 F=len(trainer.reward_funcs)) as shape_trace:  # which turns evaluation off (Report.evaluating)
         trainer.train(stop_after=trainer.global_step + 1)
     return shape_trace
 
@@ -3581,8 +3580,7 @@ def letters_reward(prompts, completions, **kwargs) -> list[float]:
 
 # The names `--reward_funcs` takes. Metrics use the function's own name, as TRL does: rewards/accuracy_reward/mean.
 BUILTIN_REWARDS: dict[str, Callable] = {"length": length_reward, "diversity": diversity_reward,
-                                        "accuracy": accuracy_reward, "format": format_reward,
-                                        "letters": letters_reward}
+                                        "accuracy": accuracy_reward, "format": format_reward, "letters": letters_reward}
 
 DEMO_ALPHABET = "abcdefgh"
 DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
@@ -3663,10 +3661,9 @@ def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "t
     """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
     from datasets import load_dataset
 
-    extension = os.path.splitext(name)[1]
     if os.path.isfile(name) and not is_data_file(name):  # a local file, of a type no loader here reads
-        raise ValueError(f"dataset file {name!r} is a {extension or 'file without an extension'}; the data files "
-                         f"read here are .json, .jsonl, .csv and .parquet, with a `prompt` column.")
+        raise ValueError(f"dataset file {name!r} is a {os.path.splitext(name)[1] or 'file without an extension'}; "
+                         f"the data files read here are .json, .jsonl, .csv and .parquet, with a `prompt` column.")
     dataset = load_data_file(name) if is_data_file(name) else load_dataset(name, config, split=split)
     if "prompt" not in dataset.column_names and "question" in dataset.column_names:
         instruction = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
