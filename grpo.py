@@ -1242,18 +1242,16 @@ def check_ranges(args) -> None:
     """Refuse a knob outside the numbers its field allows (knob's low, above, high, below), naming it and why."""
     for f in fields(args):
         bounds, value = BOUNDS.get(f, {}), getattr(args, f.name)
-        if not any(bounds.get(side) is not None for side in ("low", "above", "high", "below")):
+        strict_low, strict_high = bounds.get("above") is not None, bounds.get("below") is not None
+        low = bounds["above"] if strict_low else bounds.get("low")
+        high = bounds["below"] if strict_high else bounds.get("high")
+        if (low is None and high is None) or (value is None and bounds["none_ok"]):
             continue
-        if value is None and bounds["none_ok"]:
-            continue
-        low, high = next((b for b in (bounds["low"], bounds["above"]) if b is not None), -math.inf), next(
-            (b for b in (bounds["high"], bounds["below"]) if b is not None), math.inf)
+        low, high = -math.inf if low is None else low, math.inf if high is None else high
         ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-              and (low < value if bounds["above"] is not None else low <= value)
-              and (value < high if bounds["below"] is not None else value <= high))
+              and (low < value if strict_low else low <= value) and (value < high if strict_high else value <= high))
         if not ok:
-            interval = (f"{'(' if bounds['above'] is not None else '['}{low:g}, {high:g}"
-                        f"{')' if bounds['below'] is not None or high == math.inf else ']'}")
+            interval = f"{'(' if strict_low else '['}{low:g}, {high:g}{')' if strict_high or high == math.inf else ']'}"
             reason = f": {bounds['why']}" if bounds["why"] else ""
             raise KnobError(f.name, f"{f.name} must be in {interval}, got {value}{reason}.")
     if args.max_steps == 0 or args.max_steps < -1:
