@@ -1061,7 +1061,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          HfArgumentParser, get_scheduler)
+                          HfArgumentParser, PreTrainedTokenizerFast, Qwen2Config, get_scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3589,7 +3589,6 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional
     would add to a qwen2 model's tokenizer otherwise. <unk> is an ordinary token: decoding skips special tokens,
     and a token that vanished from the text would let the policy shorten its text for free."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     tokens = ["<|endoftext|>", "<unk>", *characters]
     tokens += [f"<unused{i}>" for i in range((vocab_size or len(tokens)) - len(tokens))]  # a real-size V for bench.py
@@ -3606,8 +3605,6 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional
 def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4
                      ) -> PreTrainedModel:
     """A Qwen2-architecture causal LM with random weights, small enough to train on a CPU in seconds."""
-    from transformers import Qwen2Config
-
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True,
