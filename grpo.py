@@ -1175,7 +1175,8 @@ def read_dict_knobs(args) -> None:
         except OSError as e:
             raise KnobError("fsdp_config", f"fsdp_config {args.fsdp_config!r} cannot be read ({first_line(e)}); give "
                                            f"a JSON file's path, JSON text or a dict.") from None
-    for name in [f.name for f in fields(args) if f.type == Optional[Union[dict, str]]]:  # the dict knobs
+    for name in ("generation_kwargs", "chat_template_kwargs", "lr_scheduler_kwargs", "fsdp_config",
+                 "model_init_kwargs"):
         value = getattr(args, name)
         if isinstance(value, str):
             try:
