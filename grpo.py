@@ -1165,9 +1165,8 @@ SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"
 
 
 def read_dict_knobs(args) -> None:
-    """The dict knobs may come as JSON text (the command line), fsdp_config also as a JSON file's path;
-    generation_kwargs then sets the sampling knobs it names, so that the training log-probs use the temperature
-    sampling used."""
+    """The dict knobs may come as JSON text (the command line), fsdp_config also as a JSON file's path; then
+    generation_kwargs sets the sampling knobs it names, so that the training log-probs use sampling's temperature."""
     if isinstance(args.fsdp_config, str) and not args.fsdp_config.lstrip().startswith("{"):
         try:
             with open(args.fsdp_config) as file:
@@ -3668,8 +3667,7 @@ def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "t
 
 
 def sample_completions(trainer: GRPOTrainer, prompts: list, num: int = 2) -> list[tuple[Any, list[str]]]:
-    """A few sampled completions per prompt, to show what the policy writes (without touching the random
-    state that training uses)."""
+    """num sampled completions per prompt, to show what the policy writes (on a fork of training's random state)."""
     if not prompts:
         return []
     with forked_rng(trainer.device):
