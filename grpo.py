@@ -1365,8 +1365,7 @@ class Processes:
 def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> torch.nn.Module:
     """model with fully_shard applied to each decoder layer (the classes in its _no_split_modules, or fsdp_config's
     transformer_layer_cls_to_wrap), then to the whole: the embeddings, the final norm and the LM head form the root's
-    group, so tied embeddings stay one weight. Under --bf16, the gathered weights are bf16 and the gradients are
-    averaged in float32."""
+    group, so tied embeddings stay one weight. Under --bf16: weights gathered in bf16, gradients averaged in float32."""
     config, layers = args.fsdp_config, []
     if config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP":
         names = config["transformer_layer_cls_to_wrap"] or getattr(model, "_no_split_modules", None) or ()
