@@ -1047,7 +1047,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          HfArgumentParser, get_scheduler)
+                          HfArgumentParser, PreTrainedTokenizerFast, Qwen2Config, get_scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1151,9 +1151,8 @@ SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"
 
 
 def read_dict_knobs(args) -> None:
-    """The dict knobs may come as JSON text (the command line), fsdp_config also as a JSON file's path;
-    generation_kwargs then sets the sampling knobs it names, so that the training log-probs use the temperature
-    sampling used."""
+    """The dict knobs may come as JSON text (the command line), fsdp_config also as a JSON file's path; then
+    generation_kwargs sets the sampling knobs it names, so that the training log-probs use sampling's temperature."""
     if isinstance(args.fsdp_config, str) and not args.fsdp_config.lstrip().startswith("{"):
         try:
             with open(args.fsdp_config) as file:
@@ -1229,18 +1228,16 @@ def check_ranges(args) -> None:
     """Refuse a knob outside the numbers its field allows (knob's low, above, high, below), naming it and why."""
     for f in fields(args):
         bounds, value = BOUNDS.get(f, {}), getattr(args, f.name)
-        if not any(bounds.get(side) is not None for side in ("low", "above", "high", "below")):
+        strict_low, strict_high = bounds.get("above") is not None, bounds.get("below") is not None
+        low = bounds["above"] if strict_low else bounds.get("low")
+        high = bounds["below"] if strict_high else bounds.get("high")
+        if (low is None and high is None) or (value is None and bounds["none_ok"]):
             continue
-        if value is None and bounds["none_ok"]:
-            continue
-        low, high = next((b for b in (bounds["low"], bounds["above"]) if b is not None), -math.inf), next(
-            (b for b in (bounds["high"], bounds["below"]) if b is not None), math.inf)
+        low, high = -math.inf if low is None else low, math.inf if high is None else high
         ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-              and (low < value if bounds["above"] is not None else low <= value)
-              and (value < high if bounds["below"] is not None else value <= high))
+              and (low < value if strict_low else low <= value) and (value < high if strict_high else value <= high))
         if not ok:
-            interval = (f"{'(' if bounds['above'] is not None else '['}{low:g}, {high:g}"
-                        f"{')' if bounds['below'] is not None or high == math.inf else ']'}")
+            interval = f"{'(' if strict_low else '['}{low:g}, {high:g}{')' if strict_high or high == math.inf else ']'}"
             reason = f": {bounds['why']}" if bounds["why"] else ""
             raise KnobError(f.name, f"{f.name} must be in {interval}, got {value}{reason}.")
     if args.max_steps == 0 or args.max_steps < -1:
@@ -1269,20 +1266,6 @@ def check_ranges(args) -> None:
 #   - DistributedDataParallel averages the gradients over the ranks during backward, so every rank takes the
 #     same optimizer step and the W copies of the policy stay identical;
 #   - the metrics are gathered, so that they describe the global batch as one process would.
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """This process's rank, the number of ranks, and its device. Under torchrun (which sets RANK, WORLD_SIZE
-    and LOCAL_RANK) join the process group first: NCCL between GPUs, gloo between CPU processes."""
-    cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def shutdown_distributed() -> None:
@@ -1328,7 +1311,17 @@ class Processes:
     number of ranks W and its device; the global batch's rows; sums over ranks; DDP's gradient all-reduce."""
 
     def __init__(self):
-        self.rank, self.world_size, self.device = init_distributed()
+        """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group first: NCCL between
+        GPUs, gloo between CPU processes."""
+        cuda = torch.cuda.is_available()
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+            if cuda:
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
     gather = staticmethod(gather)
     sum = staticmethod(reduce_over_ranks)  # its op defaults to "sum"
@@ -1358,8 +1351,7 @@ class Processes:
 def shard(model: torch.nn.Module, args: GRPOConfig, device: torch.device) -> torch.nn.Module:
     """model with fully_shard applied to each decoder layer (the classes in its _no_split_modules, or fsdp_config's
     transformer_layer_cls_to_wrap), then to the whole: the embeddings, the final norm and the LM head form the root's
-    group, so tied embeddings stay one weight. Under --bf16, the gathered weights are bf16 and the gradients are
-    averaged in float32."""
+    group, so tied embeddings stay one weight. Under --bf16: weights gathered in bf16, gradients averaged in float32."""
     config, layers = args.fsdp_config, []
     if config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP":
         names = config["transformer_layer_cls_to_wrap"] or getattr(model, "_no_split_modules", None) or ()
@@ -3459,9 +3451,8 @@ def tracing(**sizes: int) -> Iterator[ShapeTrace]:
 
 def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
     """Train one optimizer step (one generation batch) with the tracer on, and return what it recorded."""
-    sizes = dict(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
-                 F=len(trainer.reward_funcs))
-    with tracing(**sizes) as shape_trace:  # which turns evaluation off (Report.evaluating)
+    with tracing(B=trainer.B, G=trainer.G, N=trainer.args.per_device_train_batch_size, S=trainer.S,
+                 F=len(trainer.reward_funcs)) as shape_trace:  # which turns evaluation off (Report.evaluating)
         trainer.train(stop_after=trainer.global_step + 1)
     return shape_trace
 
@@ -3529,8 +3520,7 @@ def letters_reward(prompts, completions, **kwargs) -> list[float]:
 
 # The names `--reward_funcs` takes. Metrics use the function's own name, as TRL does: rewards/accuracy_reward/mean.
 BUILTIN_REWARDS: dict[str, Callable] = {"length": length_reward, "diversity": diversity_reward,
-                                        "accuracy": accuracy_reward, "format": format_reward,
-                                        "letters": letters_reward}
+                                        "accuracy": accuracy_reward, "format": format_reward, "letters": letters_reward}
 
 DEMO_ALPHABET = "abcdefgh"
 DEMO_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;!?=+-*/#<>()'\"\n"
@@ -3542,7 +3532,6 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional
     would add to a qwen2 model's tokenizer otherwise. <unk> is an ordinary token: decoding skips special tokens,
     and a token that vanished from the text would let the policy shorten its text for free."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     tokens = ["<|endoftext|>", "<unk>", *characters]
     tokens += [f"<unused{i}>" for i in range((vocab_size or len(tokens)) - len(tokens))]  # a real-size V for bench.py
@@ -3559,8 +3548,6 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional
 def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4
                      ) -> PreTrainedModel:
     """A Qwen2-architecture causal LM with random weights, small enough to train on a CPU in seconds."""
-    from transformers import Qwen2Config
-
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True,
@@ -3611,10 +3598,9 @@ def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "t
     """A hub dataset or a local json/jsonl/csv/parquet file. GSM8K-style `question` columns become prompts."""
     from datasets import load_dataset
 
-    extension = os.path.splitext(name)[1]
     if os.path.isfile(name) and not is_data_file(name):  # a local file, of a type no loader here reads
-        raise ValueError(f"dataset file {name!r} is a {extension or 'file without an extension'}; the data files "
-                         f"read here are .json, .jsonl, .csv and .parquet, with a `prompt` column.")
+        raise ValueError(f"dataset file {name!r} is a {os.path.splitext(name)[1] or 'file without an extension'}; "
+                         f"the data files read here are .json, .jsonl, .csv and .parquet, with a `prompt` column.")
     dataset = load_data_file(name) if is_data_file(name) else load_dataset(name, config, split=split)
     if "prompt" not in dataset.column_names and "question" in dataset.column_names:
         instruction = "Solve the problem step by step, then give the final answer on its own line as '#### <number>'."
@@ -3624,8 +3610,7 @@ def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "t
 
 
 def sample_completions(trainer: GRPOTrainer, prompts: list, num: int = 2) -> list[tuple[Any, list[str]]]:
-    """A few sampled completions per prompt, to show what the policy writes (without touching the random
-    state that training uses)."""
+    """num sampled completions per prompt, to show what the policy writes (on a fork of training's random state)."""
     if not prompts:
         return []
     with forked_rng(trainer.device):
@@ -3659,32 +3644,29 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
         parser.error(str(e))  # one line and the usage, not a traceback
     CHECK_SHAPES = CHECK_SHAPES or args.check_shapes
     builtin_task = demo and args.dataset_name is None  # the letters task, with held-out prompts to evaluate on
-    rank, _, _ = init_distributed()
+    rank = Processes().rank  # under torchrun, joins the process group
     out = print if rank == 0 else lambda *_: None
 
-    if demo:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        model = os.path.join(args.output_dir, "demo-base-model")
-        try:
-            check_output_dir(args.output_dir)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        # vLLM's CPU attention refuses heads 16 wide: with --use_vllm the demo's model has 2 heads of 32, not 4 of 16.
-        heads = 2 if args.use_vllm and not torch.cuda.is_available() else 4
-        if rank == 0:
-            save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS, heads)
-        barrier()  # the other ranks load what rank 0 wrote
-    else:
-        name = args.model_name_or_path
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1  # a hub name is "owner/model"
-        if looks_local and not os.path.exists(os.path.expanduser(name)):
-            raise SystemExit(f"error: model {name!r} is neither a local folder nor a hub name.")
-        if args.dataset_name is None:
-            raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
-        model = os.path.expanduser(name)
     # Bad input (a missing file, a wrong column, a typo in a name) is reported in one line, not a traceback.
     try:
+        if demo:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+            model = os.path.join(args.output_dir, "demo-base-model")
+            check_output_dir(args.output_dir)  # before save_demo_model writes there
+            # vLLM's CPU attention refuses heads 16 wide: under --use_vllm the demo has 2 heads of 32, not 4 of 16.
+            heads = 2 if args.use_vllm and not torch.cuda.is_available() else 4
+            if rank == 0:
+                save_demo_model(model, args.seed, DEMO_ALPHABET + "=" if builtin_task else DEMO_CHARACTERS, heads)
+            barrier()  # the other ranks load what rank 0 wrote
+        else:
+            name = args.model_name_or_path
+            looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1  # a hub name is "owner/model"
+            if looks_local and not os.path.exists(os.path.expanduser(name)):
+                raise SystemExit(f"error: model {name!r} is neither a local folder nor a hub name.")
+            if args.dataset_name is None:
+                raise SystemExit("error: --dataset_name is required with --model_name_or_path.")
+            model = os.path.expanduser(name)
         if args.resume_from_checkpoint is None:  # before the model loads, what train() would refuse at its start
             claim_output_dir(args)
         if builtin_task:
