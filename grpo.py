@@ -1877,8 +1877,11 @@ def vllm_importance_sampling_ratio(old_per_token_logps: Float[Tensor, "BG C"],
     if mode.startswith("sequence"):
         gap = gap.sum(-1, keepdim=True)
     ratio = torch.exp(gap)
-    clamped = ratio.clamp(-math.inf if clip_min is None else clip_min, math.inf if clip_max is None else clip_max)
-    return clamped if mode.endswith("truncate") else ratio.masked_fill(clamped != ratio, 0.0)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min  # a NaN ratio (a token vLLM gave no log-prob) stays NaN, as TRL
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
 def vllm_correction(args: GRPOConfig, old_per_token_logps: Optional[Tensor], sampling: Tensor,
