@@ -2711,8 +2711,7 @@ def warn_once(key: str, message: str) -> None:
 
 
 def first_line(error: BaseException, width: Optional[int] = None) -> str:
-    """What one line of an error message says of `error`: its message's first line (its type's name if it has none),
-    cut to `width` characters."""
+    """The first line of `error`'s message (its type's name if it has none), cut to `width` characters."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:width]
 
 
@@ -2805,24 +2804,21 @@ class Report:
         m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
         if mode != "train":
             return
-        if self.args.log_completions:  # every rank's rows, as TRL's table (all_per_func, all_rewards: gathered)
-            self.keep_samples(gather(prompts), gather(completions_text), all_per_func, gather(advantages), all_rewards)
+        if self.args.log_completions:  # every rank's rows, as TRL's table; or each prompt's first (log_unique_prompts)
+            seen, self.samples = set(), []
+            for prompt, text, per_func, advantage, reward in zip(gather(prompts), gather(completions_text),
+                                                                 all_per_func.tolist(), gather(advantages).tolist(),
+                                                                 all_rewards.tolist()):
+                if self.args.log_unique_prompts and str(prompt) in seen:
+                    continue
+                seen.add(str(prompt))
+                self.samples.append({"prompt": text_of(prompt), "completion": text,
+                                     **{name: float(r) for name, r in zip(trainer.reward_names, per_func)},
+                                     "advantage": float(advantage), "reward": float(reward)})
         self.generation_batches += 1
         if all_rewards.isnan().all() or zero_std.all():
             self.silent_batches += 1
             self.silent_batch(all_rewards)
-
-    def keep_samples(self, prompts, completions_text, rewards_per_func, advantages, rewards) -> None:
-        """The rows log_completions prints and sends: all of them, or the first of each prompt (log_unique_prompts)."""
-        seen, self.samples = set(), []
-        for prompt, text, per_func, advantage, reward in zip(prompts, completions_text, rewards_per_func.tolist(),
-                                                             advantages.tolist(), rewards.tolist()):
-            if self.args.log_unique_prompts and str(prompt) in seen:
-                continue
-            seen.add(str(prompt))
-            self.samples.append({"prompt": text_of(prompt), "completion": text,
-                                 **{name: float(r) for name, r in zip(self.trainer.reward_names, per_func)},
-                                 "advantage": float(advantage), "reward": float(reward)})
 
     def silent_batch(self, rewards: Tensor) -> None:
         """A generation batch whose advantages are all 0 teaches the policy nothing from its rewards. Early in a
@@ -2866,7 +2862,7 @@ class Report:
             self.write_row({"step": trainer.global_step, **self.evaluate()})
         self.step_start = time.perf_counter()
 
-    def log(self) -> dict:
+    def log(self) -> None:
         """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
         trainer = self.trainer
         row = {"step": trainer.global_step}
@@ -2892,7 +2888,6 @@ class Report:
             for sample in self.samples[:self.args.num_completions_to_print]:
                 say(trainer, f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
                              f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
-        return row
 
     def evaluate(self) -> dict:
         """Generate G completions for every eval prompt and average the metrics over all prompts; under torchrun
@@ -3108,7 +3103,7 @@ def check_positions(model, longest_prompt: int, max_completion_length: int, trus
             AutoConfig, model, trust_remote_code=trust_remote_code)
     except OSError:
         return  # a hub name, offline: the model's own loading will say so
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = config.get_text_config()  # a multimodal model's language model
     rotary = any(hasattr(config, name) for name in ("rope_theta", "rope_parameters", "rope_scaling"))
     limit = getattr(config, "n_positions", None) or (None if rotary else getattr(config, "max_position_embeddings", None))
     if limit and longest_prompt + max_completion_length > limit:
@@ -3234,8 +3229,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model=None) -> None:
     if eos is None and model is not None:
         from transformers import GenerationConfig
         try:
-            config = (model.generation_config if isinstance(model, PreTrainedModel) else
-                      GenerationConfig.from_pretrained(gguf_folder(model) or model if model.endswith(".gguf") else model))
+            config = _from_pretrained(GenerationConfig, model) if isinstance(model, str) else model.generation_config
             ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
             eos, whose = tokenizer.convert_ids_to_tokens(ids[0]), "the model's"
         except Exception:  # no generation config, or no EOS in it
@@ -3417,12 +3411,9 @@ def gguf_folder(path: str) -> Optional[str]:
     if os.path.isdir(folder):
         return folder
     tmp = f"{folder}.tmp-{os.getpid()}"  # one per process: under torchrun every rank may convert at once
-    try:
+    with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        writable = os.access(os.path.dirname(folder), os.W_OK)
-    except OSError:
-        writable = False
-    if writable:
+    if os.access(os.path.dirname(folder), os.W_OK):  # False where it could not be made
         print(f"[grpo] reading {os.path.basename(path)} with transformers, once: later runs load the copy it leaves "
               f"in {folder}", flush=True)
         with forked_rng(torch.device("cpu")):  # the conversion leaves a run's random state as it found it
