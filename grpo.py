@@ -2736,7 +2736,6 @@ class Report:
         self.samples: list[dict] = []  # the newest batch's first rows, for log_completions
         names = [n for n in self.args.report_to if n != "none"] if trainer.is_main_process else []  # rank 0 reports
         self.trackers = Trackers(names, self.args.output_dir, asdict(self.args))
-        self.bar = None
         level, loss = self.args.importance_sampling_level, self.args.loss_type  # TRL's advice, as its warnings
         summed = "this loss sums per-token terms, so a completion weighs by its length; GSPO's is loss_type='grpo'"
         advice = {("luspo", "token"): "LUSPO's paper uses 'sequence'",
@@ -2995,9 +2994,8 @@ class Trackers:
                     run.add_text("completions", "\n".join(lines), step)
                 run.flush()
             else:  # wandb and trackio share one API
-                module = self.modules[name]
-                run.log({**scalars, **({"completions": module.Table(columns=columns, data=table)} if table else {})},
-                        step=step)
+                completions = {"completions": self.modules[name].Table(columns=columns, data=table)} if table else {}
+                run.log({**scalars, **completions}, step=step)
 
     def finish(self) -> None:
         for name, run in self.runs.items():
@@ -3251,21 +3249,20 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
     if not reward_funcs:
         raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
     funcs = [_load_reward_func(f, device, args) for f in reward_funcs]
-    if not isinstance(reward_processing_classes, (list, tuple)):
-        reward_processing_classes = [reward_processing_classes] * len(funcs)
-    tokenizers = []
-    for func, tokenizer in zip(funcs, reward_processing_classes):
-        if isinstance(func, PreTrainedModel):
-            tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path)
-            _ensure_pad_token(tokenizer)
-            func.config.pad_token_id = tokenizer.pad_token_id
-        tokenizers.append(tokenizer)
     names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
     check_reward_weights(weights, names)
-    funcs = [functools.partial(reward_model_scores, f, tokenizer) if isinstance(f, PreTrainedModel)
-             else checked_reward(f, name) for f, tokenizer, name in zip(funcs, tokenizers, names)]
+    if not isinstance(reward_processing_classes, (list, tuple)):
+        reward_processing_classes = [reward_processing_classes] * len(funcs)
+    for i, (func, tokenizer) in enumerate(zip(funcs, reward_processing_classes)):
+        if isinstance(func, PreTrainedModel):
+            tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path)
+            _ensure_pad_token(tokenizer)
+            func.config.pad_token_id = tokenizer.pad_token_id
+            funcs[i] = functools.partial(reward_model_scores, func, tokenizer)
+        else:
+            funcs[i] = checked_reward(func, names[i])
     return funcs, names, torch.tensor(weights, dtype=torch.float32, device=device)
 
 
@@ -3349,9 +3346,6 @@ def _load_reward_func(func, device: torch.device, args: GRPOConfig) -> Union[Cal
     return func
 
 
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
-
-
 def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
     """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded. `name` may also
     be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32: once, into the
@@ -3361,11 +3355,12 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
         name = gguf_folder(name) or name  # no folder: the cache cannot be written, the file is read every time
     if name.endswith(".gguf"):
         name, kwargs["gguf_file"] = os.path.split(os.path.abspath(os.path.expanduser(name)))
-    folder_without_tokenizer = os.path.isdir(name) and not set(os.listdir(name)) & TOKENIZER_FILES
+    tokenizer_files = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    folder_without_tokenizer = os.path.isdir(name) and not set(os.listdir(name)) & tokenizer_files
     if cls is AutoTokenizer and "gguf_file" not in kwargs and folder_without_tokenizer:
         # transformers would build an empty tokenizer here, and every prompt would become zero tokens
         raise OSError(f"Cannot load a tokenizer from the folder {path!r}: it has {sorted(os.listdir(name))}, and a "
-                      f"tokenizer needs one of {sorted(TOKENIZER_FILES)}. Save one there with "
+                      f"tokenizer needs one of {sorted(tokenizer_files)}. Save one there with "
                       f"tokenizer.save_pretrained, or pass processing_class.")
     try:
         loaded = cls.from_pretrained(name, **kwargs)
