@@ -2879,14 +2879,13 @@ class Report:
         if trainer.world_size > 1 and "loss" in row:  # each rank's own; every other metric is already over all ranks
             loss = torch.tensor(row["loss"], dtype=torch.float64, device=trainer.device)
             row["loss"] = reduce_over_ranks(loss).item() / trainer.world_size
-        self.write_row(row, samples=self.samples if self.args.log_completions else None)
+        self.write_row(row, self.samples)  # empty without log_completions
         shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                                      "completions/mean_length", "grad_norm") if row.get(k) is not None}
         say(trainer, f"step {trainer.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        if self.args.log_completions:
-            for sample in self.samples[:self.args.num_completions_to_print]:
-                say(trainer, f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
-                             f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
+        for sample in self.samples[:self.args.num_completions_to_print]:
+            say(trainer, f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
+                         f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
 
     def evaluate(self) -> dict:
         """Generate G completions for every eval prompt and average the metrics over all prompts; under torchrun
@@ -2914,8 +2913,7 @@ class Report:
 
     def evaluate_before_training(self) -> None:
         """Step 0 of metrics.jsonl: the held-out reward before any training (eval_on_start), once per run."""
-        trainer = self.trainer
-        if (self.evaluating and self.args.eval_on_start and trainer.global_step == 0
+        if (self.evaluating and self.args.eval_on_start and self.trainer.global_step == 0
                 and not any(row["step"] == 0 for row in self.history)):
             self.write_row({"step": 0, **self.evaluate()})
 
@@ -3007,16 +3005,15 @@ def plot_metrics(history: list[dict], path: str) -> bool:
     """Draw reward (and eval reward), KL (when it was logged) and mean completion length against the step into
     `path`, a PNG, through a temporary file. Returns False, having said so in one line, without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window: works over ssh and in CI
-        import matplotlib.pyplot as plt
+        import matplotlib.figure  # drawn without pyplot: no window and no backend to choose, over ssh and in CI
     except ImportError:
         tqdm.write(f"[grpo] {os.path.basename(path)} skipped: it needs matplotlib (pip install matplotlib).")
         return False
     panels = [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl"]),
               ("completion length (tokens)", ["completions/mean_length"])]
     panels = [(title, keys) for title, keys in panels if any(row.get(k) is not None for row in history for k in keys)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    figure = matplotlib.figure.Figure(figsize=(4.5 * len(panels), 3.4))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
@@ -3030,7 +3027,6 @@ def plot_metrics(history: list[dict], path: str) -> bool:
     # fixed margins, not tight_layout: that measures every label and takes most of the drawing time
     figure.subplots_adjust(left=0.25 / len(panels), right=0.98, bottom=0.15, top=0.9, wspace=0.3)
     figure.savefig(path + ".tmp.png", dpi=100)
-    plt.close(figure)
     publish(path + ".tmp.png", path)
     return True
 
