@@ -1036,6 +1036,7 @@ class GRPOTrainer:
 
 import asyncio
 import concurrent.futures
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -1055,13 +1056,14 @@ import numpy as np
 import torch.distributed as dist
 import torch.utils.checkpoint
 import torch.distributed.checkpoint as dcp
+import transformers
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          HfArgumentParser, get_scheduler)
+                          GenerationConfig, HfArgumentParser, get_scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -3121,13 +3123,11 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
         model = load_causal_lm(model, args, first_rank_only=sharded and args.fsdp_config["cpu_ram_efficient_loading"])
     if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if peft_config is None and args.use_peft:
-        from peft import LoraConfig  # optional dependency: pip install -e ".[peft]"
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
     ref_model = None
-    if peft_config is not None:
-        from peft import get_peft_model
+    if peft_config is not None or args.use_peft:
+        from peft import LoraConfig, get_peft_model  # optional dependency: pip install -e ".[peft]"
+        peft_config = peft_config or LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
+                                                lora_dropout=args.lora_dropout, target_modules=args.lora_target_modules)
         model = get_peft_model(model, peft_config)  # the reference is this model with the adapter disabled
     elif args.beta != 0.0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -3221,7 +3221,6 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model=None) -> None:
         return
     eos, whose = tokenizer.eos_token, "its"
     if eos is None and model is not None:
-        from transformers import GenerationConfig
         try:
             config = _from_pretrained(GenerationConfig, model) if isinstance(model, str) else model.generation_config
             ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -3387,10 +3386,6 @@ def gguf_folder(path: str) -> Optional[str]:
     Intel Xeon, and its folder loads in under a second. The folder is written under a temporary name and renamed,
     so a killed conversion leaves no half folder to load. None where the file does not exist (its loading then
     fails with the usual message) or where the folder cannot be written."""
-    import hashlib
-
-    import transformers
-
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         return None
