@@ -1022,6 +1022,7 @@ class GRPOTrainer:
 
 import asyncio
 import concurrent.futures
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -1041,13 +1042,14 @@ import numpy as np
 import torch.distributed as dist
 import torch.utils.checkpoint
 import torch.distributed.checkpoint as dcp
+import transformers
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          HfArgumentParser, PreTrainedTokenizerFast, Qwen2Config, get_scheduler)
+                          GenerationConfig, HfArgumentParser, PreTrainedTokenizerFast, Qwen2Config, get_scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2650,8 +2652,7 @@ def warn_once(key: str, message: str) -> None:
 
 
 def first_line(error: BaseException, width: Optional[int] = None) -> str:
-    """What one line of an error message says of `error`: its message's first line (its type's name if it has none),
-    cut to `width` characters."""
+    """The first line of `error`'s message (its type's name if it has none), cut to `width` characters."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:width]
 
 
@@ -2676,7 +2677,6 @@ class Report:
         self.samples: list[dict] = []  # the newest batch's first rows, for log_completions
         names = [n for n in self.args.report_to if n != "none"] if trainer.is_main_process else []  # rank 0 reports
         self.trackers = Trackers(names, self.args.output_dir, asdict(self.args))
-        self.bar = None
         level, loss = self.args.importance_sampling_level, self.args.loss_type  # TRL's advice, as its warnings
         summed = "this loss sums per-token terms, so a completion weighs by its length; GSPO's is loss_type='grpo'"
         advice = {("luspo", "token"): "LUSPO's paper uses 'sequence'",
@@ -2744,24 +2744,21 @@ class Report:
         m[f"{prefix}frac_reward_zero_std"].append(float(zero_std.float().mean()))
         if mode != "train":
             return
-        if self.args.log_completions:  # every rank's rows, as TRL's table (all_per_func, all_rewards: gathered)
-            self.keep_samples(gather(prompts), gather(completions_text), all_per_func, gather(advantages), all_rewards)
+        if self.args.log_completions:  # every rank's rows, as TRL's table; or each prompt's first (log_unique_prompts)
+            seen, self.samples = set(), []
+            for prompt, text, per_func, advantage, reward in zip(gather(prompts), gather(completions_text),
+                                                                 all_per_func.tolist(), gather(advantages).tolist(),
+                                                                 all_rewards.tolist()):
+                if self.args.log_unique_prompts and str(prompt) in seen:
+                    continue
+                seen.add(str(prompt))
+                self.samples.append({"prompt": text_of(prompt), "completion": text,
+                                     **{name: float(r) for name, r in zip(trainer.reward_names, per_func)},
+                                     "advantage": float(advantage), "reward": float(reward)})
         self.generation_batches += 1
         if all_rewards.isnan().all() or zero_std.all():
             self.silent_batches += 1
             self.silent_batch(all_rewards)
-
-    def keep_samples(self, prompts, completions_text, rewards_per_func, advantages, rewards) -> None:
-        """The rows log_completions prints and sends: all of them, or the first of each prompt (log_unique_prompts)."""
-        seen, self.samples = set(), []
-        for prompt, text, per_func, advantage, reward in zip(prompts, completions_text, rewards_per_func.tolist(),
-                                                             advantages.tolist(), rewards.tolist()):
-            if self.args.log_unique_prompts and str(prompt) in seen:
-                continue
-            seen.add(str(prompt))
-            self.samples.append({"prompt": text_of(prompt), "completion": text,
-                                 **{name: float(r) for name, r in zip(self.trainer.reward_names, per_func)},
-                                 "advantage": float(advantage), "reward": float(reward)})
 
     def silent_batch(self, rewards: Tensor) -> None:
         """A generation batch whose advantages are all 0 teaches the policy nothing from its rewards. Early in a
@@ -2805,7 +2802,7 @@ class Report:
             self.write_row({"step": trainer.global_step, **self.evaluate()})
         self.step_start = time.perf_counter()
 
-    def log(self) -> dict:
+    def log(self) -> None:
         """Average what was measured since the last log, print it, and append it to metrics.jsonl."""
         trainer = self.trainer
         row = {"step": trainer.global_step}
@@ -2823,15 +2820,13 @@ class Report:
         if trainer.world_size > 1 and "loss" in row:  # each rank's own; every other metric is already over all ranks
             loss = torch.tensor(row["loss"], dtype=torch.float64, device=trainer.device)
             row["loss"] = reduce_over_ranks(loss).item() / trainer.world_size
-        self.write_row(row, samples=self.samples if self.args.log_completions else None)
+        self.write_row(row, self.samples)  # empty without log_completions
         shown = {k: row[k] for k in ("loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                                      "completions/mean_length", "grad_norm") if row.get(k) is not None}
         say(trainer, f"step {trainer.global_step:>5} | " + " | ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-        if self.args.log_completions:
-            for sample in self.samples[:self.args.num_completions_to_print]:
-                say(trainer, f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
-                             f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
-        return row
+        for sample in self.samples[:self.args.num_completions_to_print]:
+            say(trainer, f"    {sample['prompt']!r:>24} -> {sample['completion']!r:<40} reward "
+                         f"{sample['reward']:+.3f}, advantage {sample['advantage']:+.3f}")
 
     def evaluate(self) -> dict:
         """Generate G completions for every eval prompt and average the metrics over all prompts; under torchrun
@@ -2859,8 +2854,7 @@ class Report:
 
     def evaluate_before_training(self) -> None:
         """Step 0 of metrics.jsonl: the held-out reward before any training (eval_on_start), once per run."""
-        trainer = self.trainer
-        if (self.evaluating and self.args.eval_on_start and trainer.global_step == 0
+        if (self.evaluating and self.args.eval_on_start and self.trainer.global_step == 0
                 and not any(row["step"] == 0 for row in self.history)):
             self.write_row({"step": 0, **self.evaluate()})
 
@@ -2939,9 +2933,8 @@ class Trackers:
                     run.add_text("completions", "\n".join(lines), step)
                 run.flush()
             else:  # wandb and trackio share one API
-                module = self.modules[name]
-                run.log({**scalars, **({"completions": module.Table(columns=columns, data=table)} if table else {})},
-                        step=step)
+                completions = {"completions": self.modules[name].Table(columns=columns, data=table)} if table else {}
+                run.log({**scalars, **completions}, step=step)
 
     def finish(self) -> None:
         for name, run in self.runs.items():
@@ -2953,16 +2946,15 @@ def plot_metrics(history: list[dict], path: str) -> bool:
     """Draw reward (and eval reward), KL (when it was logged) and mean completion length against the step into
     `path`, a PNG, through a temporary file. Returns False, having said so in one line, without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window: works over ssh and in CI
-        import matplotlib.pyplot as plt
+        import matplotlib.figure  # drawn without pyplot: no window and no backend to choose, over ssh and in CI
     except ImportError:
         tqdm.write(f"[grpo] {os.path.basename(path)} skipped: it needs matplotlib (pip install matplotlib).")
         return False
     panels = [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl"]),
               ("completion length (tokens)", ["completions/mean_length"])]
     panels = [(title, keys) for title, keys in panels if any(row.get(k) is not None for row in history for k in keys)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    figure = matplotlib.figure.Figure(figsize=(4.5 * len(panels), 3.4))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             points = [(row["step"], row[key]) for row in history if row.get(key) is not None]
@@ -2976,7 +2968,6 @@ def plot_metrics(history: list[dict], path: str) -> bool:
     # fixed margins, not tight_layout: that measures every label and takes most of the drawing time
     figure.subplots_adjust(left=0.25 / len(panels), right=0.98, bottom=0.15, top=0.9, wspace=0.3)
     figure.savefig(path + ".tmp.png", dpi=100)
-    plt.close(figure)
     publish(path + ".tmp.png", path)
     return True
 
@@ -3047,7 +3038,7 @@ def check_positions(model, longest_prompt: int, max_completion_length: int, trus
             AutoConfig, model, trust_remote_code=trust_remote_code)
     except OSError:
         return  # a hub name, offline: the model's own loading will say so
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = config.get_text_config()  # a multimodal model's language model
     rotary = any(hasattr(config, name) for name in ("rope_theta", "rope_parameters", "rope_scaling"))
     limit = getattr(config, "n_positions", None) or (None if rotary else getattr(config, "max_position_embeddings", None))
     if limit and longest_prompt + max_completion_length > limit:
@@ -3071,13 +3062,11 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
         model = load_causal_lm(model, args, first_rank_only=sharded and args.fsdp_config["cpu_ram_efficient_loading"])
     if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if peft_config is None and args.use_peft:
-        from peft import LoraConfig  # optional dependency: pip install -e ".[peft]"
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
     ref_model = None
-    if peft_config is not None:
-        from peft import get_peft_model
+    if peft_config is not None or args.use_peft:
+        from peft import LoraConfig, get_peft_model  # optional dependency: pip install -e ".[peft]"
+        peft_config = peft_config or LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
+                                                lora_dropout=args.lora_dropout, target_modules=args.lora_target_modules)
         model = get_peft_model(model, peft_config)  # the reference is this model with the adapter disabled
     elif args.beta != 0.0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -3171,10 +3160,8 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model=None) -> None:
         return
     eos, whose = tokenizer.eos_token, "its"
     if eos is None and model is not None:
-        from transformers import GenerationConfig
         try:
-            config = (model.generation_config if isinstance(model, PreTrainedModel) else
-                      GenerationConfig.from_pretrained(gguf_folder(model) or model if model.endswith(".gguf") else model))
+            config = _from_pretrained(GenerationConfig, model) if isinstance(model, str) else model.generation_config
             ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
             eos, whose = tokenizer.convert_ids_to_tokens(ids[0]), "the model's"
         except Exception:  # no generation config, or no EOS in it
@@ -3196,21 +3183,23 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
     if not reward_funcs:
         raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
     funcs = [_load_reward_func(f, device, args) for f in reward_funcs]
-    if not isinstance(reward_processing_classes, (list, tuple)):
-        reward_processing_classes = [reward_processing_classes] * len(funcs)
-    tokenizers = []
-    for func, tokenizer in zip(funcs, reward_processing_classes):
-        if isinstance(func, PreTrainedModel):
-            tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path)
-            _ensure_pad_token(tokenizer)
-            func.config.pad_token_id = tokenizer.pad_token_id
-        tokenizers.append(tokenizer)
     names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
     check_reward_weights(weights, names)
-    funcs = [functools.partial(reward_model_scores, f, tokenizer) if isinstance(f, PreTrainedModel)
-             else checked_reward(f, name) for f, tokenizer, name in zip(funcs, tokenizers, names)]
+    if not isinstance(reward_processing_classes, (list, tuple)):
+        reward_processing_classes = [reward_processing_classes] * len(funcs)
+    if len(reward_processing_classes) != len(funcs):  # refused as in TRL
+        raise ValueError(f"{len(reward_processing_classes)} reward_processing_classes for {len(funcs)} reward_funcs: "
+                         f"give one per function, in the same order (None for a function or to load the model's own).")
+    for i, (func, tokenizer) in enumerate(zip(funcs, reward_processing_classes)):
+        if isinstance(func, PreTrainedModel):
+            tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path)
+            _ensure_pad_token(tokenizer)
+            func.config.pad_token_id = tokenizer.pad_token_id
+            funcs[i] = functools.partial(reward_model_scores, func, tokenizer)
+        else:
+            funcs[i] = checked_reward(func, names[i])
     return funcs, names, torch.tensor(weights, dtype=torch.float32, device=device)
 
 
@@ -3294,9 +3283,6 @@ def _load_reward_func(func, device: torch.device, args: GRPOConfig) -> Union[Cal
     return func
 
 
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
-
-
 def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
     """cls.from_pretrained(name), with the name in the error when it cannot be found or loaded. `name` may also
     be a .gguf file (llama.cpp's format), which transformers reads and dequantises to float32: once, into the
@@ -3306,11 +3292,12 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
         name = gguf_folder(name) or name  # no folder: the cache cannot be written, the file is read every time
     if name.endswith(".gguf"):
         name, kwargs["gguf_file"] = os.path.split(os.path.abspath(os.path.expanduser(name)))
-    folder_without_tokenizer = os.path.isdir(name) and not set(os.listdir(name)) & TOKENIZER_FILES
+    tokenizer_files = {"tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model"}
+    folder_without_tokenizer = os.path.isdir(name) and not set(os.listdir(name)) & tokenizer_files
     if cls is AutoTokenizer and "gguf_file" not in kwargs and folder_without_tokenizer:
         # transformers would build an empty tokenizer here, and every prompt would become zero tokens
         raise OSError(f"Cannot load a tokenizer from the folder {path!r}: it has {sorted(os.listdir(name))}, and a "
-                      f"tokenizer needs one of {sorted(TOKENIZER_FILES)}. Save one there with "
+                      f"tokenizer needs one of {sorted(tokenizer_files)}. Save one there with "
                       f"tokenizer.save_pretrained, or pass processing_class.")
     try:
         loaded = cls.from_pretrained(name, **kwargs)
@@ -3341,10 +3328,6 @@ def gguf_folder(path: str) -> Optional[str]:
     Intel Xeon, and its folder loads in under a second. The folder is written under a temporary name and renamed,
     so a killed conversion leaves no half folder to load. None where the file does not exist (its loading then
     fails with the usual message) or where the folder cannot be written."""
-    import hashlib
-
-    import transformers
-
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         return None
@@ -3356,12 +3339,9 @@ def gguf_folder(path: str) -> Optional[str]:
     if os.path.isdir(folder):
         return folder
     tmp = f"{folder}.tmp-{os.getpid()}"  # one per process: under torchrun every rank may convert at once
-    try:
+    with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        writable = os.access(os.path.dirname(folder), os.W_OK)
-    except OSError:
-        writable = False
-    if writable:
+    if os.access(os.path.dirname(folder), os.W_OK):  # False where it could not be made
         print(f"[grpo] reading {os.path.basename(path)} with transformers, once: later runs load the copy it leaves "
               f"in {folder}", flush=True)
         with forked_rng(torch.device("cpu")):  # the conversion leaves a run's random state as it found it

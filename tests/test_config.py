@@ -45,6 +45,8 @@ def test_trainer_refuses_weights_that_do_not_match_the_functions(tiny_model_dir,
     args = GRPOConfig(output_dir=str(tmp_path / "unused"), per_device_train_batch_size=4, num_generations=4)
     with pytest.raises(ValueError, match=r"reward_weights has 3 values but there are 1 reward functions \(length_reward\)"):
         GRPOTrainer(tiny_model_dir, "length", args=args, train_dataset=data, reward_weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"2 reward_processing_classes for 1 reward_funcs: give one per function"):
+        GRPOTrainer(tiny_model_dir, "length", args=args, train_dataset=data, reward_processing_classes=[None, None])
     with pytest.raises(ValueError, match=r"Unknown reward 'lenght'.*length, diversity"):
         GRPOTrainer(tiny_model_dir, "lenght", args=args, train_dataset=data)
     with pytest.raises(ValueError, match=r"no `prompt` column; its columns are \['question'\]"):
