@@ -882,7 +882,7 @@ class GRPOTrainer:
             # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 13); otherwise None.
             importance_sampling_ratio = vllm_correction(args, old_per_token_logps, sampling_per_token_logps,
                                                         completion_mask, self.report)
-        self.report.generation(mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
+        self.report.generation(mode, G, prompts, completions_text, rewards_per_func, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
         # loss_type="dapo" divides by the completion tokens of the global generation batch, every rank's.
         num_items = float(self.processes.sum(completion_mask.sum())) if mode == "train" else 0.0
@@ -2715,7 +2715,7 @@ class Report:
         for name, value in metrics.items():
             self.metrics[name].append(float(value))
 
-    def generation(self, mode, prompts, completions_text, rewards_per_func, rewards, all_rewards, advantages,
+    def generation(self, mode, G, prompts, completions_text, rewards_per_func, all_rewards, advantages,
                    prompt_mask, completion_lengths, is_truncated) -> None:
         """The metrics of one generation batch: in training over every rank's rows (gathered, as all_rewards is);
         in evaluation each rank's own, added up once at the end (ranks may see other numbers of batches)."""
@@ -2735,7 +2735,6 @@ class Report:
         for f, name in enumerate(trainer.reward_names):
             m[f"{prefix}rewards/{name}/mean"].append(float(torch.nanmean(all_per_func[:, f])))
             m[f"{prefix}rewards/{name}/std"].append(float(nanstd(all_per_func[:, f])))
-        G = trainer.G if mode == "train" else self.args.num_generations_eval
         group_std = nanstd(rearrange(all_rewards, "(b g) -> b g", g=G), dim=1)
         m[f"{prefix}reward"].append(float(torch.nanmean(all_rewards)))
         m[f"{prefix}reward_std"].append(float(nanstd(all_rewards)))  # over the whole batch, as TRL; not in groups
