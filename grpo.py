@@ -14,14 +14,14 @@ With the default loss_type="dapo" every completion token of the batch's B prompt
                                             - β D_KL[π_θ||π_ref] ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
-The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has four, 9b
-four more of TRL's.
+The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has four such
+averages, 9b four more of TRL's losses.
 The loop (GRPOTrainer.train):
 
     for each generation batch of B prompts:          # RepeatSampler: each prompt G times, in adjacent rows
         sample G completions per prompt with π_θ     # π_θ_old is this policy, frozen for the batch
         rewards R -> group advantages A; log π_θ_old and log π_ref of every completion token, without gradients
-        for μ passes: for each of S micro-batches: loss J, backward; every GA micro-steps an optimizer step
+        for μ passes: for each of S micro-batches: loss -J, backward; every GA micro-steps an optimizer step
 
 Part I is GRPO, complete on its plain paths, in the order the data flows; it reads alone. Part II is what running it
 for real takes, reached from Part I through a few named services. Left out on purpose: transformers.Trainer and its
@@ -39,6 +39,8 @@ S·μ/GA optimizer steps per batch. With the defaults (S = GA, μ = 1) that is o
 the clip never acts: on-policy. They matter once a step falls inside a batch (GA not a multiple of S·μ, say μ = 2,
 S = GA = 1). Tensors carry their shapes as jaxtyping types: `Float[Tensor, "BG C"]` is B*G rows (one word, as
 jaxtyping needs it) of C columns, and `B G` is the grouped view; the tests and --check_shapes verify them as it runs.
+Lines `trace(stage, locals(), name="BG C")` record those tensors' shapes for shapes.md (--trace_shapes); outside a
+trace they do nothing, and a name that is None or absent (per_token_kl when β = 0) is skipped.
 """
 
 import contextlib
@@ -394,7 +396,7 @@ def compute_rewards(reward_funcs: list[Callable], rows: list[dict], prompts: lis
 @shape_checked
 def weighted_rewards(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Float[Tensor, "F"]
                      ) -> Float[Tensor, "BG"]:
-    """r = Σ_f w_f r_f over the functions that apply (None was turned into NaN and is skipped). A row where no
+    """R = Σ_f w_f R_f over the functions that apply (None was turned into NaN and is skipped). A row where no
     function applies stays NaN, and its advantage ends as 0: it teaches nothing."""
     rewards = torch.nansum(rewards_per_func * reward_weights, dim=1)
     return rewards.masked_fill(rewards_per_func.isnan().all(dim=1), float("nan"))
@@ -415,7 +417,7 @@ def nanstd(x: Tensor, dim: int = 0) -> Tensor:
 @shape_checked
 def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_rewards: str = "group",
                      batch_std: Optional[Float[Tensor, ""]] = None) -> Float[Tensor, "BG"]:
-    """A_i = (r_i - mean(group)) / (std + 1e-4), where the std is the group's ("group"), the whole batch's
+    """A_i = (R_i - mean(group)) / (std + 1e-4), where the std is the group's ("group"), the whole batch's
     ("batch": the trainer passes batch_std, the std of every rank's rewards), or no division at all ("none",
     Dr. GRPO). Each rank holds whole groups, so the group statistics need nothing from other ranks.
 
@@ -442,7 +444,7 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 
 
 def few_rows(logits: Tensor) -> tuple[Tensor, ...]:
-    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32: never copied whole, and the memory
+    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32 (or one row, if larger): never copied whole, and the memory
     allocator reuses one chunk's space for the next (faulting in fresh pages costs more than the arithmetic)."""
     return logits.split(max(1, 2**21 // (logits.size(1) * logits.size(2))))
 
@@ -555,7 +557,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
     per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
     # How often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step falls
-    # inside a generation batch (μ = 1, S = GA); rising: the policy moves fast between steps.
+    # inside a generation batch (as at the defaults); rising: the policy moves fast between steps.
     metrics = clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level)
     if loss_type in OTHER_POLICY_LOSSES:  # CISPO, SAPO or VESPO: their own term in place of the clipped one (9b)
         per_token_loss, metrics = other_policy_loss(loss_type, per_token_logps, token_log_ratio, ratio, A, mask,
@@ -575,8 +577,8 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         ref_minus_logp = ref_per_token_logps - per_token_logps
         per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
         if use_bias_correction_kl:
-            # D_KL ≈ r_{i,t}·k3 (DeepSeek-V3.2, TRL's default): the tokens came from π_θ_old, and r makes the
-            # gradient that of KL(π_θ || π_ref) even where r = 1 in value; plain k3's gradient is that of the
+            # D_KL ≈ r_{i,t}·k3 (DeepSeek-V3.2, TRL's default): the tokens came from π_θ_old, and r (token-level)
+            # makes the gradient that of KL(π_θ || π_ref) even where r = 1 in value; plain k3's gradient is that of the
             # other direction, KL(π_ref || π_θ). tests/test_loss.py and tutorial 04 show both with numbers.
             per_token_kl = per_token_kl * ratio
         # L_{i,t} += β·D_KL
@@ -639,7 +641,7 @@ def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, eps
 class RecipeConfig:
     """The knobs of these recipes, each off (or unused) by default; GRPOConfig holds them with all the others."""
     multi_objective_aggregation: str = knob("sum_then_normalize", "sum_then_normalize: weigh and sum the rewards, then take group statistics; normalize_then_sum: each reward normalised within its group, summed, then normalised over the whole batch, whatever scale_rewards says (GDPO).")
-    off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. It acts where the policy moved since sampling: μ > 1, S > GA, or vLLM. Default: off.", low=0,
+    off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. It acts where the policy moved since sampling: under vLLM, or where an optimizer step falls inside a generation batch (GA not a multiple of S·μ). Default: off.", low=0,
                                                       why="the mean gap estimates a KL divergence, which is never negative")
     sapo_temperature_pos: float = knob(1.0, "SAPO: τ of the gate σ(τ(r-1)) where A > 0.", above=0, why="the gate divides by τ")
     sapo_temperature_neg: float = knob(1.05, "SAPO: τ of the gate where A < 0.", above=0, why="the gate divides by τ")
@@ -714,7 +716,7 @@ class EntropyBonus:
     high-entropy mask keeps, if on), divided by GA like the loss. Its gradient raises the entropy: the policy keeps
     exploring. With use_adaptive_entropy (Skywork-OR1, 2025) c follows the step's mean entropy over every rank
     instead, as that knob's help says. Called on a micro-batch, it also records TRL's policy_loss: the loss before
-    the bonus, and for the types that average per completion before their division by GA, as TRL logs it."""
+    the bonus, and for every type but dapo before its division by GA, as TRL logs it."""
 
     def __init__(self, args: "GRPOConfig"):
         self.args, self.coef, self.last_entropy, self.window = args, args.entropy_coef, math.inf, torch.zeros(2)
@@ -827,8 +829,8 @@ class GRPOTrainer:
     def prompt_batches(self) -> Iterator[list[dict]]:
         """This rank's rows of each generation batch, pass after pass over the data. Every rank builds the same
         RepeatSampler with the same seed, so all see the global batch of W·B prompts, each G times; rank r takes rows
-        [r·B·G, (r+1)·B·G), B whole groups (with 2 ranks and B = 2: rank 0 trains on prompts 0, 1, then 4, 5;
-        rank 1 on 2, 3, then 6, 7). A new sampler each time: a resumed run replays the same permutations."""
+        [r·B·G, (r+1)·B·G), B whole groups (with 2 ranks and B = 2: rank 0 trains on the sampler's prompts 0, 1,
+        then 4, 5; rank 1 on 2, 3, then 6, 7). A new sampler each time: a resumed run replays the same permutations."""
         BG, W, r = self.B * self.G, self.world_size, self.rank
         sampler = RepeatSampler(self.train_dataset, mini_repeat_count=self.G, batch_size=self.B * W,
                                 repeat_count=1, shuffle=self.args.shuffle_dataset, seed=self.args.seed)
@@ -921,7 +923,7 @@ class GRPOTrainer:
                               for i in range(0, prompt_ids.size(0), N)]).float()
 
     def compute_loss(self, batch: GenerationBatch) -> Tensor:
-        """The loss of one micro-batch (N of the generation batch's rows), and its diagnostics."""
+        """The loss of one micro-batch (N of the generation batch's rows); its diagnostics go to the report."""
         args = self.args
         per_token_logps, entropies = self.get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
