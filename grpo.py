@@ -3222,14 +3222,10 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
 def awaited(value: Any) -> Any:
     """The result of a coroutine, run to its end on an event loop of its own (in a thread of its own, since a
     notebook's loop is already running in this one); any other value as it is."""
-    if not inspect.isawaitable(value):
+    if not inspect.iscoroutine(value):
         return value
-
-    async def wait():
-        return await value
-
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, wait()).result()
+        return pool.submit(asyncio.run, value).result()
 
 
 def checked_reward(func: Callable, name: str) -> Callable:
