@@ -1515,12 +1515,11 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
     if pack or chunk:
         fast = functools.partial(hidden_state_logps, pack=pack, chunk_size=chunk)
         what = " and ".join(["packed rows"] * pack + [f"chunks of {chunk} tokens"] * (chunk > 0))
-        problem = logps_problem(fast, unwrap(trainer.model))
+        with gathered(trainer.model, reshard):  # then the shards again, on which an optimizer built later must step
+            problem = logps_problem(fast, unwrap(trainer.model))
         if problem is None:
             get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
-    for module in [m for m in model.modules() if isinstance(m, FSDPModule)]:  # the checks left the root gathered:
-        module.reshard()  # its parameters are the shards again, on which an optimizer built later must step
     if sharded and not args.use_vllm:
         sample = functools.partial(sample_unsharded, sample=sample, reshard_after_forward=reshard)
         said.append("the whole model gathered for sampling (--fsdp)")
