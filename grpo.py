@@ -2869,7 +2869,6 @@ class Report:
         """Rewrite output_dir/metrics.jsonl from the history, through a temporary file: never half-written."""
         if not self.trainer.is_main_process:
             return
-        os.makedirs(self.args.output_dir, exist_ok=True)
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
@@ -2971,9 +2970,8 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 17. Loading: the tokenizer (and prompts as text, completions decoded), the policy (dtype, activation
-# checkpointing, LoRA, the reference copy, DDP), the optimizer, the reward functions and models and their calls,
-# the no-gradient log-prob passes, .gguf files; and what differs between transformers releases.
+# 17. Loading: the tokenizer (every prompt checked against it), the policy (dtype, activation checkpointing, LoRA,
+# the reference copy, DDP or FSDP), the optimizer, the reward functions and models and their calls, .gguf files.
 
 
 def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreTrainedTokenizerBase:
