@@ -2518,7 +2518,7 @@ class Checkpoints:
         trainer.report.restore(state["history"], mine["metrics"], saved)
         rng = mine["rng"]
         random.setstate(rng["python"])
-        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        np.random.set_state(rng["numpy"])  # its key as save wrote it, a list, which NumPy reads as well
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), trainer.device)
