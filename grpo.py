@@ -1033,6 +1033,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -2192,11 +2193,9 @@ def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B:
 
 
 def check_output_dir(output_dir: str) -> None:
-    probe = os.path.join(output_dir, f".grpo-write-test-{os.getpid()}")
     try:
         os.makedirs(output_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=output_dir).close()  # a file written there, gone once closed
     except OSError as e:
         raise ValueError(f"output_dir {output_dir!r} cannot be used ({e.strerror or type(e).__name__}): metrics, "
                          f"checkpoints and the model are written there. Choose a folder you can write to.") from None
