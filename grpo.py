@@ -1516,7 +1516,7 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
     if pack or chunk:
         fast = functools.partial(hidden_state_logps, pack=pack, chunk_size=chunk)
         what = " and ".join(["packed rows"] * pack + [f"chunks of {chunk} tokens"] * (chunk > 0))
-        with gathered(trainer.model, reshard):  # then the shards again, on which an optimizer built later must step
+        with gathered(trainer.model, reshard):  # then back to the shards, on which the optimizer built later steps
             problem = logps_problem(fast, unwrap(trainer.model))
         if problem is None:
             get_per_token_logps = fast
