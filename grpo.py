@@ -1035,6 +1035,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -1517,12 +1518,11 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
     if pack or chunk:
         fast = functools.partial(hidden_state_logps, pack=pack, chunk_size=chunk)
         what = " and ".join(["packed rows"] * pack + [f"chunks of {chunk} tokens"] * (chunk > 0))
-        problem = logps_problem(fast, unwrap(trainer.model))
+        with gathered(trainer.model, reshard):  # then back to the shards, on which the optimizer built later steps
+            problem = logps_problem(fast, unwrap(trainer.model))
         if problem is None:
             get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
-    for module in [m for m in model.modules() if isinstance(m, FSDPModule)]:  # the checks left the root gathered:
-        module.reshard()  # its parameters are the shards again, on which an optimizer built later must step
     if sharded and not args.use_vllm:
         sample = functools.partial(sample_unsharded, sample=sample, reshard_after_forward=reshard)
         said.append("the whole model gathered for sampling (--fsdp)")
@@ -2195,11 +2195,9 @@ def check_inputs(args: GRPOConfig, train_dataset, eval_dataset, reward_funcs, B:
 
 
 def check_output_dir(output_dir: str) -> None:
-    probe = os.path.join(output_dir, f".grpo-write-test-{os.getpid()}")
     try:
         os.makedirs(output_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=output_dir).close()  # a file written there, gone once closed
     except OSError as e:
         raise ValueError(f"output_dir {output_dir!r} cannot be used ({e.strerror or type(e).__name__}): metrics, "
                          f"checkpoints and the model are written there. Choose a folder you can write to.") from None
@@ -2521,7 +2519,7 @@ class Checkpoints:
         trainer.report.restore(state["history"], mine["metrics"], saved)
         rng = mine["rng"]
         random.setstate(rng["python"])
-        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+        np.random.set_state(rng["numpy"])  # its key as save wrote it, a list, which NumPy reads as well
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), trainer.device)
@@ -2872,7 +2870,6 @@ class Report:
         """Rewrite output_dir/metrics.jsonl from the history, through a temporary file: never half-written."""
         if not self.trainer.is_main_process:
             return
-        os.makedirs(self.args.output_dir, exist_ok=True)
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
@@ -2974,9 +2971,8 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 17. Loading: the tokenizer (and prompts as text, completions decoded), the policy (dtype, activation
-# checkpointing, LoRA, the reference copy, DDP), the optimizer, the reward functions and models and their calls,
-# the no-gradient log-prob passes, .gguf files; and what differs between transformers releases.
+# 17. Loading: the tokenizer (every prompt checked against it), the policy (dtype, activation checkpointing, LoRA,
+# the reference copy, DDP or FSDP), the optimizer, the reward functions and models and their calls, .gguf files.
 
 
 def load_tokenizer(model, processing_class, args: GRPOConfig, *datasets) -> PreTrainedTokenizerBase:
@@ -3224,14 +3220,10 @@ def reward_model_scores(reward_model: PreTrainedModel, tokenizer: PreTrainedToke
 def awaited(value: Any) -> Any:
     """The result of a coroutine, run to its end on an event loop of its own (in a thread of its own, since a
     notebook's loop is already running in this one); any other value as it is."""
-    if not inspect.isawaitable(value):
+    if not inspect.iscoroutine(value):
         return value
-
-    async def wait():
-        return await value
-
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, wait()).result()
+        return pool.submit(asyncio.run, value).result()
 
 
 def checked_reward(func: Callable, name: str) -> Callable:
