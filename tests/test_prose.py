@@ -152,8 +152,9 @@ def test_part_one_holds_the_algorithm_and_its_loop_has_the_algorithms_shape():
     assert [name for name in defined if name in order] == order
     # GRPO, and section 9b: TRL's other recipes, which a reader who wants GRPO alone skips
     recipes = re.search(r"^# -+\n# 9b\..*?(?=^# -+\n# 10\.)", PART_ONE, re.M | re.S).group(0)
-    assert len(PART_ONE.splitlines()) - len(recipes.splitlines()) <= 920, "Part I without 9b is over 920 lines"
+    assert len(PART_ONE.splitlines()) - len(recipes.splitlines()) <= 895, "Part I without 9b is over 895 lines"
     assert len(recipes.splitlines()) <= 130, f"section 9b is {len(recipes.splitlines())} lines"
+    assert len(GRPO_PY.splitlines()) <= 3720, "grpo.py is over 3,720 lines: it grows only on purpose"
     train = inspect.getsource(grpo.GRPOTrainer.train)
     assert len(train.splitlines()) <= 25 and "continue" not in train
     loops = [line.strip() for line in train.splitlines() if line.strip().startswith("for ")]
