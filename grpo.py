@@ -556,13 +556,13 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
     per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
-    # How often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step falls
-    # inside a generation batch (as at the defaults); rising: the policy moves fast between steps.
-    metrics = clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level)
     if loss_type in OTHER_POLICY_LOSSES:  # CISPO, SAPO or VESPO: their own term in place of the clipped one (9b)
         per_token_loss, metrics = other_policy_loss(loss_type, per_token_logps, token_log_ratio, ratio, A, mask,
                                                     epsilon_high, importance_sampling_level, recipe,
                                                     importance_sampling_ratio)
+    else:  # how often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step
+        # falls inside a generation batch (as at the defaults); rising: the policy moves fast between steps.
+        metrics = clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level)
     if recipe is not None and recipe.off_policy_mask_threshold is not None:  # DeepSeek-V3.2's mask (9b)
         sampling = old_per_token_logps if sampling_per_token_logps is None else sampling_per_token_logps
         per_token_loss = per_token_loss * off_policy_mask(per_token_logps, sampling, A, mask,
