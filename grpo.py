@@ -297,8 +297,8 @@ def _cache_keyword(model_class: type) -> str:
 
 
 def sample_from(probs: Float[Tensor, "BG V"]) -> Int[Tensor, "BG"]:
-    """One token per row, drawn as torch.multinomial(probs, 1) draws, by inverting the cumulative distribution at a
-    uniform draw: 4× faster on a CPU at V = 49,152; in float64 a token of probability 0 (cut by top-k) is never drawn."""
+    """One token per row, as torch.multinomial(probs, 1) draws it, by inverting the cumulative distribution at a
+    uniform draw: 4× faster on a CPU at V = 49,152; in float64 a token of probability 0 (top-k's cut) is never drawn."""
     cdf = probs.double().cumsum(dim=-1)
     u = torch.rand(probs.size(0), 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
@@ -444,8 +444,8 @@ def group_advantages(rewards: Float[Tensor, "BG"], num_generations: int, scale_r
 
 
 def few_rows(logits: Tensor) -> tuple[Tensor, ...]:
-    """The (N, C, V) logits as views of a few rows each, about 8 MB in float32 (or one row, if larger): never copied whole, and the memory
-    allocator reuses one chunk's space for the next (faulting in fresh pages costs more than the arithmetic)."""
+    """The (N, C, V) logits as views of a few rows each (8 MB in float32, or one row if larger): never copied whole,
+    and the memory allocator reuses one chunk's space for the next (faulting in fresh pages costs more than math)."""
     return logits.split(max(1, 2**21 // (logits.size(1) * logits.size(2))))
 
 
@@ -1486,7 +1486,8 @@ def cpu_description() -> str:
     return ", ".join([name, torch.backends.cpu.get_cpu_capability(), *extras, f"{torch.get_num_threads()} threads"])
 
 
-def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps: Callable) -> tuple[Callable, Callable]:
+def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps: Callable
+                   ) -> tuple[Callable, Callable]:
     """The sampler and the log-prob pass this model runs on this machine, chosen once at setup (see above): Part I's
     `sample` and `get_per_token_logps`, or a faster twin of either that a check showed computes the same here."""
     args, model = trainer.args, _causal_lm(trainer.model)
@@ -2683,8 +2684,9 @@ class Report:
                   ("vespo", "sequence"): "VESPO builds its own completion weights from the token ratios: use 'token'",
                   **{(name, "sequence"): summed for name in ("bnpo", "dr_grpo", "dapo", "cispo")}}
         if loss == "cispo" and self.args.epsilon_high < 1:  # on-policy the ratio is 1: every weight would be capped
-            advice[loss, level] = (f"CISPO caps each token's weight at epsilon_high = {self.args.epsilon_high}, under "
-                                   f"the on-policy ratio 1, so every weight is {self.args.epsilon_high}; ScaleRL uses 5")
+            cap = self.args.epsilon_high
+            advice[loss, level] = (f"CISPO caps each token's weight at epsilon_high = {cap}, under the on-policy "
+                                   f"ratio 1, so every weight is {cap}; ScaleRL uses 5")
         if (loss, level) in advice:
             say(trainer, f"[grpo] warning: loss_type={loss!r} with importance_sampling_level={level!r}: "
                          f"{advice[loss, level]}.")
@@ -3037,7 +3039,8 @@ def check_positions(model, longest_prompt: int, max_completion_length: int, trus
         return  # a hub name, offline: the model's own loading will say so
     config = config.get_text_config()  # a multimodal model's language model
     rotary = any(hasattr(config, name) for name in ("rope_theta", "rope_parameters", "rope_scaling"))
-    limit = getattr(config, "n_positions", None) or (None if rotary else getattr(config, "max_position_embeddings", None))
+    limit = (getattr(config, "n_positions", None)
+             or (None if rotary else getattr(config, "max_position_embeddings", None)))
     if limit and longest_prompt + max_completion_length > limit:
         raise ValueError(f"The longest prompt is {longest_prompt} tokens and a completion may take "
                          f"max_completion_length={max_completion_length}: {longest_prompt + max_completion_length} "
@@ -3179,16 +3182,17 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
         reward_funcs.append(args.reward_model_name_or_path)
     if not reward_funcs:
         raise ValueError(f"No reward functions. Pass reward_funcs (built-in: {', '.join(BUILTIN_REWARDS)}).")
+    if not isinstance(reward_processing_classes, (list, tuple)):
+        reward_processing_classes = [reward_processing_classes] * len(reward_funcs)
+    if len(reward_processing_classes) != len(reward_funcs):  # refused as in TRL, before any reward model loads
+        raise ValueError(f"{len(reward_processing_classes)} reward_processing_classes for {len(reward_funcs)} "
+                         f"reward_funcs: give one per function, in the same order (None for a function or to load the "
+                         f"model's own).")
     funcs = [_load_reward_func(f, device, args) for f in reward_funcs]
     names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
     check_reward_weights(weights, names)
-    if not isinstance(reward_processing_classes, (list, tuple)):
-        reward_processing_classes = [reward_processing_classes] * len(funcs)
-    if len(reward_processing_classes) != len(funcs):  # refused as in TRL
-        raise ValueError(f"{len(reward_processing_classes)} reward_processing_classes for {len(funcs)} reward_funcs: "
-                         f"give one per function, in the same order (None for a function or to load the model's own).")
     for i, (func, tokenizer) in enumerate(zip(funcs, reward_processing_classes)):
         if isinstance(func, PreTrainedModel):
             tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path)
