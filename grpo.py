@@ -131,8 +131,11 @@ class AlgorithmConfig:
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
     reward_weights: Optional[list[float]] = knob(None, "One weight per reward function (and reward model); default all 1.")
 
+    def rows_per_micro_step(self) -> int:  # N·W: a micro-step's completions over every process
+        return self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it
+
     def __post_init__(self):  # defaults that follow other knobs, as in TRL
-        NW = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets WORLD_SIZE
+        NW = self.rows_per_micro_step()
         if self.generation_batch_size is not None and self.steps_per_generation is None:
             self.steps_per_generation = self.generation_batch_size // NW  # check_config sees that it divides
         self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
@@ -1255,7 +1258,7 @@ def check_ranges(args) -> None:
         raise KnobError("seed", f"seed must be in [0, 2**32), got {args.seed} (NumPy's range).")
     if args.reward_weights is not None and not all(math.isfinite(w) for w in args.reward_weights):
         raise KnobError("reward_weights", f"reward_weights must be finite numbers, got {args.reward_weights}.")
-    NW, size = args.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1")), args.generation_batch_size
+    NW, size = args.rows_per_micro_step(), args.generation_batch_size
     if size is not None and (args.steps_per_generation is not None or size % NW):
         raise KnobError("generation_batch_size", f"generation_batch_size ({size}) is N·W·S, a multiple of "
                                                  f"per_device_train_batch_size × processes ({NW}), and sets S: give "
