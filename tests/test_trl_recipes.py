@@ -1,4 +1,4 @@
-"""TRL 1.16's other recipes (grpo.py section 9b), each checked against TRL's own code: its
+"""TRL 1.16's other recipes (grpo.py section 11, class Recipes), each checked against TRL's own code: its
 GRPOTrainer._compute_loss runs on the same per-token log-probs, with a stand-in for the trainer around it that
 supplies what the loss reads (the log-probs, the config, one process), and the advantages against TRL's formula."""
 
@@ -82,12 +82,12 @@ def trl_loss(b: dict, loss_type: str, level: str, beta: float, S: int, GA: int, 
 
 def our_loss(b: dict, loss_type: str, level: str, beta: float, S: int, GA: int, threshold=None, vllm=False):
     logps = b["logps"].clone().requires_grad_(True)
-    recipe = grpo.RecipeConfig(off_policy_mask_threshold=threshold)
+    recipes = grpo.Recipes(grpo.RecipeConfig(off_policy_mask_threshold=threshold))
     loss, metrics = grpo.grpo_loss(
         logps, b["old"], b["ref"], b["advantages"], b["mask"], beta=beta, epsilon_low=0.2,
         epsilon_high=0.28 if loss_type != "cispo" else 5.0, loss_type=loss_type, importance_sampling_level=level,
         max_completion_length=C, gradient_accumulation_steps=GA, steps_per_generation=S,
-        num_items_in_batch=float(b["mask"].sum() * S), recipe=recipe,
+        num_items_in_batch=float(b["mask"].sum() * S), recipes=recipes,
         importance_sampling_ratio=b["is_ratio"] if vllm else None,
         sampling_per_token_logps=b["sampling"] if vllm else None)
     loss.backward()
@@ -132,7 +132,8 @@ def test_the_off_policy_mask_drops_only_far_completions_with_negative_advantage(
     logps = torch.zeros(3, 2)
     sampling = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.2, 0.0]])
     A = torch.tensor([[-1.0], [1.0], [-1.0]])
-    keep = grpo.off_policy_mask(logps, sampling, A, torch.ones(3, 2), threshold=0.3)
+    keep = grpo.Recipes(grpo.RecipeConfig(off_policy_mask_threshold=0.3)).off_policy_mask(logps, sampling, A,
+                                                                                         torch.ones(3, 2))
     assert keep.flatten().tolist() == [0.0, 1.0, 1.0]
 
 
@@ -147,7 +148,8 @@ def test_the_other_losses_pinned_by_hand():
                 "vespo": (-math.exp(3 - 4.5) * 2.25 * math.log(1.5), -math.exp(3 - 4.5) * 2.25)}
     for loss_type, (value, gradient) in expected.items():
         x = logp.clone().requires_grad_(True)
-        loss, _ = grpo.grpo_loss(x, torch.zeros(1, 1), None, A, mask, loss_type=loss_type, epsilon_high=5.0)
+        loss, _ = grpo.grpo_loss(x, torch.zeros(1, 1), None, A, mask, loss_type=loss_type, epsilon_high=5.0,
+                                 recipes=grpo.Recipes(grpo.RecipeConfig()))
         loss.backward()
         assert (loss.item(), x.grad.item()) == (pytest.approx(value), pytest.approx(gradient)), loss_type
 
@@ -165,7 +167,7 @@ def test_normalize_then_sum_is_trls():
     normalised over the batch; a row no function scored gets advantage 0. Two groups of 3, two functions."""
     rewards = torch.tensor([[1.0, 10.0], [2.0, 20.0], [4.0, math.nan], [0.0, 5.0], [0.0, 5.0], [math.nan, math.nan]])
     weights = torch.tensor([1.0, 0.5])
-    ours = grpo.normalize_then_sum(rewards, weights, 3, lambda x: x)
+    ours = grpo.Recipes.normalize_then_sum(rewards, weights, 3, lambda x: x)
     grouped = rewards.view(-1, 3, 2)
     z = (grouped - torch.nanmean(grouped, 1, keepdim=True)) / (grpo.nanstd(grouped, dim=1)[:, None] + 1e-4)
     z = z.view(-1, 2)
@@ -269,7 +271,7 @@ def test_the_entropy_bonus_and_its_adaptive_coefficient_are_trls(loss_type, adap
     and the coefficient after each step (adaptive: it applies only once a step's entropy was at or below target)."""
     b, GA = batch(2), 2
     bonus = dict(entropy_coef=0.05, use_adaptive_entropy=adaptive, entropy_coef_delta=0.02, entropy_target=0.2)
-    ours = grpo.EntropyBonus(grpo.GRPOConfig(loss_type=loss_type, gradient_accumulation_steps=GA, **bonus))
+    ours = grpo.Recipes(grpo.GRPOConfig(loss_type=loss_type, gradient_accumulation_steps=GA, **bonus))
     stub = trl_stub(None, None, loss_type, GA=GA, bonus=bonus)
     coefficients = []
     for step, level in enumerate([0.1, 0.4, 0.1]):
@@ -287,7 +289,7 @@ def test_the_entropy_bonus_and_its_adaptive_coefficient_are_trls(loss_type, adap
                                                    loss_type=loss_type, gradient_accumulation_steps=GA,
                                                    epsilon_high=0.28,
                                                    max_completion_length=C, num_items_in_batch=float(b["mask"].sum()))
-                    loss = ours(loss, ent, b["mask"], metrics)
+                    loss = ours.entropy_bonus(loss, ent, b["mask"], metrics)
                 loss.backward()
                 runs.append((loss.item(), logps.grad, ent.grad))
             assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6, abs=1e-8)
@@ -347,7 +349,7 @@ def test_shapes_md_formula_of_each_loss_type_is_the_code(loss_type):
     """Each loss type's two formulas in shapes.md, evaluated on a small off-policy micro-batch (2 ranks, S = 2,
     GA = 1), give grpo_loss's value and gradient."""
     per_token, total = loss_table()[loss_type]
-    b, recipe = batch(3), grpo.RecipeConfig()
+    b, recipe = batch(3), grpo.RecipeConfig()  # each recipe knob's default
     A, m = b["advantages"][:, None], b["mask"].float()
     T, W, S, GA = float(m.sum() * 2 * 2), 2, 2, 1  # the generation batch: 2 micro-batches on each of 2 ranks
     values = []
@@ -368,7 +370,8 @@ def test_shapes_md_formula_of_each_loss_type_is_the_code(loss_type):
         else:
             loss, _ = grpo.grpo_loss(logp, b["old"], None, b["advantages"], b["mask"], loss_type=loss_type,
                                      epsilon_high=0.28, max_completion_length=C, gradient_accumulation_steps=GA,
-                                     steps_per_generation=S, num_items_in_batch=T, world_size=W)
+                                     steps_per_generation=S, num_items_in_batch=T, world_size=W,
+                                     recipes=grpo.Recipes(recipe))
         loss.backward()
         values.append((loss.item(), logp.grad))
     assert values[0][0] == pytest.approx(values[1][0], rel=1e-6)
@@ -392,7 +395,7 @@ def test_trls_refusals_and_advice_for_the_recipes(tmp_path, tiny_model_dir, caps
 
 
 def test_prepacked_weights_leave_the_float32_head_alone(model):
-    """On a CPU, sampling may run with prepacked weights (section 13), which replace each nn.Linear's forward for
+    """On a CPU, sampling may run with prepacked weights (section 14), which replace each nn.Linear's forward for
     the while: the head that cast_lm_head_to_fp32 made keeps its own, within and after, and its logits stay float32."""
     model = model.to(torch.bfloat16)
     grpo.cast_lm_head_to_fp32(model)

@@ -52,11 +52,11 @@ def test_the_ratio_multiplies_the_policy_term_and_not_the_kl():
 def test_the_correction_logs_trls_metrics():
     """sampling/sampling_logp_difference/{mean,max} over the unmasked, non-NaN tokens, and
     sampling/importance_sampling_ratio/{min,mean,max} over the unmasked tokens (token modes)."""
-    class Report:  # where vllm_correction writes its metrics
+    class Report:  # where the correction writes its metrics
         metrics = grpo.defaultdict(list)
 
     args = GRPOConfig(use_vllm=True, vllm_importance_sampling_mode="token_truncate")
-    ratio = grpo.vllm_correction(args, OLD, SAMPLED, MASK, Report)
+    ratio = grpo.Recipes(args).vllm_correction(OLD, SAMPLED, MASK, Report)
     m = {name: values[-1] for name, values in Report.metrics.items()}
     assert m["sampling/sampling_logp_difference/mean"] == pytest.approx((0.1 + 2.0 + 0.0 + 0.1) / 4)
     assert m["sampling/sampling_logp_difference/max"] == pytest.approx(2.0)
