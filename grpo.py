@@ -36,8 +36,8 @@ Shape letters (used in code, comments, shapes.md and the notebooks):
     W  processes (ranks) under torchrun               #C in a shape: C, or 1 to broadcast over it
 A generation batch serves μ·S micro-steps, and an optimizer step takes gradient_accumulation_steps (GA) of them:
 S·μ/GA optimizer steps per batch. With the defaults (S = GA, μ = 1) that is one, so the ratio r is 1 in value and
-the clip never acts: on-policy. They matter once a step falls inside a batch (GA not a multiple of S·μ, say μ = 2,
-S = GA = 1). Tensors carry their shapes as jaxtyping types: `Float[Tensor, "BG C"]` is B*G rows (one word, as
+the clip never acts: on-policy. r and the clip act once a step falls inside a batch (GA not a multiple of S·μ, say
+μ = 2, S = GA = 1). Tensors carry their shapes as jaxtyping types: `Float[Tensor, "BG C"]` is B*G rows (one word, as
 jaxtyping needs it) of C columns, and `B G` is the grouped view; the tests and --check_shapes verify them as it runs.
 Lines `trace(stage, locals(), name="BG C")` record those tensors' shapes for shapes.md (--trace_shapes); outside a
 trace they do nothing, and a name that is None or absent (per_token_kl when β = 0) is skipped.
@@ -264,13 +264,12 @@ def tokenize_prompts(prompts: list, tokenizer: PreTrainedTokenizerBase, max_prom
 
 
 def logits_processors(temperature: float, top_k: int, top_p: float, min_p: Optional[float],
-                      repetition_penalty: float, prompt_mask: Tensor) -> LogitsProcessorList:
+                      repetition_penalty: float) -> LogitsProcessorList:
     """transformers' sampling filters, in the order generate() applies them: the repetition penalty, then the
     temperature (the training log-probs divide the logits by the same one), then top-k, top-p and min-p."""
     processors = LogitsProcessorList()
-    if repetition_penalty != 1.0:  # penalises tokens already in the prompt (left padding excluded) or completion
-        processors.append(RepetitionPenaltyLogitsProcessor(
-            repetition_penalty, prompt_ignore_length=(prompt_mask != 0).int().argmax(dim=1)))
+    if repetition_penalty != 1.0:  # penalises tokens already in the prompt (not its padding: unpadded) or completion
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
     if top_k != 0:
@@ -288,9 +287,15 @@ def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+def unpadded(prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"]) -> Int[Tensor, "BG P"]:
+    """The prompts as the processors read them: each row's left padding becomes its first real token, which the
+    repetition penalty counts once anyway, so padding (often EOS) goes unpenalised, as generate() leaves it."""
+    return torch.where(prompt_mask.bool(), prompt_ids, prompt_ids.gather(1, prompt_mask.argmax(dim=1, keepdim=True)))
+
+
 def kv_cache(model: torch.nn.Module, cache: DynamicCache) -> dict:
     """The KV cache as the keyword argument the model's forward takes: `cache` in recent transformers 5 releases
-    (which warn that `past_key_values` goes in 5.40), `past_key_values` in earlier ones."""
+    (which warn that `past_key_values` is removed in 5.40), `past_key_values` in earlier ones."""
     return {_cache_keyword(type(getattr(model, "get_base_model", lambda: model)())): cache}  # under LoRA: the model's
 
 
@@ -325,7 +330,7 @@ def sample_with_cache(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], p
     was drawn from (after the processors). Stops once every row has ended, so C <= max_new_tokens."""
     cache = DynamicCache(config=model.config)
     eos = torch.tensor(eos_token_ids, device=prompt_ids.device)
-    sequences, attention_mask = prompt_ids, prompt_mask
+    sequences, attention_mask = unpadded(prompt_ids, prompt_mask), prompt_mask  # sequences: what the processors read
     input_ids, position_ids = prompt_ids, positions(prompt_mask)  # the first pass reads the whole prompt
     ended = torch.zeros(prompt_ids.size(0), dtype=torch.bool, device=prompt_ids.device)
     tokens, logps = [], []
@@ -774,13 +779,12 @@ class GRPOTrainer:
         """Tokenize the prompts (section 4), then sample one completion each (section 5): C <= max_completion_length.
         Also the log-prob the sampler drew each token with, kept for vLLM (its correction, and the off-policy mask,
         section 11): the loss recomputes π_θ_old with the training pass itself, since the cached, batched sampling pass
-        rounds slightly differently and the ratio must be exactly 1 where the policy has not moved."""
+        rounds differently and the ratio must be 1 where the policy has not moved (to the training pass's rounding)."""
         args = self.args
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
                                                    args.chat_template_kwargs)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p,
-                                       args.repetition_penalty, prompt_mask)
+        processors = logits_processors(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
         with torch.inference_mode(), self.autocast():  # no autograd bookkeeping while sampling
             completion_ids, sampling_logps = self.sample(unwrap(self.model), prompt_ids, prompt_mask, processors,
                                                          args.max_completion_length, self.eos_token_ids,
@@ -838,7 +842,7 @@ class GRPOTrainer:
         self.last_step = min(self.max_steps, stop_after or self.max_steps)
         with self.report.progress_bar(), self.checkpoints.guard():  # no earlier run's checkpoints; Ctrl-C saves
             self.report.evaluate_before_training()
-            # This rank's B prompts × G, batch after batch; a resumed run first ends the batch it stopped in.
+            # This rank's B prompts × G, batch after batch; a resumed run first ends its batch (batches_left).
             for rows in self.checkpoints.batches_left(self.prompt_batches()):
                 batch = self.generate_and_score(rows)  # G completions per prompt, rewards, advantages
                 micro_batches = batch.shuffled_split(self.S)  # once, as TRL (PPO reshuffles each epoch)
@@ -1597,7 +1601,7 @@ def sample_grouped(model: torch.nn.Module, prompt_ids: Int[Tensor, "BG P"], prom
         cache.batch_select_indices(group)  # row i gets the keys and values of its group's prompt
         logits = logits[group]
     eos = torch.tensor(eos_token_ids, device=device)
-    sequences, attention_mask, position = prompt_ids, prompt_mask, position_ids[:, -1:]
+    sequences, attention_mask, position = unpadded(prompt_ids, prompt_mask), prompt_mask, position_ids[:, -1:]
     ended = torch.zeros(BG, dtype=torch.bool, device=device)
     live = torch.arange(BG, device=device)  # the rows that have not ended, in the order the cache holds them
     tokens, logps = [], []

@@ -1,9 +1,11 @@
 """The sampling loop, the completion mask, selective log-softmax, and per-token log-probs, against independent
 computations and against transformers' generate()."""
 
+import inspect
+
 import pytest
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 import grpo
 from grpo import (completion_mask_from_eos, get_per_token_logps, logits_processors, sample_from, sample_with_cache,
@@ -70,7 +72,7 @@ def test_per_token_logps_equal_the_sampling_distribution(model, tokenizer):
     torch.manual_seed(0)
     with torch.no_grad():
         completion_ids, sampled = sample_with_cache(
-            model, prompt_ids, prompt_mask, logits_processors(temperature, 0, 1.0, None, 1.0, prompt_mask), 6,
+            model, prompt_ids, prompt_mask, logits_processors(temperature, 0, 1.0, None, 1.0), 6,
             [tokenizer.eos_token_id], tokenizer.pad_token_id)
         mask, _ = completion_mask_from_eos(completion_ids, [tokenizer.eos_token_id])
         got, _ = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, temperature)
@@ -97,16 +99,30 @@ def test_sampling_loop_follows_generate_with_the_same_processors(model, tokenize
             do_sample=True, top_k=1, temperature=0.7, repetition_penalty=1.5, max_new_tokens=8, eos_token_id=eos,
             pad_token_id=pad))[:, prompt_ids.size(1):]
         got, logps = sample_with_cache(model, prompt_ids, prompt_mask,
-                                       logits_processors(0.7, 1, 1.0, None, 1.5, prompt_mask), 8, [eos], pad)
+                                       logits_processors(0.7, 1, 1.0, None, 1.5), 8, [eos], pad)
     assert torch.equal(got, expected)
     assert torch.equal(logps, torch.zeros_like(logps))  # top-1 leaves one token, of probability 1
+
+
+def test_the_repetition_penalty_skips_the_left_padding_on_every_transformers_release():
+    """Pad id 0, left padding of 2 and 0 columns: unpadded() shows the filters each row's first real token in place
+    of its padding, so token 0 keeps its logit in the padded row, while the row that really holds a 0 has it
+    penalised; transformers 5.23's per-row prompt_ignore_length gives the same logits (older releases lack it)."""
+    ids, mask = torch.tensor([[0, 0, 5, 6], [0, 7, 7, 2]]), torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert grpo.unpadded(ids, mask).tolist() == [[5, 5, 5, 6], [0, 7, 7, 2]]
+    logits = torch.full((2, 9), 2.0)
+    penalised = logits_processors(1.0, 0, 1.0, None, 2.0)(grpo.unpadded(ids, mask), logits.clone())
+    assert penalised.tolist() == [[2.0, 2, 2, 2, 2, 1, 1, 2, 2], [1.0, 2, 1, 2, 2, 2, 2, 1, 2]]
+    if "Tensor" in str(inspect.signature(RepetitionPenaltyLogitsProcessor.__init__)):  # transformers >= 5.23
+        ignore = RepetitionPenaltyLogitsProcessor(2.0, prompt_ignore_length=(mask != 0).int().argmax(dim=1))
+        assert torch.equal(ignore(ids, logits.clone()), penalised)
 
 
 def test_a_group_shares_one_prompt_pass(model, tokenizer):
     """G copies of a prompt: sample_grouped runs one prompt pass whose keys and values are copied G times, and draws
     what Part I's loop draws with G passes (same random stream; the log-probs differ only by float rounding)."""
     prompt_ids, prompt_mask = tokenize_prompts(["a="] * 3 + ["hgf="] * 3, tokenizer, None)
-    processors = logits_processors(1.0, 0, 1.0, None, 1.0, prompt_mask)
+    processors = logits_processors(1.0, 0, 1.0, None, 1.0)
     rows, runs = [], []
     hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].size(0)), with_kwargs=True)
     for sample in (sample_with_cache, grpo.sample_grouped):
@@ -125,7 +141,7 @@ def test_rows_that_end_leave_the_batch_and_sample_what_they_would_have(model, to
     at every step, so with EOS it draws the tokens it draws without, up to each row's end; and the log-probs it
     drew with equal those recomputed by one forward pass, for the rows that kept going after others ended."""
     prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf=", "bc=", "dd="], tokenizer, None)
-    processors = logits_processors(1.5, 0, 1.0, None, 1.0, prompt_mask)
+    processors = logits_processors(1.5, 0, 1.0, None, 1.0)
 
     def sample(eos, how=grpo.sample_grouped):
         torch.manual_seed(0)
@@ -200,7 +216,7 @@ def test_absolute_positions_give_ratio_one_with_left_padding(tokenizer):
     prompt_ids, prompt_mask = tokenize_prompts(["a=", "hgf="], tokenizer, None)  # "a=" gets 2 pads on the left
     with torch.no_grad():
         completion_ids, sampled = sample_with_cache(model, prompt_ids, prompt_mask,
-                                                    logits_processors(1.0, 0, 1.0, None, 1.0, prompt_mask), 5, [-1],
+                                                    logits_processors(1.0, 0, 1.0, None, 1.0), 5, [-1],
                                                     tokenizer.pad_token_id)
         mask = torch.ones_like(completion_ids)
         ours, _ = get_per_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, 1.0)

@@ -138,7 +138,7 @@ def test_trained_log_probs_equal_the_sampling_distribution(smollm2, path, bf16, 
         rows = 4 if grpo.prepacking_problem(model, dtype) is None else 0
         with grpo.prepacked_linears(model, rows=rows, autocast_dtype=dtype):
             completion_ids, sampled = grpo.sample_with_cache(
-                model, prompt_ids, prompt_mask, grpo.logits_processors(temperature, 0, 1.0, None, 1.0, prompt_mask),
+                model, prompt_ids, prompt_mask, grpo.logits_processors(temperature, 0, 1.0, None, 1.0),
                 10, [IM_END], IM_END)
         mask, _ = grpo.completion_mask_from_eos(completion_ids, [IM_END])
         batch = (model, prompt_ids, prompt_mask, completion_ids, mask, temperature)
