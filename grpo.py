@@ -3206,9 +3206,10 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
     check_reward_weights(weights, names)
     for i, (func, tokenizer) in enumerate(zip(funcs, reward_processing_classes)):
         if isinstance(func, PreTrainedModel):
-            tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path)
+            tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path,
+                                                      trust_remote_code=args.trust_remote_code)
             _ensure_pad_token(tokenizer)
-            func.config.pad_token_id = tokenizer.pad_token_id
+            func.config.get_text_config().pad_token_id = tokenizer.pad_token_id  # its score: at the last non-pad token
             funcs[i] = functools.partial(reward_model_scores, func, tokenizer)
         else:
             funcs[i] = checked_reward(func, names[i])

@@ -248,19 +248,21 @@ def test_shuffle_dataset_false_keeps_the_datasets_order(tmp_path, tiny_model_dir
 
 
 def test_model_init_kwargs_and_trust_remote_code_reach_from_pretrained(tmp_path, tiny_model_dir, monkeypatch):
-    """As TRL: the policy gets --dtype, trust_remote_code and then model_init_kwargs (whose dtype wins); the tokenizer
-    gets trust_remote_code."""
+    """As TRL: the policy gets --dtype, trust_remote_code and then model_init_kwargs (whose dtype wins); a reward model
+    trust_remote_code and model_init_kwargs; the tokenizers of both trust_remote_code."""
     from test_trainer import letters_data, small_args
 
     seen, load = [], grpo._from_pretrained
     monkeypatch.setattr(grpo, "_from_pretrained",
                         lambda cls, *a, **k: seen.append((cls.__name__, k)) or load(cls, *a, **k))
     args = small_args(tmp_path, trust_remote_code=True, model_init_kwargs='{"attn_implementation": "eager"}')
-    trainer = grpo.GRPOTrainer(tiny_model_dir, "letters", args=args, train_dataset=letters_data())
+    trainer = grpo.GRPOTrainer(tiny_model_dir, ["letters", tiny_model_dir], args=args, train_dataset=letters_data())
     assert trainer.model.config._attn_implementation == "eager"
     policy = {"dtype": "float32", "trust_remote_code": True, "attn_implementation": "eager"}
     assert ("AutoModelForCausalLM", policy) in seen
-    assert ("AutoTokenizer", {"trust_remote_code": True}) in seen
+    reward = {"num_labels": 1, "trust_remote_code": True, "attn_implementation": "eager"}
+    assert ("AutoModelForSequenceClassification", reward) in seen
+    assert seen.count(("AutoTokenizer", {"trust_remote_code": True})) == 2  # the policy's and the reward model's
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
