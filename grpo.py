@@ -49,7 +49,6 @@ import functools
 import inspect
 import math
 import os
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
@@ -59,7 +58,6 @@ from beartype import BeartypeConf, beartype
 from einops import rearrange
 from jaxtyping import Bool, Float, Int, jaxtyped
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import (DynamicCache, LogitsProcessorList, MinPLogitsWarper, PreTrainedModel, PreTrainedTokenizerBase,
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
                           set_seed)
@@ -542,7 +540,7 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     num_items_in_batch counts the completion tokens of the whole generation batch (default: this micro-batch's,
     for a micro-batch that is the whole batch); for "dr_grpo", max_completion_length defaults to C. entropy_mask
     (top_entropy_quantile < 1) and importance_sampling_ratio (vLLM's, section 14) weigh the policy term only.
-    recipes: TRL's other recipes (section 11), needed by cispo, sapo and vespo and by the off-policy mask,
+    recipes: TRL's other recipes and their knobs (section 11; None: each knob's default, no off-policy mask),
     sampling_per_token_logps the sampler's log-probs that the off-policy mask compares with (None: π_θ_old's)."""
     mask = completion_mask.float()
     # log r_{i,t} = log π_θ(o_{i,t}|q,o_{i,<t}) - log π_θ_old(o_{i,t}|q,o_{i,<t})
@@ -565,9 +563,9 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     # the ratio outside [1-ε_low, 1+ε_high] in the direction the advantage rewards.
     per_token_loss = -torch.min(capped_ratio * A, clipped_ratio * A)
     if loss_type in OTHER_POLICY_LOSSES:  # CISPO, SAPO or VESPO: their own term in place of the clipped one
-        per_token_loss, metrics = recipes.policy_term(loss_type, per_token_logps, token_log_ratio, ratio, A, mask,
-                                                      epsilon_high, importance_sampling_level,
-                                                      importance_sampling_ratio)
+        per_token_loss, metrics = (recipes or Recipes()).policy_term(  # None: each of their knobs at its default
+            loss_type, per_token_logps, token_log_ratio, ratio, A, mask, epsilon_high, importance_sampling_level,
+            importance_sampling_ratio)
     else:  # how often the clip removed the gradient (PPO's clip fraction, split by side). 0 while no optimizer step
         # falls inside a generation batch (as at the defaults); rising: the policy moves fast between steps.
         metrics = clip_metrics(capped_ratio, A, mask, epsilon_low, epsilon_high, importance_sampling_level)
@@ -919,7 +917,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import namedtuple
+from collections import defaultdict, namedtuple
 from dataclasses import asdict
 
 import numpy as np
@@ -932,6 +930,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig, HfArgumentParser, PreTrainedTokenizerFast, Qwen2Config, get_scheduler)
 
@@ -970,7 +969,8 @@ class Recipes:
     """TRL's other recipes as Part I's loss and trainer call them, each under its formula and its paper. Their one
     state is the entropy bonus's coefficient (a checkpoint saves it)."""
 
-    def __init__(self, args: "GRPOConfig"):
+    def __init__(self, args: Optional["GRPOConfig"] = None):
+        args = args or RecipeConfig()  # None: each knob's default
         self.args, self.coef, self.last_entropy, self.window = args, args.entropy_coef, math.inf, torch.zeros(2)
         self.entropy_bonus_on = args.entropy_coef != 0.0 or args.use_adaptive_entropy
 

@@ -148,8 +148,7 @@ def test_the_other_losses_pinned_by_hand():
                 "vespo": (-math.exp(3 - 4.5) * 2.25 * math.log(1.5), -math.exp(3 - 4.5) * 2.25)}
     for loss_type, (value, gradient) in expected.items():
         x = logp.clone().requires_grad_(True)
-        loss, _ = grpo.grpo_loss(x, torch.zeros(1, 1), None, A, mask, loss_type=loss_type, epsilon_high=5.0,
-                                 recipes=grpo.Recipes(grpo.RecipeConfig()))
+        loss, _ = grpo.grpo_loss(x, torch.zeros(1, 1), None, A, mask, loss_type=loss_type, epsilon_high=5.0)
         loss.backward()
         assert (loss.item(), x.grad.item()) == (pytest.approx(value), pytest.approx(gradient)), loss_type
 
