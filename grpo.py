@@ -925,6 +925,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 import torch.distributed.checkpoint as dcp
 import transformers
+from packaging.version import Version
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -1562,6 +1563,9 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         if problem is None:
             get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
+    if args.gradient_checkpointing and not args.use_vllm and Version(transformers.__version__) < Version("5.24"):
+        sample = functools.partial(sample_in_eval_mode, sample=sample)
+        said.append("sampling in eval mode (this transformers drops a checkpointed model's KV cache in training mode)")
     if sharded and not args.use_vllm:
         sample = functools.partial(sample_unsharded, sample=sample, reshard_after_forward=reshard)
         said.append("the whole model gathered for sampling (--fsdp)")
@@ -3071,8 +3075,8 @@ def load_policy(model, tokenizer: PreTrainedTokenizerBase, args: GRPOConfig, dev
                                           "beta, or drop sync_ref_model.")
     if isinstance(model, str):
         model = load_causal_lm(model, args, first_rank_only=sharded and args.fsdp_config["cpu_ram_efficient_loading"])
-    if args.gradient_checkpointing:  # keep each decoder layer's input only, recompute the rest in backward
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:
+        checkpoint_activations(model)
     ref_model = None
     if peft_config is not None or args.use_peft:
         from peft import LoraConfig, get_peft_model  # optional dependency: pip install -e ".[peft]"
@@ -3116,6 +3120,25 @@ def load_causal_lm(name: str, args: GRPOConfig, first_rank_only: bool) -> PreTra
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.generation_config = generation_config
     return model
+
+
+def checkpoint_activations(model: PreTrainedModel) -> None:
+    """--gradient_checkpointing: keep each decoder layer's input only and recompute the rest in backward, through the
+    method's name from transformers 5.23 on, or its older name (5.0-5.22, and the vLLM environment's release)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def sample_in_eval_mode(model: torch.nn.Module, *args, sample: Callable, **kwargs):
+    """sample, with the model in eval mode: transformers before 5.24 drop a checkpointed layer's KV cache in training
+    mode even without gradients, and the samplers read it at every token (use_fast_paths wraps them so there)."""
+    model.eval()
+    try:
+        return sample(model, *args, **kwargs)
+    finally:
+        model.train()
 
 
 def cast_lm_head_to_fp32(model: PreTrainedModel) -> None:

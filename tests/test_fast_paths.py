@@ -129,7 +129,7 @@ def test_packed_rows_give_part_one_logps_and_gradients(model, chunk_size, attent
 
 def test_packed_rows_under_activation_checkpointing(model):
     padded = logps_and_grads(model, fast=False)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    grpo.checkpoint_activations(model)
     model.train()
     calls = count_forward_rows(model)
     checkpointed = logps_and_grads(model, fast=True, pack=True)
