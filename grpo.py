@@ -3118,6 +3118,7 @@ def load_causal_lm(name: str, args: GRPOConfig, first_rank_only: bool) -> PreTra
         config, dtype, generation_config = sent[0]
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # as rank 0's: transformers 5.0's from_config on the meta device left lm_head untied
         model.generation_config = generation_config
     return model
 
