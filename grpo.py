@@ -3339,8 +3339,8 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
     except Exception as e:  # a file that cannot be parsed: safetensors' SafetensorError for a truncated one, ...
         raise OSError(f"Cannot load {path!r} with {cls.__name__} ({type(e).__name__}: {first_line(e)}): a file there "
                       f"is damaged or was not written to its end; copy or download it again.") from e
-    if "gguf_file" in kwargs and isinstance(loaded, PreTrainedModel):
-        # transformers marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
+    if "gguf_file" in kwargs and hasattr(getattr(loaded, "config", None), "quantization_config"):
+        # transformers (not 5.0) marks a model read from GGUF as quantized, and save_pretrained then refuses it ("not
         # serializable"). Its weights are plain tensors by now: a model built from its config saves them. Building
         # one draws its random initial weights from torch's stream: forked, so that the .gguf and the same weights
         # saved to a folder start a run from one random state and sample the same completions.
