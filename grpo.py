@@ -287,7 +287,7 @@ def positions(attention_mask: Int[Tensor, "N L"]) -> Int[Tensor, "N L"]:
 
 def unpadded(prompt_ids: Int[Tensor, "BG P"], prompt_mask: Int[Tensor, "BG P"]) -> Int[Tensor, "BG P"]:
     """The prompts as the processors read them: each row's left padding becomes its first real token, which the
-    repetition penalty counts once anyway, so padding (often EOS) goes unpenalised, as generate() leaves it."""
+    repetition penalty counts once anyway: padding (often EOS) goes unpenalised, as generate()'s since 5.23."""
     return torch.where(prompt_mask.bool(), prompt_ids, prompt_ids.gather(1, prompt_mask.argmax(dim=1, keepdim=True)))
 
 
