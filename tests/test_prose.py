@@ -150,7 +150,7 @@ def test_part_two_sets_no_attribute_of_the_trainer():
 
 
 def test_part_one_holds_the_algorithm_and_its_loop_has_the_algorithms_shape():
-    """Every function that computes a number the advantages or the loss depend on is defined in Part I, in the order
+    """Every function that computes a number GRPO's advantages or loss depend on is defined in Part I, in the order
     the data flows; train is the nested loops of the algorithm, with resume and ranks behind batches_left."""
     defined = re.findall(r"^(?:def|class) (\w+)", PART_ONE, re.M)
     order = ["AlgorithmConfig", "RepeatSampler", "GenerationBatch", "tokenize_prompts", "sample_with_cache",
@@ -160,7 +160,7 @@ def test_part_one_holds_the_algorithm_and_its_loop_has_the_algorithms_shape():
     # GRPO alone: TRL's other recipes open Part II (section 11), reached through one service, Recipes
     assert len(PART_ONE.splitlines()) <= 896, f"Part I is {len(PART_ONE.splitlines())} lines"
     recipes = re.search(r"^# -+\n# 11\..*?(?=^# -+\n# 12\.)", GRPO_PY, re.M | re.S).group(0)
-    assert len(recipes.splitlines()) <= 160, f"section 11 is {len(recipes.splitlines())} lines"
+    assert len(recipes.splitlines()) <= 158, f"section 11 is {len(recipes.splitlines())} lines"
     assert len(GRPO_PY.splitlines()) <= 3749, "grpo.py is over 3,749 lines: it grows only on purpose"
     train = inspect.getsource(grpo.GRPOTrainer.train)
     assert len(train.splitlines()) <= 25 and "continue" not in train
