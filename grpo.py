@@ -967,8 +967,8 @@ class RecipeConfig:
 
 
 class Recipes:
-    """TRL's other recipes as Part I's loss and trainer call them, each under its formula and its paper. Their one
-    state is the entropy bonus's coefficient (a checkpoint saves it)."""
+    """TRL's other recipes as Part I's loss and trainer call them, each under its formula and its paper. Their only
+    state is the entropy bonus's: its coefficient and the last step's entropy, which a checkpoint saves."""
 
     def __init__(self, args: Optional["GRPOConfig"] = None):
         args = args or RecipeConfig()  # None: each knob's default
