@@ -3135,11 +3135,12 @@ def checkpoint_activations(model: PreTrainedModel) -> None:
 def sample_in_eval_mode(model: torch.nn.Module, *args, sample: Callable, **kwargs):
     """sample, with the model in eval mode: transformers before 5.24 drop a checkpointed layer's KV cache in training
     mode even without gradients, and the samplers read it at every token (use_fast_paths wraps them so there)."""
+    training = model.training  # False already in evaluation
     model.eval()
     try:
         return sample(model, *args, **kwargs)
     finally:
-        model.train()
+        model.train(training)
 
 
 def cast_lm_head_to_fp32(model: PreTrainedModel) -> None:
