@@ -2492,9 +2492,9 @@ class Checkpoints:
             trainer.tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": optimizer, "scheduler": trainer.scheduler.state_dict(),
                         "history": trainer.history, "reference": reference}, os.path.join(tmp, "state.pt"))
-            bonus = trainer.recipes  # the entropy bonus's coefficient, and the entropy that decides if it applies
+            recipes = trainer.recipes  # the entropy bonus's coefficient, and the entropy that decides if it applies
             loop = {"global_step": trainer.global_step, "micro_step": trainer.micro_step, "bad_steps": self.bad_steps,
-                    "entropy_bonus": [bonus.coef, bonus.last_entropy],
+                    "entropy_bonus": [recipes.coef, recipes.last_entropy],
                     **{name: getattr(trainer.report, name) for name in Report.COUNTERS}}
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({**loop, "world_size": trainer.world_size, "config": asdict(args)}, f, indent=2)
@@ -2529,8 +2529,8 @@ class Checkpoints:
         if state.get("reference"):  # sync_ref_model's reference, as the mixes left it
             set_model_state_dict(trainer.ref_model, state["reference"], options=StateDictOptions(full_state_dict=True))
         self.bad_steps = saved["bad_steps"]
-        bonus = trainer.recipes
-        bonus.coef, bonus.last_entropy = saved.get("entropy_bonus", [bonus.coef, bonus.last_entropy])
+        recipes = trainer.recipes
+        recipes.coef, recipes.last_entropy = saved.get("entropy_bonus", [recipes.coef, recipes.last_entropy])
         self.micro_batches = [GenerationBatch(**b) for b in mine["micro_batches"]]
         trainer.report.restore(state["history"], mine["metrics"], saved)
         rng = mine["rng"]

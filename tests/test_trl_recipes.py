@@ -132,8 +132,8 @@ def test_the_off_policy_mask_drops_only_far_completions_with_negative_advantage(
     logps = torch.zeros(3, 2)
     sampling = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.2, 0.0]])
     A = torch.tensor([[-1.0], [1.0], [-1.0]])
-    keep = grpo.Recipes(grpo.RecipeConfig(off_policy_mask_threshold=0.3)).off_policy_mask(logps, sampling, A,
-                                                                                         torch.ones(3, 2))
+    recipes = grpo.Recipes(grpo.RecipeConfig(off_policy_mask_threshold=0.3))
+    keep = recipes.off_policy_mask(logps, sampling, A, torch.ones(3, 2))
     assert keep.flatten().tolist() == [0.0, 1.0, 1.0]
 
 
