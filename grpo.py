@@ -3547,15 +3547,18 @@ def build_char_tokenizer(characters: str = DEMO_CHARACTERS, vocab_size: Optional
     """A real PreTrainedTokenizerFast with one token per character, <|endoftext|> and <unk>, and a minimal chat
     template. <|endoftext|> is EOS and pad (the pad == eos case), with the name of Qwen's, which AutoTokenizer
     would add to a qwen2 model's tokenizer otherwise. <unk> is an ordinary token: decoding skips special tokens,
-    and a token that vanished from the text would let the policy shorten its text for free."""
+    and a token that vanished from the text would let the policy shorten its text for free. Each character's token
+    is spelled as byte-level BPE spells it (a space "Ġ", a newline "Ċ"): from transformers 5.19 AutoTokenizer
+    reloads a qwen2 model's tokenizer as Qwen2Tokenizer, whose byte-level pre-tokenizer drops any other spelling."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    tokens = ["<|endoftext|>", "<unk>", *characters]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokens = ["<|endoftext|>", "<unk>", *(byte_level.pre_tokenize_str(c)[0][0] for c in characters)]
     tokens += [f"<unused{i}>" for i in range((vocab_size or len(tokens)) - len(tokens))]  # a real-size V for bench.py
     vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([byte_level, pre_tokenizers.Split(Regex("."), behavior="isolated")])
+    backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|endoftext|>")
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant: {% endif %}")

@@ -91,6 +91,16 @@ def test_a_string_prompt_gets_the_bos_a_llama_tokenizer_adds_once():
     assert chat[0][chat_mask[0].bool()].tolist() == [0, 3, 4, 11, 14]
 
 
+def test_the_demo_tokenizer_reloads_with_its_spaces_and_newlines(tokenizer):
+    # `tokenizer` is the demo's, saved and reloaded by AutoTokenizer: from transformers 5.19 as Qwen2Tokenizer, whose
+    # byte-level pre-tokenizer dropped the space and the newline of a chat prompt (3 tokens of 21 here) before
+    # build_char_tokenizer spelled them as byte-level BPE does.
+    text = "user: ab=\nassistant: "
+    assert tokenizer(text).input_ids == grpo.build_char_tokenizer()(text).input_ids
+    assert len(tokenizer(text).input_ids) == len(text) == 21
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+
+
 def test_a_tokenizer_that_adds_nothing_is_unchanged(tokenizer):
     ids, _ = grpo.tokenize_prompts(["ab="], tokenizer, None)  # the demo's: no special tokens to add
     assert ids[0].tolist() == tokenizer("ab=", add_special_tokens=False)["input_ids"]
