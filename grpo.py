@@ -1099,7 +1099,8 @@ class Recipes:
 
 
 @dataclass
-class RunConfig:
+class GRPOConfig(RecipeConfig, AlgorithmConfig):
+    """Every knob, with TRL's names: the algorithm's (Part I) and the recipes' (section 11), then the run's, below."""
     # sampling filters (logits_processors)
     top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.", above=0, high=1,
                         why="top_p 0 keeps only the most likely token, which makes all G completions identical (as temperature 0), and 1 keeps every token")
@@ -1178,11 +1179,6 @@ class RunConfig:
     # sharding across ranks (section 13), with transformers' TrainingArguments names; fsdp is True or a string
     fsdp: Optional[str] = field(default=None, metadata={"nargs": "?", "const": True, "help": "Under torchrun, shard the policy (and the reference model) across the ranks with PyTorch's FSDP2 instead of copying it to each (DDP): weights, gradients and AdamW's moments split W ways. `--fsdp` turns it on (transformers' older strings full_shard, shard_grad_op, offload and auto_wrap are read too)."})
     fsdp_config: Optional[Union[dict, str]] = knob(None, "FSDP's settings, a dict or a JSON file, with transformers' keys: version (2 only), reshard_after_forward, cpu_offload, activation_checkpointing, state_dict_type (FULL_STATE_DICT: checkpoints are model folders; SHARDED_STATE_DICT: each rank writes its shards), auto_wrap_policy (TRANSFORMER_BASED_WRAP: each decoder layer, the model's _no_split_modules; or NO_WRAP), transformer_layer_cls_to_wrap.")
-
-
-@dataclass
-class GRPOConfig(RunConfig, RecipeConfig, AlgorithmConfig):
-    """Every knob, with TRL's names: the algorithm's (Part I) first, then those of running it."""
 
     def __post_init__(self):
         read_dict_knobs(self)  # generation_kwargs sets the sampling knobs it names
