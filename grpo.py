@@ -1187,9 +1187,6 @@ class GRPOConfig(RecipeConfig, AlgorithmConfig):
         check_config(self)  # refuse every combination that cannot work, naming the numbers that disagree
 
 
-SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def read_dict_knobs(args) -> None:
     """The dict knobs may come as JSON text (the command line), fsdp_config also as a JSON file's path; then
     generation_kwargs sets the sampling knobs it names, so that the training log-probs use sampling's temperature."""
@@ -1211,10 +1208,11 @@ def read_dict_knobs(args) -> None:
                                       f"({e.msg}).") from None
         if getattr(args, name) is not None and not isinstance(getattr(args, name), dict):
             raise KnobError(name, f"{name} must be a dict (a JSON object), got {getattr(args, name)!r}.")
-    unknown = sorted(set(args.generation_kwargs or {}) - set(SAMPLING_KNOBS))
+    sampling_knobs = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    unknown = sorted(set(args.generation_kwargs or {}) - set(sampling_knobs))
     if unknown:
         raise KnobError("generation_kwargs", f"generation_kwargs has {unknown}, which this sampler does not take: it "
-                                             f"takes {', '.join(SAMPLING_KNOBS)} (each also a knob of its own).")
+                                             f"takes {', '.join(sampling_knobs)} (each also a knob of its own).")
     for name, value in (args.generation_kwargs or {}).items():
         setattr(args, name, value)
     read_fsdp(args)
