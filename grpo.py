@@ -1349,13 +1349,11 @@ class Processes:
     number of ranks W and its device; the global batch's rows; sums over ranks; DDP's gradient all-reduce."""
 
     def __init__(self):
-        """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group first: NCCL between
-        GPUs, gloo between CPU processes."""
         cuda = torch.cuda.is_available()
         self.rank, self.world_size, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK
             if cuda:
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if cuda else "gloo")
