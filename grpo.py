@@ -1099,7 +1099,8 @@ class Recipes:
 
 
 @dataclass
-class RunConfig:
+class GRPOConfig(RecipeConfig, AlgorithmConfig):
+    """Every knob, with TRL's names: the algorithm's (Part I) and the recipes' (section 11), then the run's, below."""
     # sampling filters (logits_processors)
     top_p: float = knob(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.", above=0, high=1,
                         why="top_p 0 keeps only the most likely token, which makes all G completions identical (as temperature 0), and 1 keeps every token")
@@ -1179,19 +1180,11 @@ class RunConfig:
     fsdp: Optional[str] = field(default=None, metadata={"nargs": "?", "const": True, "help": "Under torchrun, shard the policy (and the reference model) across the ranks with PyTorch's FSDP2 instead of copying it to each (DDP): weights, gradients and AdamW's moments split W ways. `--fsdp` turns it on (transformers' older strings full_shard, shard_grad_op, offload and auto_wrap are read too)."})
     fsdp_config: Optional[Union[dict, str]] = knob(None, "FSDP's settings, a dict or a JSON file, with transformers' keys: version (2 only), reshard_after_forward, cpu_offload, activation_checkpointing, state_dict_type (FULL_STATE_DICT: checkpoints are model folders; SHARDED_STATE_DICT: each rank writes its shards), auto_wrap_policy (TRANSFORMER_BASED_WRAP: each decoder layer, the model's _no_split_modules; or NO_WRAP), transformer_layer_cls_to_wrap.")
 
-
-@dataclass
-class GRPOConfig(RunConfig, RecipeConfig, AlgorithmConfig):
-    """Every knob, with TRL's names: the algorithm's (Part I) first, then those of running it."""
-
     def __post_init__(self):
         read_dict_knobs(self)  # generation_kwargs sets the sampling knobs it names
         check_ranges(self)  # before the defaults that follow other knobs, so that an error names the knob given
         super().__post_init__()
         check_config(self)  # refuse every combination that cannot work, naming the numbers that disagree
-
-
-SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def read_dict_knobs(args) -> None:
@@ -1215,10 +1208,11 @@ def read_dict_knobs(args) -> None:
                                       f"({e.msg}).") from None
         if getattr(args, name) is not None and not isinstance(getattr(args, name), dict):
             raise KnobError(name, f"{name} must be a dict (a JSON object), got {getattr(args, name)!r}.")
-    unknown = sorted(set(args.generation_kwargs or {}) - set(SAMPLING_KNOBS))
+    sampling_knobs = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    unknown = sorted(set(args.generation_kwargs or {}) - set(sampling_knobs))
     if unknown:
         raise KnobError("generation_kwargs", f"generation_kwargs has {unknown}, which this sampler does not take: it "
-                                             f"takes {', '.join(SAMPLING_KNOBS)} (each also a knob of its own).")
+                                             f"takes {', '.join(sampling_knobs)} (each also a knob of its own).")
     for name, value in (args.generation_kwargs or {}).items():
         setattr(args, name, value)
     read_fsdp(args)
@@ -1355,13 +1349,11 @@ class Processes:
     number of ranks W and its device; the global batch's rows; sums over ranks; DDP's gradient all-reduce."""
 
     def __init__(self):
-        """Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) join the process group first: NCCL between
-        GPUs, gloo between CPU processes."""
         cuda = torch.cuda.is_available()
         self.rank, self.world_size, self.device = 0, 1, torch.device("cuda" if cuda else "cpu")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK
             if cuda:
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if cuda else "gloo")
