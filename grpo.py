@@ -122,7 +122,6 @@ class AlgorithmConfig:
     epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon. For cispo: the cap on the ratio itself (ScaleRL suggests 5).", low=0,
                                          why="the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross")
     delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.", above=1)
-    top_entropy_quantile: float = knob(1.0, "ρ: the clipped term (not the KL) trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in Wang et al. 2025, 'Beyond the 80/20 rule'); 1 keeps all.", low=0, high=1)
     loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens); or TRL's cispo, sapo, luspo, vespo (section 11).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
@@ -516,14 +515,6 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return total / count.clamp(min=1.0)
 
 
-def high_entropy_mask(entropies: Tensor, completion_mask: Tensor, quantile: float, all_entropies: Tensor) -> Tensor:
-    """The completion tokens whose entropy is in the top `quantile` of all_entropies (the completion tokens of every
-    rank: TRL's get_high_entropy_mask), for top_entropy_quantile < 1."""
-    if all_entropies.numel() == 0:
-        return torch.zeros_like(completion_mask, dtype=torch.bool)
-    return (entropies >= torch.quantile(all_entropies, 1 - quantile)) & completion_mask.bool()
-
-
 @shape_checked
 def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[Tensor, "N C"],
               ref_per_token_logps: Optional[Float[Tensor, "N C"]], advantages: Float[Tensor, "N"],
@@ -810,10 +801,8 @@ class GRPOTrainer:
         trace("loss", vars(batch), advantages="N")  # the micro-batch's rows
         # None when no optimizer step falls in between (needs_old_logps): π_θ_old = π_θ, the same log-probs detached.
         old = batch.old_per_token_logps if batch.old_per_token_logps is not None else per_token_logps.detach()
-        entropy_mask = None
-        if args.top_entropy_quantile < 1.0:  # the threshold: a quantile of every rank's completion tokens
-            all_entropies = self.processes.gather_uneven(entropies[batch.completion_mask.bool()].detach().float())
-            entropy_mask = high_entropy_mask(entropies, batch.completion_mask, args.top_entropy_quantile, all_entropies)
+        # top_entropy_quantile < 1 (section 11): the policy term trains on the high-entropy tokens only; else None
+        entropy_mask = self.recipes.entropy_mask(entropies, batch.completion_mask, self.processes.gather_uneven)
         loss, metrics = grpo_loss(
             per_token_logps, old, batch.ref_per_token_logps, batch.advantages, batch.completion_mask,
             beta=args.beta, epsilon_low=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
@@ -939,7 +928,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 # ----------------------------------------------------------------------------------------------------------
 # 11. TRL's other recipes, for a reader who wants them (GRPO needs none): four other policy losses (LUSPO keeps the
 # clipped term and only sums each completion's tokens: section 9's last average), the off-policy mask, another way
-# to combine several rewards, the entropy bonus and a moving reference. Each is off unless its knob asks for it.
+# to combine several rewards, training on high-entropy tokens only, the entropy bonus and a moving reference. Each is
+# off unless its knob asks for it.
 # Part I reaches them through one service, Recipes, which also applies vLLM's correction (section 14).
 
 
@@ -949,6 +939,7 @@ class RecipeConfig:
     multi_objective_aggregation: str = knob("sum_then_normalize", "sum_then_normalize: weigh and sum the rewards, then take group statistics; normalize_then_sum: each reward normalised within its group, summed, then normalised over the whole batch, whatever scale_rewards says (GDPO).")
     off_policy_mask_threshold: Optional[float] = knob(None, "DeepSeek-V3.2's off-policy mask: a completion with A < 0 whose mean log(π_sampler/π_θ) is above this leaves the loss. It acts where the policy moved since sampling: under vLLM, or where an optimizer step falls inside a generation batch (GA not a multiple of S·μ). Default: off.", low=0,
                                                       why="the mean gap estimates a KL divergence, which is never negative")
+    top_entropy_quantile: float = knob(1.0, "ρ: the clipped term (not the KL) trains only on the tokens whose entropy is in the top ρ of the batch's (0.2 in Wang et al. 2025, 'Beyond the 80/20 rule'); 1 keeps all.", low=0, high=1)
     sapo_temperature_pos: float = knob(1.0, "SAPO: τ of the gate σ(τ(r-1)) where A > 0.", above=0, why="the gate divides by τ")
     sapo_temperature_neg: float = knob(1.05, "SAPO: τ of the gate where A < 0.", above=0, why="the gate divides by τ")
     vespo_k_pos: float = knob(2.0, "VESPO: k of the weight φ(w) = e^λ·w^k·e^(-λw) where A >= 0.", low=0)
@@ -1011,6 +1002,18 @@ class Recipes:
         gap = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)  # a token the sampler could not score: 0
         mean_gap = (gap * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
         return ((A >= 0) | (mean_gap <= self.args.off_policy_mask_threshold)).float()
+
+    def entropy_mask(self, entropies: Tensor, completion_mask: Tensor, gather_uneven: Callable) -> Optional[Tensor]:
+        """top_entropy_quantile = ρ < 1 (TRL's get_high_entropy_mask): the completion tokens whose entropy is in the
+        top ρ of every rank's completion tokens (gather_uneven gathers them), on which alone the policy term
+        trains; None when ρ = 1."""
+        rho = self.args.top_entropy_quantile
+        if rho >= 1.0:
+            return None
+        all_entropies = gather_uneven(entropies[completion_mask.bool()].detach().float())
+        if all_entropies.numel() == 0:  # no completion token on any rank
+            return torch.zeros_like(completion_mask, dtype=torch.bool)
+        return (entropies >= torch.quantile(all_entropies, 1 - rho)) & completion_mask.bool()
 
     @staticmethod
     def normalize_then_sum(rewards_per_func: Float[Tensor, "BG F"], reward_weights: Float[Tensor, "F"],

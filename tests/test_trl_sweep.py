@@ -93,7 +93,9 @@ def test_the_entropy_mask_keeps_the_top_quantile_and_the_kl_everywhere():
     0.5-quantile is 0.7, so the last two tokens keep their policy term."""
     entropies = torch.tensor([[0.1, 0.5, 0.9, 1.3, 9.0]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])
-    keep = grpo.high_entropy_mask(entropies, mask, 0.5, entropies[mask.bool()])
+    recipes = grpo.Recipes(grpo.RecipeConfig(top_entropy_quantile=0.5))
+    keep = recipes.entropy_mask(entropies, mask, gather_uneven=lambda x: x)  # one process: its own tokens
+    assert grpo.Recipes().entropy_mask(entropies, mask, lambda x: x) is None  # ρ = 1: every token, no mask
     assert keep.tolist() == [[False, False, True, True, False]]
     logps = torch.zeros(1, 5, requires_grad=True)
     loss, _ = grpo.grpo_loss(logps, logps.detach(), logps.detach() - 1.0, torch.tensor([1.0]), mask, beta=1.0,
