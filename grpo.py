@@ -3196,12 +3196,10 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model=None) -> None:
         return
     eos, whose = tokenizer.eos_token, "its"
     if eos is None and model is not None:
-        try:
+        with contextlib.suppress(Exception):  # no generation config, or no EOS in it: eos stays None
             config = _from_pretrained(GenerationConfig, model) if isinstance(model, str) else model.generation_config
             ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
             eos, whose = tokenizer.convert_ids_to_tokens(ids[0]), "the model's"
-        except Exception:  # no generation config, or no EOS in it
-            eos = None
     if eos is None:
         raise ValueError("The tokenizer has no pad token and neither it nor the model's generation config names an "
                          "EOS token, so rows cannot be padded; set tokenizer.pad_token (and tokenizer.eos_token).")
