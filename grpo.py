@@ -3343,10 +3343,9 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
         # serializable"). Its weights are plain tensors by now: a model built from its config saves them. Building
         # one draws its random initial weights from torch's stream: forked, so that the .gguf and the same weights
         # saved to a folder start a run from one random state and sample the same completions.
-        config = loaded.config
-        del config.quantization_config
+        del loaded.config.quantization_config
         with forked_rng(torch.device("cpu")):
-            plain = type(loaded)(config).to(loaded.dtype)
+            plain = type(loaded)(loaded.config).to(loaded.dtype)
         plain.load_state_dict(loaded.state_dict())
         plain.generation_config = loaded.generation_config
         loaded = plain
