@@ -3493,12 +3493,9 @@ def diversity_reward(completions, **kwargs) -> list[float]:
     return [float(len(set(text_of(c).split()))) for c in completions]
 
 
-NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-
-
 def _last_number(text: str) -> Optional[float]:
     """The last number in `text` (GSM8K answers end with `#### 42`), commas removed."""
-    numbers = NUMBER.findall(text)  # each is digits, commas and at most one point: float() takes it without them
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)  # digits, commas, at most one point: float() takes it without them
     return float(numbers[-1].replace(",", "").rstrip(".")) if numbers else None
 
 
@@ -3510,12 +3507,9 @@ def accuracy_reward(completions, answer, **kwargs) -> list[Optional[float]]:
             for guess, gold in zip(guesses, golds)]
 
 
-FINAL_ANSWER = re.compile(r"####\s*-?\d[\d,]*\.?\d*\s*$")
-
-
 def format_reward(completions, **kwargs) -> list[float]:
     """1 when the completion ends with a final answer line in GSM8K's own style, `#### <number>`."""
-    return [float(bool(FINAL_ANSWER.search(text_of(c).strip()))) for c in completions]
+    return [float(bool(re.search(r"####\s*-?\d[\d,]*\.?\d*\s*$", text_of(c).strip()))) for c in completions]
 
 
 def letters_reward(prompts, completions, **kwargs) -> list[float]:
