@@ -3658,8 +3658,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     # Bad input (a missing file, a wrong column, a typo in a name) is reported in one line, not a traceback.
     try:
         if demo:
-            from transformers.utils import logging as hf_logging
-            hf_logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
             model = os.path.join(args.output_dir, "demo-base-model")
             check_output_dir(args.output_dir)  # before save_demo_model writes there
             # vLLM's CPU attention refuses heads 16 wide: under --use_vllm the demo has 2 heads of 32, not 4 of 16.
