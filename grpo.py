@@ -3222,13 +3222,14 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
         raise ValueError(f"{len(reward_processing_classes)} reward_processing_classes for {len(reward_funcs)} "
                          f"reward_funcs: give one per function, in the same order (None for a function or to load the "
                          f"model's own).")
-    funcs = [_load_reward_func(f, device, args) for f in reward_funcs]
+    funcs = [_load_reward_func(f, args) for f in reward_funcs]
     names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
     check_reward_weights(weights, names)
     for i, (func, tokenizer) in enumerate(zip(funcs, reward_processing_classes)):
         if isinstance(func, PreTrainedModel):
+            func.eval().requires_grad_(False).to(device)
             tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path,
                                                       trust_remote_code=args.trust_remote_code)
             _ensure_pad_token(tokenizer)
@@ -3289,7 +3290,7 @@ def reward_name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
-def _load_reward_func(func, device: torch.device, args: GRPOConfig) -> Union[Callable, PreTrainedModel]:
+def _load_reward_func(func, args: GRPOConfig) -> Union[Callable, PreTrainedModel]:
     if isinstance(func, str):
         if func in BUILTIN_REWARDS:
             return BUILTIN_REWARDS[func]
@@ -3308,9 +3309,7 @@ def _load_reward_func(func, device: torch.device, args: GRPOConfig) -> Union[Cal
                              f"not a file.py:function, and not a local path or hub name of a reward model.")
         func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1,
                                 trust_remote_code=args.trust_remote_code, **(args.model_init_kwargs or {}))
-    if isinstance(func, PreTrainedModel):
-        return func.eval().requires_grad_(False).to(device)
-    if not callable(func):
+    if not callable(func):  # a reward model is callable too
         raise ValueError(f"A reward function must be a callable, a built-in name or a reward model; got {func!r}.")
     return func
 
