@@ -3191,12 +3191,10 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model=None) -> None:
         return
     eos, whose = tokenizer.eos_token, "its"
     if eos is None and model is not None:
-        try:
+        with contextlib.suppress(Exception):  # no generation config, or no EOS in it: eos stays None
             config = _from_pretrained(GenerationConfig, model) if isinstance(model, str) else model.generation_config
             ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
             eos, whose = tokenizer.convert_ids_to_tokens(ids[0]), "the model's"
-        except Exception:  # no generation config, or no EOS in it
-            eos = None
     if eos is None:
         raise ValueError("The tokenizer has no pad token and neither it nor the model's generation config names an "
                          "EOS token, so rows cannot be padded; set tokenizer.pad_token (and tokenizer.eos_token).")
@@ -3219,13 +3217,14 @@ def load_rewards(reward_funcs, reward_processing_classes, reward_weights, args: 
         raise ValueError(f"{len(reward_processing_classes)} reward_processing_classes for {len(reward_funcs)} "
                          f"reward_funcs: give one per function, in the same order (None for a function or to load the "
                          f"model's own).")
-    funcs = [_load_reward_func(f, device, args) for f in reward_funcs]
+    funcs = [_load_reward_func(f, args) for f in reward_funcs]
     names = [reward_name(f) for f in funcs]
     weights = reward_weights if reward_weights is not None else args.reward_weights
     weights = [1.0] * len(funcs) if weights is None else weights
     check_reward_weights(weights, names)
     for i, (func, tokenizer) in enumerate(zip(funcs, reward_processing_classes)):
         if isinstance(func, PreTrainedModel):
+            func.eval().requires_grad_(False).to(device)
             tokenizer = tokenizer or _from_pretrained(AutoTokenizer, func.config._name_or_path,
                                                       trust_remote_code=args.trust_remote_code)
             _ensure_pad_token(tokenizer)
@@ -3286,7 +3285,7 @@ def reward_name(func) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
-def _load_reward_func(func, device: torch.device, args: GRPOConfig) -> Union[Callable, PreTrainedModel]:
+def _load_reward_func(func, args: GRPOConfig) -> Union[Callable, PreTrainedModel]:
     if isinstance(func, str):
         if func in BUILTIN_REWARDS:
             return BUILTIN_REWARDS[func]
@@ -3305,9 +3304,7 @@ def _load_reward_func(func, device: torch.device, args: GRPOConfig) -> Union[Cal
                              f"not a file.py:function, and not a local path or hub name of a reward model.")
         func = _from_pretrained(AutoModelForSequenceClassification, func, num_labels=1,
                                 trust_remote_code=args.trust_remote_code, **(args.model_init_kwargs or {}))
-    if isinstance(func, PreTrainedModel):
-        return func.eval().requires_grad_(False).to(device)
-    if not callable(func):
+    if not callable(func):  # a reward model is callable too
         raise ValueError(f"A reward function must be a callable, a built-in name or a reward model; got {func!r}.")
     return func
 
@@ -3340,10 +3337,9 @@ def _from_pretrained(cls, name: str, cached: bool = True, **kwargs):
         # serializable"). Its weights are plain tensors by now: a model built from its config saves them. Building
         # one draws its random initial weights from torch's stream: forked, so that the .gguf and the same weights
         # saved to a folder start a run from one random state and sample the same completions.
-        config = loaded.config
-        del config.quantization_config
+        del loaded.config.quantization_config
         with forked_rng(torch.device("cpu")):
-            plain = type(loaded)(config).to(loaded.dtype)
+            plain = type(loaded)(loaded.config).to(loaded.dtype)
         plain.load_state_dict(loaded.state_dict())
         plain.generation_config = loaded.generation_config
         loaded = plain
@@ -3491,12 +3487,9 @@ def diversity_reward(completions, **kwargs) -> list[float]:
     return [float(len(set(text_of(c).split()))) for c in completions]
 
 
-NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-
-
 def _last_number(text: str) -> Optional[float]:
     """The last number in `text` (GSM8K answers end with `#### 42`), commas removed."""
-    numbers = NUMBER.findall(text)  # each is digits, commas and at most one point: float() takes it without them
+    numbers = re.findall(r"-?\d[\d,]*\.?\d*", text)  # digits, commas, at most one point: float() takes it without them
     return float(numbers[-1].replace(",", "").rstrip(".")) if numbers else None
 
 
@@ -3508,12 +3501,9 @@ def accuracy_reward(completions, answer, **kwargs) -> list[Optional[float]]:
             for guess, gold in zip(guesses, golds)]
 
 
-FINAL_ANSWER = re.compile(r"####\s*-?\d[\d,]*\.?\d*\s*$")
-
-
 def format_reward(completions, **kwargs) -> list[float]:
     """1 when the completion ends with a final answer line in GSM8K's own style, `#### <number>`."""
-    return [float(bool(FINAL_ANSWER.search(text_of(c).strip()))) for c in completions]
+    return [float(bool(re.search(r"####\s*-?\d[\d,]*\.?\d*\s*$", text_of(c).strip()))) for c in completions]
 
 
 def letters_reward(prompts, completions, **kwargs) -> list[float]:
@@ -3665,8 +3655,7 @@ def main(argv: Optional[list[str]] = None) -> GRPOTrainer:
     # Bad input (a missing file, a wrong column, a typo in a name) is reported in one line, not a traceback.
     try:
         if demo:
-            from transformers.utils import logging as hf_logging
-            hf_logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
             model = os.path.join(args.output_dir, "demo-base-model")
             check_output_dir(args.output_dir)  # before save_demo_model writes there
             # vLLM's CPU attention refuses heads 16 wide: under --use_vllm the demo has 2 heads of 32, not 4 of 16.
