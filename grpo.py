@@ -1741,7 +1741,7 @@ def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], c
     total = sum(lengths) + sum(prompt_lengths[i] for i in set(first))
     target = math.ceil(total / math.ceil(total / max_length))
     used = []  # tokens taken in each packed row so far
-    prompt_at, prompt_source = [], []  # per prompt placed: its packed row and column, and a row that has it
+    prompt_places = []  # per prompt placed: its packed row and column, and a row that has it
     prompt_of_row, completion_at = [0] * N, [(0, 0)] * N  # per row: its placed prompt, its completion's place
     for k, i in enumerate(order):
         p, n = prompt_lengths[i], lengths[i]
@@ -1750,15 +1750,14 @@ def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], c
             used.append(0)  # a new packed row; its first completion needs its prompt there too
             new_prompt = True
         if new_prompt:
-            prompt_at.append((len(used) - 1, used[-1]))
-            prompt_source.append(i)
+            prompt_places.append((len(used) - 1, used[-1], i))
             used[-1] += p
-        prompt_of_row[i], completion_at[i] = len(prompt_at) - 1, (len(used) - 1, used[-1])
+        prompt_of_row[i], completion_at[i] = len(prompt_places) - 1, (len(used) - 1, used[-1])
         used[-1] += n
     R, L = len(used), max(used)
-    (prompt_row, prompt_start), (row_of, start_of) = (torch.tensor(x, device=device).T
-                                                      for x in (prompt_at, completion_at))
-    prompt_source, prompt_of_row = (torch.tensor(x, device=device) for x in (prompt_source, prompt_of_row))
+    prompt_row, prompt_start, prompt_source = torch.tensor(prompt_places, device=device).T
+    row_of, start_of = torch.tensor(completion_at, device=device).T
+    prompt_of_row = torch.tensor(prompt_of_row, device=device)
     input_ids, position_ids = prompt_ids.new_zeros(2, R, L)  # padding at a packed row's end: token 0, seen by none
     # Per token: which prompt it belongs to or follows (-1: padding), which row's completion it is (-1: none).
     prompt_id, completion_id = prompt_ids.new_full((2, R, L), -1)
