@@ -2012,11 +2012,10 @@ class VLLMSampler:
                    for ids, mask in zip(prompt_ids, prompt_mask)]
         # One seed per completion, drawn from torch's generator, which checkpoints save: a resumed run draws the same
         # seeds, and the engine then the same tokens.
-        seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
         params = [SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
                                  min_p=args.min_p or 0.0, repetition_penalty=args.repetition_penalty,
                                  max_tokens=max_new_tokens, stop_token_ids=eos_token_ids, logprobs=0, seed=seed)
-                  for seed in seeds]
+                  for seed in torch.randint(2**31 - 1, (len(prompts),)).tolist()]
         outputs = [request.outputs[0] for request in self.llm.generate(prompts, params, use_tqdm=False)]
         pad = functools.partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)  # each row to the longest
         tokens = pad([torch.tensor(out.token_ids, dtype=torch.long) for out in outputs], padding_value=pad_token_id)
