@@ -1527,8 +1527,7 @@ def cpu_description() -> str:
 
 def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps: Callable
                    ) -> tuple[Callable, Callable]:
-    """The sampler and the log-prob pass this model runs on this machine, chosen once at setup (see above): Part I's
-    `sample` and `get_per_token_logps`, or a faster twin of either that a check showed computes the same here."""
+    """Part I's `sample` and `get_per_token_logps`, or the faster twin of either that holds here (see above)."""
     args, model = trainer.args, _causal_lm(trainer.model)
     on_cpu, wide = trainer.device.type == "cpu", getattr(model.config, "hidden_size", 0) >= PACK_FROM_WIDTH
     bf16 = torch.bfloat16 if args.bf16 else None  # autocast's dtype
