@@ -1522,8 +1522,7 @@ def cpu_description() -> str:
 
 def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps: Callable
                    ) -> tuple[Callable, Callable]:
-    """The sampler and the log-prob pass this model runs on this machine, chosen once at setup (see above): Part I's
-    `sample` and `get_per_token_logps`, or a faster twin of either that a check showed computes the same here."""
+    """Part I's `sample` and `get_per_token_logps`, or the faster twin of either that holds here (see above)."""
     args, model = trainer.args, _causal_lm(trainer.model)
     on_cpu, wide = trainer.device.type == "cpu", getattr(model.config, "hidden_size", 0) >= PACK_FROM_WIDTH
     bf16 = torch.bfloat16 if args.bf16 else None  # autocast's dtype
@@ -1736,7 +1735,7 @@ def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], c
     total = sum(lengths) + sum(prompt_lengths[i] for i in set(first))
     target = math.ceil(total / math.ceil(total / max_length))
     used = []  # tokens taken in each packed row so far
-    prompt_at, prompt_source = [], []  # per prompt placed: its packed row and column, and a row that has it
+    prompt_places = []  # per prompt placed: its packed row and column, and a row that has it
     prompt_of_row, completion_at = [0] * N, [(0, 0)] * N  # per row: its placed prompt, its completion's place
     for k, i in enumerate(order):
         p, n = prompt_lengths[i], lengths[i]
@@ -1745,15 +1744,14 @@ def pack_rows(prompt_ids: Int[Tensor, "N P"], prompt_mask: Int[Tensor, "N P"], c
             used.append(0)  # a new packed row; its first completion needs its prompt there too
             new_prompt = True
         if new_prompt:
-            prompt_at.append((len(used) - 1, used[-1]))
-            prompt_source.append(i)
+            prompt_places.append((len(used) - 1, used[-1], i))
             used[-1] += p
-        prompt_of_row[i], completion_at[i] = len(prompt_at) - 1, (len(used) - 1, used[-1])
+        prompt_of_row[i], completion_at[i] = len(prompt_places) - 1, (len(used) - 1, used[-1])
         used[-1] += n
     R, L = len(used), max(used)
-    (prompt_row, prompt_start), (row_of, start_of) = (torch.tensor(x, device=device).T
-                                                      for x in (prompt_at, completion_at))
-    prompt_source, prompt_of_row = (torch.tensor(x, device=device) for x in (prompt_source, prompt_of_row))
+    prompt_row, prompt_start, prompt_source = torch.tensor(prompt_places, device=device).T
+    row_of, start_of = torch.tensor(completion_at, device=device).T
+    prompt_of_row = torch.tensor(prompt_of_row, device=device)
     input_ids, position_ids = prompt_ids.new_zeros(2, R, L)  # padding at a packed row's end: token 0, seen by none
     # Per token: which prompt it belongs to or follows (-1: padding), which row's completion it is (-1: none).
     prompt_id, completion_id = prompt_ids.new_full((2, R, L), -1)
@@ -2008,11 +2006,10 @@ class VLLMSampler:
                    for ids, mask in zip(prompt_ids, prompt_mask)]
         # One seed per completion, drawn from torch's generator, which checkpoints save: a resumed run draws the same
         # seeds, and the engine then the same tokens.
-        seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
         params = [SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or -1,
                                  min_p=args.min_p or 0.0, repetition_penalty=args.repetition_penalty,
                                  max_tokens=max_new_tokens, stop_token_ids=eos_token_ids, logprobs=0, seed=seed)
-                  for seed in seeds]
+                  for seed in torch.randint(2**31 - 1, (len(prompts),)).tolist()]
         outputs = [request.outputs[0] for request in self.llm.generate(prompts, params, use_tqdm=False)]
         pad = functools.partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)  # each row to the longest
         tokens = pad([torch.tensor(out.token_ids, dtype=torch.long) for out in outputs], padding_value=pad_token_id)
