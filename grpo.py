@@ -2074,8 +2074,7 @@ LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
 
 
 def check_config(args: GRPOConfig) -> None:
-    """Fill in the aliases of earlier TRL releases, and refuse every combination that cannot work, naming the
-    numbers that disagree."""
+    """Fill in earlier TRL's aliases; refuse every combination that cannot work, naming the numbers that disagree."""
     if args.wandb_log_unique_prompts is not None:  # earlier TRL's name for log_unique_prompts
         args.log_unique_prompts = args.wandb_log_unique_prompts
     if args.use_liger_loss and args.logits_chunk_size == 0:
