@@ -2066,8 +2066,7 @@ LIGER_CHUNK = 256  # the chunk use_liger_loss selects, well below any N*C
 
 
 def check_config(args: GRPOConfig) -> None:
-    """Fill in the aliases of earlier TRL releases, and refuse every combination that cannot work, naming the
-    numbers that disagree."""
+    """Fill in earlier TRL's aliases; refuse every combination that cannot work, naming the numbers that disagree."""
     if args.wandb_log_unique_prompts is not None:  # earlier TRL's name for log_unique_prompts
         args.log_unique_prompts = args.wandb_log_unique_prompts
     if args.use_liger_loss and args.logits_chunk_size == 0:
@@ -2226,9 +2225,8 @@ def check_reward_columns(reward_funcs, *datasets) -> None:
             parameters = inspect.signature(func).parameters.values()
         except (TypeError, ValueError):  # a callable whose signature Python cannot read
             continue
-        named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        needed = [p.name for p in parameters if p.default is p.empty and p.name not in REWARD_ARGUMENTS
-                  and p.name in named]
+        named = {p.name: p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        needed = [name for name, p in named.items() if p.default is p.empty and name not in REWARD_ARGUMENTS]
         for name, dataset in zip(("train", "eval"), datasets):
             if dataset is None:
                 continue
@@ -2498,8 +2496,7 @@ class Checkpoints:
         return path
 
     def load(self, path: str) -> tuple[int, int]:
-        """Restore everything save wrote, after checking that this run can continue that one; return the trainer's
-        global_step and micro_step."""
+        """Restore everything save wrote, once this run can continue that one; return its global_step and micro_step."""
         trainer, args = self.trainer, self.args
         saved = read_checkpoint_file(path, "trainer_state.json", lambda file: json.loads(open(file).read()))
         mismatched = [f"{name}: {saved['config'][name]} in the checkpoint, {getattr(args, name)} now"
@@ -2589,8 +2586,7 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 
 def read_checkpoint_file(path: str, name: str, read: Callable) -> Any:
-    """read(path/name), or one line that names the file that cannot be read and says what to do, rather than the
-    reader's traceback (torch's would advise weights_only=False, unsafe for a file of unknown origin)."""
+    """read(path/name), or one line naming the file that cannot be read and what to do, not the reader's traceback."""
     try:
         return read(os.path.join(path, name))
     except Exception as e:
