@@ -1661,8 +1661,8 @@ def sampling_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
     def sample(how, eos, forced=None):
         processors = LogitsProcessorList([TemperatureLogitsWarper(0.7)] + ([forced] if forced else []))
         with forked_rng(model.device), torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
-            torch.manual_seed(0)
-            return how(model, prompt_ids, prompt_mask, processors, 6, eos, 0)[0]
+            torch.manual_seed(0)  # in eval mode, as the trainer samples where the mode matters (sample_in_eval_mode)
+            return sample_in_eval_mode(model, prompt_ids, prompt_mask, processors, 6, eos, 0, sample=how)[0]
 
     try:
         free = sample(sample_with_cache, [-1])  # six tokens for every row

@@ -4,6 +4,8 @@ packed and chunked log-probs equal Part I's (log-probs, entropies, gradients), t
 is followed by a transform (Granite, Cohere, Gemma 2) and a planted fault get the plain path, and both branches
 of every capability check, forced either way so that each runs on every kind of CPU."""
 
+import functools
+
 import pytest
 import torch
 from datasets import Dataset
@@ -136,6 +138,18 @@ def test_packed_rows_under_activation_checkpointing(model):
     assert calls == [(1, 27)]
     for a, b in zip(checkpointed, padded):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_the_sampling_check_compares_the_samplers_as_the_trainer_runs_them_under_checkpointing(model):
+    # transformers before 5.24 drop a checkpointed layer's KV cache in training mode, so the trainer samples in eval
+    # mode there. The check must compare the samplers in that mode too: before, it ran Part I's loop in training mode,
+    # from a one-token context on those releases, and refused a sampler that was right.
+    grpo.checkpoint_activations(model)
+    model.train()
+    right = functools.partial(grpo.sample_in_eval_mode, sample=grpo.sample_with_cache)
+    assert grpo.sampling_problem(right, model) is None
+    assert grpo.sampling_problem(grpo.sample_grouped, model) is None
+    assert model.training  # the check leaves the mode it found
 
 
 # -- the checks that choose a path ---------------------------------------------------------------------------
