@@ -8,27 +8,27 @@ more reward functions, and use how much better each completion did than its own 
 
 The policy π_θ then climbs PPO's clipped surrogate objective, with an optional KL penalty (β; 0 by default, as in
 TRL) that keeps it near π_ref, a frozen copy of the starting policy. π_θ_old is the policy that sampled the batch.
-With the default loss_type="dapo" every completion token of the batch's B prompts weighs the same:
+With the default loss_type="dapo" every completion token of the generation batch (every process's) weighs the same:
 
     J(θ) = 1/(Σ_q Σ_i |o_i|) · Σ_q Σ_i Σ_t [ min(r_{i,t} A_i, clip(r_{i,t}, 1-ε_low, 1+ε_high) A_i)
                                             - β D_KL[π_θ||π_ref] ]
     r_{i,t} = π_θ(o_{i,t} | q, o_{i,<t}) / π_θ_old(o_{i,t} | q, o_{i,<t})
 
 The paper's own form (loss_type="grpo") averages each completion over its tokens first; section 9 has four such
-averages, and Part II (section 11) four more of TRL's losses.
+averages (and LUSPO's sum), and Part II (section 11) TRL's four other losses.
 The loop (GRPOTrainer.train):
 
     for each generation batch of B prompts:          # RepeatSampler: each prompt G times, in adjacent rows
         sample G completions per prompt with π_θ     # π_θ_old is this policy, frozen for the batch
         rewards R -> group advantages A; log π_θ_old and log π_ref of every completion token, without gradients
-        for μ passes: for each of S micro-batches: loss -J, backward; every GA micro-steps an optimizer step
+        for μ passes: for each of S micro-batches: its share of -J, backward; every GA micro-steps an optimizer step
 
 Part I is GRPO, complete on its plain paths, in the order the data flows; it reads alone. Part II is what running it
 for real takes, reached from Part I through a few named services. Left out on purpose: transformers.Trainer and its
 callbacks (the loop is written out), DeepSpeed (--fsdp shards with FSDP2). Run `python grpo.py`, or `--help`.
 
 Shape letters (used in code, comments, shapes.md and the notebooks):
-    B  unique prompts in one generation batch         G  num_generations, completions per prompt
+    B  unique prompts per process per generation batch   G  num_generations, completions per prompt
     S  steps_per_generation (micro-batches per generation batch)     μ  num_iterations (passes per batch)
     N  rows in one micro-batch = B*G / S              P  prompt length (left padded)
     C  completion length (right padded)               V  vocabulary size
@@ -99,11 +99,11 @@ def knob(default, help, *, low=None, above=None, high=None, below=None, why=None
 class AlgorithmConfig:
     # the group, and the batch arithmetic: N completions per micro-batch, B*G = N*S per generation batch
     # B = N·S/G prompts per generation batch is derived, not a knob (the defaults give B = 1 prompt per process)
-    num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare a completion with its G-1 siblings.", low=2,
+    num_generations: int = knob(8, "G: completions sampled per prompt. Advantages compare each completion with its group's mean.", low=2,
                                 why="advantages compare a completion with the others of its group, and a group of one has nothing to compare with")
     num_generations_eval: Optional[int] = knob(None, "G in evaluation: completions per held-out prompt. Default: num_generations.", low=1)
     per_device_train_batch_size: int = knob(8, "N: completions (not prompts) in one micro-batch of the loss.", low=1)
-    steps_per_generation: Optional[int] = knob(None, "S: micro-batches (not optimizer steps) cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps, one optimizer step per generation batch.", low=1)
+    steps_per_generation: Optional[int] = knob(None, "S: micro-batches (not optimizer steps) cut from one generation batch (B*G = N*S). Default: gradient_accumulation_steps, one optimizer step per pass over a generation batch.", low=1)
     generation_batch_size: Optional[int] = knob(None, "Completions per generation batch over all W processes, N·W·S: the other way to set S (not both).", low=1)
     num_iterations: int = knob(1, "μ: passes over each generation batch. μ>1 reuses completions; the ratio moves from 1 once an optimizer step falls inside a batch.", low=1)
     gradient_accumulation_steps: int = knob(1, "Micro-batches whose gradients add up to one optimizer step.", low=1)
@@ -122,7 +122,7 @@ class AlgorithmConfig:
     epsilon_high: Optional[float] = knob(None, "ε_high: the ratio is clipped above at 1+ε_high (DAPO suggests 0.28). Default: epsilon. For cispo: the cap on the ratio itself (ScaleRL suggests 5).", low=0,
                                          why="the ratio is clipped at 1 + epsilon_high; below 0 the clip bounds cross")
     delta: Optional[float] = knob(None, "δ: two-sided clipping (INTELLECT-2): the ratio is also capped at δ, which bounds the loss where A < 0. Use > 1+ε_high. Default: off.", above=1)
-    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (an optimizer step's tokens); or TRL's cispo, sapo, luspo, vespo (section 11).")
+    loss_type: str = knob("dapo", "How per-token losses are averaged: grpo (per sequence), bnpo (micro-batch tokens), dr_grpo (N*max_completion_length), dapo (the mean completion tokens of an optimizer step); or TRL's cispo, sapo, luspo, vespo (section 11).")
     scale_rewards: str = knob("group", "Divide the centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO).")
     importance_sampling_level: str = knob("token", "token: one ratio per token (GRPO); sequence: one ratio per completion (GSPO).")
     mask_truncated_completions: bool = knob(False, "Exclude completions that hit max_completion_length without EOS from the loss.")
@@ -134,7 +134,7 @@ class AlgorithmConfig:
     def __post_init__(self):  # defaults that follow other knobs, as in TRL
         NW = self.rows_per_micro_step()
         if self.generation_batch_size is not None and self.steps_per_generation is None:
-            self.steps_per_generation = self.generation_batch_size // NW  # check_config sees that it divides
+            self.steps_per_generation = self.generation_batch_size // NW  # Part II's check_config sees that it divides
         self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
         self.generation_batch_size = self.generation_batch_size or NW * self.steps_per_generation
         self.epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
@@ -541,9 +541,9 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     if importance_sampling_level == "sequence":  # GSPO: one ratio per completion, log s_i = (1/|o_i|) Σ_t log r_{i,t}
         log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
         log_ratio = log_ratio.expand_as(per_token_logps)
-    # r_{i,t}: exactly 1 in value when θ = θ_old, yet its gradient is ∇log π_θ. So on the first pass over a batch
-    # the loss's value is only a token-weighted mean of -A over a shuffled micro-batch (A sums to 0 within a group,
-    # so it is small): not a progress signal. Its gradient is the policy gradient; watch the reward instead.
+    # r_{i,t}: exactly 1 in value when θ = θ_old, yet its gradient is ∇log π_θ. So until an optimizer step falls inside
+    # a batch, the loss's value is only a token-weighted mean of -A over a shuffled micro-batch (+ β·KL; near 0, not 0:
+    # parts of groups, weighed by length): not a progress signal. Its gradient is the policy gradient; watch the reward.
     ratio = torch.exp(log_ratio)
     # clip(r, 1-ε_low, 1+ε_high)
     clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -569,13 +569,13 @@ def grpo_loss(per_token_logps: Float[Tensor, "N C"], old_per_token_logps: Float[
     if importance_sampling_ratio is not None and loss_type != "vespo":
         per_token_loss = per_token_loss * importance_sampling_ratio
     if beta != 0.0:
-        # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: unbiased in value, always >= 0)
+        # D_KL ≈ k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's k3: >= 0, unbiased for tokens from π_θ)
         ref_minus_logp = ref_per_token_logps - per_token_logps
         per_token_kl = torch.exp(ref_minus_logp) - ref_minus_logp - 1
         if use_bias_correction_kl:
-            # D_KL ≈ r_{i,t}·k3 (DeepSeek-V3.2, TRL's default): the tokens came from π_θ_old, and r (token-level)
-            # makes the gradient that of KL(π_θ || π_ref) even where r = 1 in value; plain k3's gradient is that of the
-            # other direction, KL(π_ref || π_θ). tests/test_loss.py and tutorial 04 show both with numbers.
+            # D_KL ≈ r_{i,t}·k3 (DeepSeek-V3.2, TRL's default): the tokens came from π_θ_old, and r (per completion
+            # under GSPO, as TRL) makes the gradient that of KL(π_θ || π_ref) even where r = 1 in value; plain k3's is
+            # that of KL(π_ref || π_θ), the other direction. tests/test_loss.py and tutorial 04 show both with numbers.
             per_token_kl = per_token_kl * ratio
         # L_{i,t} += β·D_KL
         per_token_loss = per_token_loss + beta * per_token_kl
@@ -767,8 +767,8 @@ class GRPOTrainer:
                                                Float[Tensor, "BG C"]]:
         """Tokenize the prompts (section 4), then sample one completion each (section 5): C <= max_completion_length.
         Also the log-prob the sampler drew each token with, kept for vLLM (its correction, and the off-policy mask,
-        section 11): the loss recomputes π_θ_old with the training pass itself, since the cached, batched sampling pass
-        rounds differently and the ratio must be 1 where the policy has not moved (to the training pass's rounding)."""
+        section 11). The loss recomputes π_θ_old with the training log-prob pass: the sampler's follow its filters and
+        round otherwise (cached, batched), and the ratio must be 1 where the policy has not moved (to that rounding)."""
         args = self.args
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, args.max_prompt_length,
                                                    args.chat_template_kwargs)
@@ -812,7 +812,7 @@ class GRPOTrainer:
             use_bias_correction_kl=args.use_bias_correction_kl, delta=args.delta, entropy_mask=entropy_mask,
             importance_sampling_ratio=batch.importance_sampling_ratio, recipes=self.recipes,
             # TRL's off-policy mask compares with vLLM's own log-probs; without vLLM with π_θ_old's (the sampler's
-            # here differ from those by rounding only, which is not the policy moving)
+            # here differ from those by rounding and the sampling filters, neither of which is the policy moving)
             sampling_per_token_logps=batch.sampling_per_token_logps if args.use_vllm else None)
         metrics["entropy"] = masked_mean(entropies, batch.completion_mask.float())
         if self.recipes.entropy_bonus_on:  # loss - c·H̄ (section 11), over the tokens the high-entropy mask keeps
