@@ -1526,6 +1526,8 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
     args, model = trainer.args, _causal_lm(trainer.model)
     on_cpu, wide = trainer.device.type == "cpu", getattr(model.config, "hidden_size", 0) >= PACK_FROM_WIDTH
     bf16 = torch.bfloat16 if args.bf16 else None  # autocast's dtype
+    eval_mode = (args.gradient_checkpointing and not args.use_vllm  # sample_in_eval_mode says why
+                 and Version(transformers.__version__) < Version("5.24"))
     if on_cpu and torch.bfloat16 in (bf16, model.dtype) and not cpu_has_native_bf16():
         say(trainer, f"[grpo] warning: {'--bf16' if args.bf16 else '--dtype bfloat16'} on this CPU "
                      f"({cpu_description()}), which has neither AMX nor AVX-512-BF16: PyTorch emulates bf16 here, "
@@ -1538,7 +1540,7 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
                     f"{args.vllm_importance_sampling_mode if args.vllm_importance_sampling_correction else 'off'})")
     elif on_cpu:  # the demo took 33.4 and 35.1 s against 37.0 and 36.5 with Part I's loop (AMD EPYC, 2 cores)
         with gathered(trainer.model, reshard):  # a no-op unless sharded
-            problem = sampling_problem(sample_grouped, unwrap(trainer.model))
+            problem = sampling_problem(sample_grouped, unwrap(trainer.model), eval_mode)
         if problem is None:
             sample = sample_grouped
         said.append("sampling each group's prompt once" if problem is None else f"plain sampling: {problem}")
@@ -1557,7 +1559,7 @@ def use_fast_paths(trainer: "GRPOTrainer", sample: Callable, get_per_token_logps
         if problem is None:
             get_per_token_logps = fast
         said.append(f"log-probs on {what}" if problem is None else f"plain log-probs: {what} {problem}")
-    if args.gradient_checkpointing and not args.use_vllm and Version(transformers.__version__) < Version("5.24"):
+    if eval_mode:
         sample = functools.partial(sample_in_eval_mode, sample=sample)
         said.append("sampling in eval mode (this transformers drops a checkpointed model's KV cache in training mode)")
     if sharded and not args.use_vllm:
@@ -1647,22 +1649,24 @@ class ForcedTokens:
         return torch.full_like(scores, -math.inf).scatter(1, forced, 0.0)
 
 
-def sampling_problem(fast: Callable, model: torch.nn.Module) -> Optional[str]:
+def sampling_problem(fast: Callable, model: torch.nn.Module, eval_mode: bool = False) -> Optional[str]:
     """None if `fast` samples from the distributions sample_with_cache samples from; otherwise why not. Both are fed
     the same tokens (ForcedTokens: those Part I's loop drew, one row ending early at its second), so each step's
     prefix is the same, and the distributions they drew from must agree within float rounding: a total variation
     distance of at most 1e-4 in float32 (5e-3 in half precision), at every step of every row until its EOS. The
     tokens must come back as forced, and the rows ended at their EOS. Asking the two for identical random draws
     instead would fail wherever rounding moves a uniform number across a boundary of the cumulative distribution
-    (seen on an AVX2 CPU: Part I's loop drew token 2273, the grouped one 2275, both of probability 1e-6)."""
+    (seen on an AVX2 CPU: Part I's loop drew token 2273, the grouped one 2275, both of probability 1e-6). Both run
+    in the model's mode, or with eval_mode in eval mode, as the trainer then samples (sample_in_eval_mode)."""
     lm = _causal_lm(model)
     prompt_ids, prompt_mask, _, _ = probe_batch(lm)  # the prompts only
 
     def sample(how, eos, forced=None):
         processors = LogitsProcessorList([TemperatureLogitsWarper(0.7)] + ([forced] if forced else []))
         with forked_rng(model.device), torch.inference_mode(), torch.autocast(model.device.type, enabled=False):
-            torch.manual_seed(0)  # in eval mode, as the trainer samples where the mode matters (sample_in_eval_mode)
-            return sample_in_eval_mode(model, prompt_ids, prompt_mask, processors, 6, eos, 0, sample=how)[0]
+            torch.manual_seed(0)
+            run = functools.partial(sample_in_eval_mode, sample=how) if eval_mode else how
+            return run(model, prompt_ids, prompt_mask, processors, 6, eos, 0)[0]
 
     try:
         free = sample(sample_with_cache, [-1])  # six tokens for every row

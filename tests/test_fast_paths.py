@@ -147,9 +147,14 @@ def test_the_sampling_check_compares_the_samplers_as_the_trainer_runs_them_under
     grpo.checkpoint_activations(model)
     model.train()
     right = functools.partial(grpo.sample_in_eval_mode, sample=grpo.sample_with_cache)
-    assert grpo.sampling_problem(right, model) is None
-    assert grpo.sampling_problem(grpo.sample_grouped, model) is None
+    assert grpo.sampling_problem(right, model, eval_mode=True) is None
+    assert grpo.sampling_problem(grpo.sample_grouped, model, eval_mode=True) is None
     assert model.training  # the check leaves the mode it found
+    # Elsewhere it compares them in the mode they sample in: training mode, where dropout (--disable_dropout False)
+    # draws other masks for the grouped sampler's one pass over a group's prompt than for Part I's G passes.
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    assert grpo.sampling_problem(grpo.sample_grouped, model).startswith("samples from other distributions")
 
 
 # -- the checks that choose a path ---------------------------------------------------------------------------
