@@ -54,6 +54,9 @@ def test_the_readme_demo_log_states_the_demo_settings():
     assert line in README
     assert f"Trained {n['steps']} steps in" in README
     assert f"The demo's β = {n['beta']} keeps" in README
+    model = grpo.build_tiny_model(grpo.build_char_tokenizer(grpo.DEMO_ALPHABET + "="))
+    parameters, prompts = sum(p.numel() for p in model.parameters()), len(grpo.build_demo_dataset())
+    assert f"GRPO: {parameters:,} parameters on " in README and f"threads, {prompts} prompts, B=" in README
 
 
 def test_the_readme_names_the_paths_the_demo_runs(tmp_path, capsys):
@@ -124,6 +127,7 @@ def part_two_names_used_in_part_one() -> list[str]:
 
 def test_part_one_reaches_part_two_only_through_its_named_services():
     assert part_two_names_used_in_part_one() == SEAM
+    assert f"reaches it through {len(SEAM)} named services" in README
 
 
 def test_part_two_sets_no_attribute_of_the_trainer():
