@@ -6,6 +6,7 @@ import functools
 import math
 import re
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -175,6 +176,18 @@ def test_normalize_then_sum_is_trls():
     expected = torch.nan_to_num((summed - torch.nanmean(summed)) / (grpo.nanstd(summed) + 1e-4), nan=0.0)
     torch.testing.assert_close(ours, expected)
     assert ours[5] == 0.0 and ours[:3].sum() != 0.0
+
+
+def test_the_defaults_the_readme_says_differ_from_trls_do():
+    """README, "What differs from TRL 1.16": "`disable_dropout` defaults to `True` (TRL: `False` ...), `bf16` to
+    `False` (TRL: `True`) ...": each pair read out of that sentence, ours from GRPOConfig, TRL's from its GRPOConfig
+    after its __post_init__ (bf16 is None there until then)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    stated = re.findall(r"`(\w+)` (?:defaults )?to `(\w+)`\s+\(TRL: `(\w+)`", readme)
+    assert [name for name, _, _ in stated] == ["disable_dropout", "bf16", "gradient_checkpointing"]
+    theirs = trl().GRPOConfig(output_dir="unused", use_cpu=True)  # use_cpu: TRL's bf16 default needs it here
+    for name, ours_stated, theirs_stated in stated:
+        assert str(getattr(grpo.GRPOConfig(), name)) == ours_stated and str(getattr(theirs, name)) == theirs_stated
 
 
 def test_the_recipes_knobs_have_trls_defaults():
