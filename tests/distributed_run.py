@@ -28,7 +28,7 @@ CONFIGS = {
     "grpo": dict(loss_type="grpo"),
     # bnpo divides by the tokens of each rank's own micro-batch (as TRL does), so two ranks × N equals one
     # process × 2N only when the ranks' micro-batches hold as many tokens: here every completion is full length.
-    "bnpo": dict(loss_type="bnpo"),
+    "bnpo": dict(loss_type="bnpo", full_length=True),
     "dr_grpo": dict(loss_type="dr_grpo"),
     "dapo": dict(loss_type="dapo"),
     # dapo with S ≠ GA (= 2), both ways: two generation batches per optimizer step, and half of one.
@@ -41,6 +41,16 @@ CONFIGS = {
     "batch_std": dict(loss_type="dapo", scale_rewards="batch"),
     "kl_chunked": dict(loss_type="dapo", beta=0.04, logits_chunk_size=5),
     "checkpointing": dict(loss_type="dapo", gradient_checkpointing=True),
+    # TRL's other losses (section 11), and recipes that meet the ranks: normalize_then_sum normalises over every
+    # rank's rows, sync_ref_model mixes the reference's weights (or shards), and the entropy bonus (its adaptive
+    # coefficient raised after each step, by a target above every entropy) is a mean over each micro-batch's
+    # tokens, as bnpo's: full-length completions, for the reason given there.
+    "cispo": dict(loss_type="cispo", epsilon_high=5.0),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo"),
+    "sapo_recipes": dict(loss_type="sapo", multi_objective_aggregation="normalize_then_sum", entropy_coef=0.01,
+                         use_adaptive_entropy=True, entropy_target=10.0, beta=0.04, sync_ref_model=True,
+                         ref_model_sync_steps=2, ref_model_mixup_alpha=0.5, full_length=True),
 }
 
 
@@ -77,6 +87,7 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
     fsdp = os.environ.get("GRPO_TEST_FSDP") == "1" and world_size > 1
     config = dict(CONFIGS[name])
     one_prompt, unshuffled = config.pop("one_prompt", False), config.pop("unshuffled", False)
+    full_length = config.pop("full_length", False)
     args = grpo.GRPOConfig(
         output_dir=os.path.join(out_dir, f"{name}-w{world_size}"), num_generations=4,
         per_device_train_batch_size=GLOBAL_N // world_size, gradient_accumulation_steps=2, num_iterations=2,
@@ -96,7 +107,7 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
     # SGD on the model's weights as the trainer holds them: under --fsdp, the shards
     trainer.optimizer, trainer.scheduler = grpo.make_optimizer(trainer.model, args, trainer.max_steps,
                                                                torch.optim.SGD(trainer.model.parameters(), lr=0.5))
-    trainer.generate = fixed_generate(trainer, full_length=name == "bnpo")
+    trainer.generate = fixed_generate(trainer, full_length)
     seen = {"prompts": [], "advantages": [], "allreduce_calls": 0, "refused": ""}
     if fsdp:  # --fsdp replaced them by their shards: an optimizer on them would step nothing the model uses
         try:
@@ -131,6 +142,7 @@ def run(name: str, out_dir: str, model_dir: str) -> None:
     params = torch.cat([grpo.full_tensor(p).flatten().cpu() for p in grpo.unwrap(trainer.model).parameters()])
     stream = list(grpo.policy_weights(trainer.model))  # what vLLM's engine receives, one weight at a time
     torch.save({**seen, "loss": [row["loss"] for row in history], "reward": [row.get("reward") for row in history],
+                "entropy_coef": [row.get("entropy_coef") for row in history],
                 "params": params, "stream_names": [name for name, _ in stream],
                 "stream": torch.cat([t.flatten().cpu() for _, t in stream])},
                os.path.join(out_dir, f"{name}-rank{trainer.rank}.pt"))
