@@ -107,6 +107,23 @@ def test_the_entropy_mask_keeps_the_top_quantile_and_the_kl_everywhere():
     assert logps.grad.tolist()[0] == pytest.approx([k / 4, k / 4, (k - 1) / 4, (k - 1) / 4, 0.0])
 
 
+def test_the_entropy_mask_and_the_adaptive_coefficient_read_every_ranks_tokens():
+    """Under torchrun both look at the tokens of every rank, as TRL's gather does. This rank's entropies 0.1, 0.5 and
+    another rank's 0.9, 1.3: the 0.5-quantile of all four is 0.7, so this rank keeps no token (its own alone: 0.3, and
+    it would keep 0.5). The adaptive c: this rank's tokens 0.2, 0.2 and the other's 2.0, 2.0 make a step entropy of
+    1.1, above the target 0.5, so c falls by delta (this rank's own 0.2 would have raised it)."""
+    other_rank = torch.tensor([0.9, 1.3])
+    recipes = grpo.Recipes(grpo.RecipeConfig(top_entropy_quantile=0.5))
+    keep = recipes.entropy_mask(torch.tensor([[0.1, 0.5]]), torch.tensor([[1, 1]]),
+                                gather_uneven=lambda mine: torch.cat([mine, other_rank]))
+    assert keep.tolist() == [[False, False]]
+    recipes = grpo.Recipes(GRPOConfig(entropy_coef=0.05, use_adaptive_entropy=True, entropy_coef_delta=0.02,
+                                      entropy_target=0.5))
+    recipes.entropy_bonus(torch.tensor(0.0), torch.tensor([[0.2, 0.2]]), torch.tensor([[1, 1]]), {})
+    coef = recipes.after_step(lambda window: window + torch.tensor([4.0, 2.0]))["entropy_coef"]  # + 2 tokens of 2.0
+    assert recipes.last_entropy == pytest.approx(1.1) and coef.item() == pytest.approx(0.03)
+
+
 def test_generation_kwargs_set_the_sampling_knobs_and_refuse_others():
     args = GRPOConfig(generation_kwargs='{"top_p": 0.9, "temperature": 0.7}')
     assert (args.top_p, args.temperature) == (0.9, 0.7)  # the training logits divide by the same temperature
