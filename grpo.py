@@ -1313,7 +1313,11 @@ def shutdown_distributed() -> None:
     for engine in list(VLLM_ENGINES):  # first: an engine shutting down leaves the process group it runs in
         engine.close()
     if dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
         dist.destroy_process_group()
+        # Once DTensors (--fsdp) used it, gloo's worker threads outlive the group, and one still releasing tensors
+        # as Python exits aborts the process (4 sharded runs in 78 on 2 busy cores): a moment for them first.
+        time.sleep(0.5 if gloo else 0.0)
 
 
 def _several_ranks() -> bool:

@@ -165,7 +165,7 @@ def test_part_one_holds_the_algorithm_and_its_loop_has_the_algorithms_shape():
     assert len(PART_ONE.splitlines()) <= 885, f"Part I is {len(PART_ONE.splitlines())} lines"
     recipes = re.search(r"^# -+\n# 11\..*?(?=^# -+\n# 12\.)", GRPO_PY, re.M | re.S).group(0)
     assert len(recipes.splitlines()) <= 172, f"section 11 is {len(recipes.splitlines())} lines"
-    assert len(GRPO_PY.splitlines()) <= 3734, "grpo.py is over 3,734 lines: it grows only on purpose"
+    assert len(GRPO_PY.splitlines()) <= 3738, "grpo.py is over 3,738 lines: it grows only on purpose"
     train = inspect.getsource(grpo.GRPOTrainer.train)
     assert len(train.splitlines()) <= 25 and "continue" not in train
     loops = [line.strip() for line in train.splitlines() if line.strip().startswith("for ")]
